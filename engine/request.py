@@ -45,7 +45,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    eos_token_id: int | None
+    eos_token_ids: tuple[int, ...]  # the model's end-of-sequence ids (several for Llama 3)
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # lower value runs first (vLLM convention)
     status: RequestStatus = RequestStatus.WAITING
@@ -89,7 +89,7 @@ class Request:
         params = self.sampling_params
         last = self.output_token_ids[-1]
         if self.num_output_tokens >= params.min_tokens:
-            if last == self.eos_token_id and not params.ignore_eos:
+            if last in self.eos_token_ids and not params.ignore_eos:
                 return RequestStatus.FINISHED_STOPPED
             if last in params.stop_token_ids:
                 self.stop_reason = last

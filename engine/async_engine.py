@@ -1,0 +1,166 @@
+"""AsyncLLMEngine: one asyncio stream of RequestOutputs per request, over a synchronous engine.
+
+Threads: the LLMEngine lives on one dedicated thread that alone mutates it — it drains a command
+queue (add, abort), runs ``step()`` while there is work, and posts each output to the stream's
+event loop. Callers validate on their own thread (``InputProcessor.process`` has no side
+effects), so a bad request raises ValueError straight from ``generate``.
+
+Cancellation: when the consumer of a stream stops early (``break``, task cancel, a client that
+disconnects), the generator's ``finally`` aborts the request, and its KV blocks return to the
+pool at the engine thread's next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.errors import EngineDeadError, QueueFullError
+from engine.input_processor import PreparedRequest, PromptType
+from engine.llm_engine import EngineStats, LLMEngine
+from engine.output_processor import OutputKind
+from engine.request import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # RequestOutput items, or an Exception that ends the stream
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()  # guards _streams
+        self._dead: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "AsyncLLMEngine":
+        return cls(EngineConfig.from_kwargs(**kwargs))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return self._dead is None and not self._stopping
+
+    # ------------------------------------------------------------------ the caller's side
+    async def generate(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams | None,
+        request_id: str,
+        priority: int = 0,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream outputs until the request finishes. Raises ValueError on bad input, QueueFullError at the
+        queue limit, EngineDeadError once the engine has failed."""
+        prepared = self.engine.inputs.process(request_id, prompt, sampling_params, priority)
+        stream = self._open(prepared)
+        self._commands.put(("add", prepared, output_kind))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    def _open(self, prepared: PreparedRequest) -> _Stream:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine is dead: {self._dead!r}")
+        limit = self.engine.config.scheduler.max_waiting
+        with self._lock:
+            if prepared.request_id in self._streams:
+                raise ValueError(f"request_id {prepared.request_id!r} is already in use")
+            if limit is not None and len(self._streams) - self.engine.scheduler.num_running >= limit:
+                raise QueueFullError(f"waiting queue is full (max_waiting={limit})")
+            stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+            self._streams[prepared.request_id] = stream
+        return stream
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._commands.put(("wake",))
+        self._thread.join(timeout=30)
+        self.engine.shutdown()
+
+    # ------------------------------------------------------------------ the engine thread
+    def _run(self) -> None:
+        while not self._stopping:
+            block = not self.engine.has_unfinished_requests()
+            self._drain_commands(block)
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except BaseException as exc:  # a failed step kills the engine; every stream learns why
+                self._fail_all(exc)
+                return
+            for output in outputs:
+                self._deliver(output.request_id, output)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(block=block, timeout=0.5 if block else None)
+        except queue.Empty:
+            return
+        while True:
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, command: tuple) -> None:
+        kind = command[0]
+        if kind == "add":
+            _, prepared, output_kind = command
+            try:
+                self.engine.add_prepared(prepared, output_kind)
+            except (ValueError, QueueFullError) as exc:
+                self._deliver(prepared.request_id, exc)
+        elif kind == "abort":
+            self.engine.abort_request(command[1])
+
+    def _deliver(self, request_id: str, item) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop has closed; nobody is listening
+            pass
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._dead = exc
+        error = EngineDeadError(f"engine step failed: {exc!r}")
+        with self._lock:
+            streams = list(self._streams.items())
+        for request_id, _ in streams:
+            self._deliver(request_id, error)

@@ -1,0 +1,77 @@
+"""`pagoda` command line: generate and chat on one engine, tokens streamed to the terminal.
+
+    pagoda generate "What is the capital of France?"
+    pagoda chat
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.config import EMBEDDED_MODEL
+
+_SAMPLING_FLAGS = [  # (flag, type, default, help)
+    ("--temperature", float, 0.0, "sampling temperature; 0 is greedy (default: %(default)s)"),
+    ("--top-p", float, 1.0, "nucleus sampling mass, in (0, 1] (default: %(default)s)"),
+    ("--top-k", int, -1, "keep the k most likely tokens; -1 disables (default: %(default)s)"),
+    ("--min-p", float, 0.0, "drop tokens below min_p x p(most likely), in [0, 1] (default: %(default)s)"),
+    ("--repetition-penalty", float, 1.0, "> 1 discourages tokens already in prompt or output (default: %(default)s)"),
+    ("--presence-penalty", float, 0.0, "in [-2, 2], subtracted once per token present in the output (default: %(default)s)"),
+    ("--frequency-penalty", float, 0.0, "in [-2, 2], subtracted per occurrence in the output (default: %(default)s)"),
+    ("--seed", int, None, "per-request seed for reproducible sampling (default: none)"),
+    ("--max-tokens", int, 256, "output tokens at most (default: %(default)s)"),
+    ("--min-tokens", int, 0, "generate at least this many tokens before EOS may end it (default: %(default)s)"),
+]
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=EMBEDDED_MODEL, help="HF folder, .gguf file, Hub id, or the embedded default (default: %(default)s)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="weights and activations dtype")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=128, help="running requests per step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size on CPU, GiB")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    for flag, typ, default, help_text in _SAMPLING_FLAGS:
+        g.add_argument(flag, type=typ, default=default, help=help_text)
+    g.add_argument("--stop", action="append", default=[], help="stop string; repeat for several (never shown in the output)")
+    g.add_argument("--stop-token-ids", type=int, nargs="*", default=[], help="token ids that end generation")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagoda", description="pagoda: paged-KV LLM engine and serving cluster")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="answer one prompt, streaming tokens")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--raw", action="store_true", help="plain completion: do not wrap the prompt in the chat template")
+    chat = sub.add_parser("chat", help="interactive multi-turn chat")
+    chat.add_argument("--system", default=None, help="system message")
+    for p in (gen, chat):
+        _add_engine_flags(p)
+        _add_sampling_flags(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from engine.cli_session import CliSession  # heavy imports only after --help
+
+    try:
+        session = CliSession(args)
+        return session.generate(args.prompt, raw=args.raw) if args.command == "generate" else session.chat(args.system)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The engine behind the CLI: builds it from parsed flags and streams text to a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from typing import TextIO
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.output_processor import OutputKind
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import encode_chat
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens, stop=args.stop, stop_token_ids=args.stop_token_ids,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig.from_kwargs(
+        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, cpu_kv_cache_gib=args.kv_cache_gib,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+
+
+class CliSession:
+    def __init__(self, args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
+        self.params = sampling_params_from_args(args)  # bad flags fail before the model loads
+        self.engine = LLMEngine(engine_config_from_args(args))
+        self.out = out
+        self._ids = (str(i) for i in itertools.count())
+
+    def generate(self, prompt: str, raw: bool = False) -> int:
+        tokenizer = self.engine.tokenizer
+        if raw or not tokenizer.chat_template:
+            self._stream(prompt)
+        else:
+            self._stream({"prompt_token_ids": encode_chat(tokenizer, [{"role": "user", "content": prompt}])})
+        return 0
+
+    def chat(self, system: str | None) -> int:
+        messages = [{"role": "system", "content": system}] if system else []
+        while True:
+            try:
+                user = input("you> ")
+            except EOFError:
+                self.out.write("\n")
+                return 0
+            if not user.strip():
+                continue
+            messages.append({"role": "user", "content": user})
+            self.out.write("pagoda> ")
+            reply = self._stream({"prompt_token_ids": encode_chat(self.engine.tokenizer, messages)})
+            messages.append({"role": "assistant", "content": reply})
+
+    def _stream(self, prompt) -> str:
+        """Print text as it is generated; returns the whole reply."""
+        self.engine.add_request(next(self._ids), prompt, self.params, output_kind=OutputKind.DELTA)
+        pieces = []
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                for completion in output.outputs:
+                    pieces.append(completion.text)
+                    self.out.write(completion.text)
+                    self.out.flush()
+        self.out.write("\n")
+        return "".join(pieces)

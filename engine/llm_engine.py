@@ -1,0 +1,154 @@
+"""LLMEngine: requests in, RequestOutputs out, one ``step()`` at a time.
+
+    step = schedule → execute on the ranks → update requests → detokenize and emit
+
+The engine is synchronous and single-threaded; ``AsyncLLMEngine`` drives it from one thread and
+``LLM`` drives it in a loop. Values resolved at start-up (context length, KV block count) live in
+a resolved copy of the config, never by mutating the one passed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.errors import QueueFullError
+from engine.executor import make_executor
+from engine.input_processor import InputProcessor, PreparedRequest, PromptType
+from engine.kv_cache.manager import KVCacheManager
+from engine.loader import load_hf_config, resolve_model
+from engine.output_processor import OutputKind, OutputProcessor, child_ids
+from engine.request import Request, RequestOutput, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.tokenizer import eos_token_ids, load_tokenizer
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for routers, metrics and `pagoda status`."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use
+    num_blocks: int
+    num_preemptions: int  # since start
+    prefix_cache_queries: int  # prompt tokens looked up, since start
+    prefix_cache_hits: int  # of which found in the cache
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.model_path = resolve_model(config.model.model)
+        self.tokenizer = load_tokenizer(config.model.tokenizer or self.model_path)
+        self.hf_config = load_hf_config(self.model_path)
+        self.config = _resolve_config(config, self.hf_config)
+        self.max_model_len = self.config.model.max_model_len
+        self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_path)
+        self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
+        self.executor = make_executor(self.config, self.model_path, self.eos_token_ids)
+        self.num_blocks = self.executor.initialize()
+        _check_capacity(self.config, self.num_blocks)
+        cache = self.config.cache
+        self.kv = KVCacheManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config.scheduler, self.kv, self.max_model_len)
+        self.inputs = InputProcessor(self.tokenizer, self.hf_config.vocab_size, self.max_model_len)
+        self.outputs = OutputProcessor(self.tokenizer)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig.from_kwargs(**kwargs))
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
+    ) -> None:
+        """Validate and queue a prompt; raises ValueError (bad input) or QueueFullError."""
+        self.add_prepared(self.inputs.process(request_id, prompt, params, priority, arrival_time), output_kind)
+
+    def add_prepared(self, prepared: PreparedRequest, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
+        if self.outputs.has(prepared.request_id):
+            raise ValueError(f"request_id {prepared.request_id!r} is already in use")
+        limit = self.config.scheduler.max_waiting
+        if limit is not None and self.scheduler.num_waiting >= limit:
+            raise QueueFullError(f"waiting queue is full (max_waiting={limit})")
+        children = [
+            Request(child, list(prepared.prompt_token_ids), _child_params(prepared.params, i), self.eos_token_ids,
+                    prepared.arrival_time, prepared.priority)
+            for i, child in enumerate(child_ids(prepared.request_id, prepared.params.n))
+        ]
+        self.outputs.add(prepared, output_kind, children)
+        for child in children:
+            self.scheduler.add_request(child)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Drop requests wherever they are; their KV blocks go back to the pool. Unknown ids are ignored."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            for child in self.outputs.remove(request_id):
+                self.scheduler.finish_request(child, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        result = self.executor.execute_model(scheduled)
+        updated = self.scheduler.update_from_output(scheduled, result)
+        return self._emit(updated)
+
+    def _emit(self, updated: list[Request]) -> list[RequestOutput]:
+        outputs, stopped = self.outputs.process(updated)
+        for child in stopped:
+            self.scheduler.finish_request(child, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        queries, hits = self.kv.prefix_cache_stats
+        return EngineStats(
+            self.scheduler.num_running, self.scheduler.num_waiting, self.kv.usage(), self.num_blocks,
+            self.scheduler.num_preemptions, queries, hits,
+        )
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Completion i of n draws from seed + i, so the n completions differ but stay reproducible."""
+    if params.seed is None or params.n == 1:
+        return params
+    return dataclasses.replace(params, seed=(params.seed + index) % 2**63)
+
+
+def _resolve_config(config: EngineConfig, hf_config) -> EngineConfig:
+    model_len = getattr(hf_config, "max_position_embeddings", None) or 2048
+    asked = config.model.max_model_len
+    if asked is not None and asked > model_len:
+        raise ValueError(f"max_model_len ({asked}) must be <= the model's max_position_embeddings ({model_len})")
+    resolved = dataclasses.replace(config.model, max_model_len=asked or model_len)
+    return dataclasses.replace(config, model=resolved)
+
+
+def _check_capacity(config: EngineConfig, num_blocks: int) -> None:
+    """A request of max_model_len tokens must fit alone, or it could never finish."""
+    capacity = num_blocks * config.cache.block_size
+    if capacity < config.model.max_model_len:
+        raise ValueError(
+            f"max_model_len ({config.model.max_model_len}) must be <= the KV cache capacity "
+            f"({num_blocks} blocks x {config.cache.block_size} = {capacity} tokens); lower max_model_len or give the cache more memory"
+        )
+    sched = config.scheduler
+    if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < config.model.max_model_len:
+        raise ValueError(
+            f"max_num_batched_tokens ({sched.max_num_batched_tokens}) must be >= max_model_len "
+            f"({config.model.max_model_len}) when chunked prefill is off"
+        )

@@ -1,0 +1,228 @@
+"""Llama-architecture decoders: Llama 2/3, Mistral, SmolLM2, Qwen2 and Qwen3, chosen by config flags.
+
+Differences between the families, all read from the HF config:
+- q/k/v bias: ``attention_bias`` (Llama, Qwen3) or always on (Qwen2); o_proj bias: ``attention_bias``
+  except for Qwen2; MLP bias: ``mlp_bias`` (Llama).
+- Qwen3 RMS-normalises each query and key head before RoPE (``q_norm``/``k_norm``).
+- RoPE theta and scaling come from ``rope_parameters``.
+Sliding-window attention (Mistral v0.1, Qwen with ``use_sliding_window``) is not implemented: the
+model is exact while sequences stay within the window.
+
+The layer classes take their options as arguments so that ``glm4.py`` reuses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from engine.attention_metadata import AttentionMetadata
+from engine.layers.activation import SiluAndMul
+from engine.layers.attention import PagedAttention
+from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.layernorm import RMSNorm
+from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.rotary import get_rope
+
+
+def head_dim_of(hf_config) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        hf_config,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool = False,
+        is_neox_style: bool = True,
+    ):
+        super().__init__()
+        hidden_size = hf_config.hidden_size
+        self.num_heads = hf_config.num_attention_heads
+        self.num_kv_heads = hf_config.num_key_value_heads
+        self.head_dim = head_dim_of(hf_config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+
+        self.qkv_proj = QKVParallelLinear(hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias=qkv_bias)
+        self.o_proj = RowParallelLinear(self.q_size, hidden_size, bias=o_bias)
+        self.rotary_emb = get_rope(hf_config, self.head_dim, is_neox_style=is_neox_style)
+        self.attn = PagedAttention(self.num_heads, self.head_dim, self.num_kv_heads, scale=self.head_dim**-0.5)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=hf_config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=hf_config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # (T, (Hq + 2*Hkv) * D)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # (T, Hq, D)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v, kv_cache, attn)  # (T, Hq*D)
+        return self.o_proj(out)  # (T, hidden)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # (T, hidden) -> (T, 2I) -> (T, I) -> (T, hidden)
+
+
+def _check_act(hf_config) -> None:
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block; the residual stream travels next to the hidden states so each add fuses into a norm."""
+
+    def __init__(self, hf_config):
+        super().__init__()
+        _check_act(hf_config)
+        is_qwen2 = hf_config.model_type == "qwen2"
+        attention_bias = getattr(hf_config, "attention_bias", False)
+        self.self_attn = LlamaAttention(
+            hf_config,
+            qkv_bias=is_qwen2 or attention_bias,
+            o_bias=attention_bias and not is_qwen2,
+            qk_norm=hf_config.model_type == "qwen3",
+        )
+        self.mlp = LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, getattr(hf_config, "mlp_bias", False))
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, hf_config, layer_cls: type[nn.Module] = LlamaDecoderLayer):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.layers = nn.ModuleList([layer_cls(hf_config) for _ in range(hf_config.num_hidden_layers)])
+        self.norm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # (T, hidden)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, attn)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """The model interface the model runner calls: ``forward``, ``compute_logits``, ``load_weights``."""
+
+    layer_cls: type[nn.Module] = LlamaDecoderLayer
+    # HF checkpoint name -> (our fused parameter name, shard id)
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, str | int]]] = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+    # checkpoint tensors that are not parameters here (RoPE buffers saved by old checkpoints)
+    ignored_suffixes = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+    def __init__(self, hf_config):
+        super().__init__()
+        self.config = hf_config
+        self.model = LlamaModel(hf_config, self.layer_cls)
+        tie = getattr(hf_config, "tie_word_embeddings", False)
+        self.lm_head = ParallelLMHead(
+            hf_config.vocab_size, hf_config.hidden_size, tie_to=self.model.embed_tokens if tie else None
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids, positions (T,); one KV cache per layer -> hidden states (T, hidden)."""
+        return self.model(input_ids, positions, kv_caches, attn)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, vocab) float32."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fill every parameter from HF-named tensors; raise on unknown or missing names."""
+        load_weights(self, weights)
+
+
+def _route(model: nn.Module, name: str) -> tuple[str, object]:
+    """HF checkpoint name -> (our parameter name, shard id or None)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in model.packed_modules_mapping:
+            fused, shard_id = model.packed_modules_mapping[part]
+            return ".".join(parts[:i] + [fused] + parts[i + 1 :]), shard_id
+    return name, None
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Shared loader for every decoder here: routes HF names through ``packed_modules_mapping``
+    to each parameter's ``weight_loader`` and checks that every parameter (every shard) was filled."""
+    params = dict(model.named_parameters())  # a tied lm_head shares the embedding's Parameter: listed once
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    required = {name: set(getattr(_layer_of(p), "shard_ids", (None,))) for name, p in params.items()}
+    loaded: dict[str, set] = {name: set() for name in params}
+    for ckpt_name, tensor in weights:
+        if ckpt_name.endswith(model.ignored_suffixes) or (tied and ckpt_name == "lm_head.weight"):
+            continue
+        name, shard_id = _route(model, ckpt_name)
+        if name not in params:
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} has no parameter in {type(model).__name__}")
+        params[name].weight_loader(params[name], tensor, shard_id)
+        loaded[name] |= required[name] if shard_id is None else {shard_id}
+    missing = sorted(name for name in params if loaded[name] != required[name])
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ValueError(f"checkpoint is missing weights for {type(model).__name__}: {shown}")
+
+
+def _layer_of(param: nn.Parameter) -> object:
+    """The layer whose bound ``weight_loader`` fills ``param`` (None for plain functions)."""
+    return getattr(param.weight_loader, "__self__", None)

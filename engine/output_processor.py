@@ -1,0 +1,149 @@
+"""Requests with new tokens → RequestOutputs: detokenize, cut stop strings, gather n completions.
+
+A prompt with ``n`` completions runs as n scheduler requests (``<id>`` when n == 1, else
+``<id>#<i>``); this room keeps them together and reports them as one RequestOutput. Stop strings
+are found here, on text; the engine then finishes the request in the scheduler.
+
+Output kinds (vLLM's): ``cumulative`` — all text so far; ``delta`` — only what is new;
+``final`` — one output when every completion has finished. Text that might be the start of a stop
+string is held back until it is known not to be.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.input_processor import PreparedRequest
+from engine.request import CompletionOutput, Logprob, Request, RequestOutput
+from engine.scheduler_output import TokenLogprobs
+
+
+class OutputKind(enum.Enum):
+    CUMULATIVE = "cumulative"
+    DELTA = "delta"
+    FINAL = "final"
+
+
+@dataclass
+class _Completion:
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    text: str = ""  # everything released so far (stop strings cut, possible stop prefixes held back)
+    num_tokens_seen: int = 0  # output tokens already fed to the detokenizer
+    text_sent: int = 0  # DELTA outputs: characters already emitted
+    tokens_sent: int = 0  # DELTA outputs: tokens already emitted
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _Parent:
+    prepared: PreparedRequest
+    kind: OutputKind
+    completions: dict[str, _Completion] = field(default_factory=dict)  # child request id -> state
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions.values())
+
+
+def child_ids(request_id: str, n: int) -> list[str]:
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._parents: dict[str, _Parent] = {}
+        self._parent_of: dict[str, str] = {}
+
+    def add(self, prepared: PreparedRequest, kind: OutputKind, children: list[Request]) -> None:
+        """Track a prompt and its n scheduler requests (ids from ``child_ids``)."""
+        parent = _Parent(prepared, kind)
+        for index, request in enumerate(children):
+            detok = IncrementalDetokenizer(self.tokenizer, prepared.prompt_token_ids, prepared.params)
+            parent.completions[request.request_id] = _Completion(index, request, detok)
+            self._parent_of[request.request_id] = prepared.request_id
+        self._parents[prepared.request_id] = parent
+
+    def has(self, request_id: str) -> bool:
+        return request_id in self._parents
+
+    def remove(self, request_id: str) -> list[str]:
+        """Forget a prompt (finished or aborted); returns its scheduler request ids."""
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return []
+        for child in parent.completions:
+            self._parent_of.pop(child, None)
+        return list(parent.completions)
+
+    def process(self, updated: list[Request]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the outputs to emit and the child ids that hit a stop string (to finish in the scheduler)."""
+        stopped: list[str] = []
+        touched: dict[str, _Parent] = {}
+        for request in updated:
+            parent = self._parents.get(self._parent_of.get(request.request_id, ""))
+            if parent is None:
+                continue
+            if self._advance(parent.completions[request.request_id]):
+                stopped.append(request.request_id)
+            touched[parent.prepared.request_id] = parent
+        outputs = [out for parent in touched.values() if (out := self._make_output(parent)) is not None]
+        for parent_id, parent in touched.items():
+            if parent.finished:
+                self.remove(parent_id)
+        return outputs, stopped
+
+    def _advance(self, completion: _Completion) -> bool:
+        """Feed new tokens to the detokenizer; True when a stop string ended the completion."""
+        request = completion.request
+        new_tokens = request.output_token_ids[completion.num_tokens_seen :]
+        completion.num_tokens_seen = request.num_output_tokens
+        stop = completion.detokenizer.update(new_tokens)
+        if stop is not None:
+            completion.finish_reason, completion.stop_reason = "stop", stop
+        elif request.is_finished:
+            completion.finish_reason = request.status.finish_reason
+            completion.stop_reason = request.stop_reason
+        completion.text += completion.detokenizer.get_delta(completion.finish_reason is not None)
+        return stop is not None
+
+    def _make_output(self, parent: _Parent) -> RequestOutput | None:
+        if parent.kind is OutputKind.FINAL and not parent.finished:
+            return None
+        delta = parent.kind is OutputKind.DELTA
+        want_logprobs = parent.prepared.params.logprobs is not None
+        outputs = [self._completion_output(c, delta, want_logprobs) for c in parent.completions.values()]
+        p = parent.prepared
+        cached = max(0, min(c.request.num_cached_tokens for c in parent.completions.values()))
+        return RequestOutput(p.request_id, p.prompt, p.prompt_token_ids, outputs, parent.finished, cached)
+
+    def _completion_output(self, completion: _Completion, delta: bool, want_logprobs: bool) -> CompletionOutput:
+        tokens = completion.request.output_token_ids
+        entries = completion.request.output_logprobs
+        logprobs = [self._to_logprobs(e, t) for e, t in zip(entries, tokens)] if want_logprobs else None
+        cumulative = None if logprobs is None else sum(e.token_logprob for e in entries)
+        text_from, tokens_from = (completion.text_sent, completion.tokens_sent) if delta else (0, 0)
+        completion.text_sent, completion.tokens_sent = len(completion.text), len(tokens)
+        return CompletionOutput(
+            index=completion.index,
+            text=completion.text[text_from:],
+            token_ids=list(tokens[tokens_from:]),
+            cumulative_logprob=cumulative,
+            logprobs=None if logprobs is None else logprobs[tokens_from:],
+            finish_reason=completion.finish_reason,
+            stop_reason=completion.stop_reason,
+        )
+
+    def _to_logprobs(self, entry: TokenLogprobs, token_id: int) -> dict[int, Logprob]:
+        """The top tokens plus the sampled one, each with its rank and text."""
+        out = {
+            tid: Logprob(lp, rank, self.tokenizer.decode([tid]))
+            for rank, (tid, lp) in enumerate(zip(entry.top_ids, entry.top_logprobs), start=1)
+        }
+        out.setdefault(token_id, Logprob(entry.token_logprob, entry.token_rank, self.tokenizer.decode([token_id])))
+        return out

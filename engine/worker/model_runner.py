@@ -1,0 +1,158 @@
+"""SchedulerOutput → flat tensors → model → sampler → sampled token ids.
+
+The runner keeps its own copy of every scheduled request (tokens, block table, computed count):
+a request arrives in full once (``NewRequestData``) and afterwards only as deltas
+(``CachedRequestData``), and the runner appends the tokens it samples itself. This is what lets
+the same runner run on every tensor-parallel rank in another process.
+
+Batch layout: the scheduled requests are concatenated in ``num_scheduled_tokens`` order into T
+tokens; logits are computed only for the last token of each request whose scheduled chunk
+reaches the end of its known tokens (a mid-prompt chunk samples nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.attention_metadata import AttentionMetadata
+from engine.layers.sampler import Sampler, SamplingBatch
+from engine.sampling_params import SamplingParams
+from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+
+
+@dataclass
+class CachedRequestState:
+    token_ids: list[int]  # prompt + sampled tokens, as far as this runner knows
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # (S,) int64: rows of the hidden states to sample from
+    sample_req_ids: list[str]  # (S,) the requests those rows belong to
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        vocab_size: int,
+        eos_token_ids: tuple[int, ...],
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self.sampler = Sampler()
+        self.requests: dict[str, CachedRequestState] = {}
+
+    @torch.inference_mode()
+    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(scheduled)
+        if scheduled.is_empty:
+            return ModelRunnerOutput.empty()
+        inputs = self._prepare_inputs(scheduled)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)  # (T, H)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, V) float32
+        return self._sample(scheduled, inputs.sample_req_ids, logits)
+
+    def _update_states(self, scheduled: SchedulerOutput) -> None:
+        for req_id in scheduled.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in scheduled.new_reqs:
+            self.requests[new.req_id] = CachedRequestState(
+                list(new.token_ids), new.num_prompt_tokens, new.sampling_params, list(new.block_ids),
+                new.num_computed_tokens,
+            )
+        for delta in scheduled.cached_reqs:
+            state = self.requests[delta.req_id]
+            state.block_ids.extend(delta.new_block_ids)
+            state.num_computed_tokens = delta.num_computed_tokens
+
+    def _prepare_inputs(self, scheduled: SchedulerOutput) -> ModelInputs:
+        req_ids = list(scheduled.num_scheduled_tokens)
+        states = [self.requests[r] for r in req_ids]
+        query_lens = np.fromiter(scheduled.num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids))
+        context_lens = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
+        seq_lens = context_lens + query_lens
+        cu = np.cumsum(query_lens)
+        starts = cu - query_lens
+        # positions: for each request, context_len .. context_len + query_len - 1, flattened.  # (T,)
+        seq_of_token = np.repeat(np.arange(len(req_ids)), query_lens)
+        positions = np.arange(cu[-1]) - starts[seq_of_token] + context_lens[seq_of_token]
+        input_ids = np.concatenate(
+            [np.asarray(s.token_ids[c : c + q], dtype=np.int64) for s, c, q in zip(states, context_lens, query_lens)]
+        )
+        max_blocks = max(len(s.block_ids) for s in states)
+        block_tables = np.zeros((len(req_ids), max_blocks), dtype=np.int32)
+        for row, state in enumerate(states):
+            block_tables[row, : len(state.block_ids)] = state.block_ids
+        slot_mapping = (
+            block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size
+            + positions % self.block_size
+        )
+        reaches_end = seq_lens == np.array([len(s.token_ids) for s in states])
+        sample_rows = np.nonzero(reaches_end)[0]
+
+        dev = self.device
+        attn = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slot_mapping).to(dev),
+            query_start_loc=torch.from_numpy(np.concatenate([[0], cu]).astype(np.int32)).to(dev),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
+            context_lens=torch.from_numpy(context_lens.astype(np.int32)).to(dev),
+            block_tables=torch.from_numpy(block_tables).to(dev),
+            query_lens_cpu=query_lens.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+            max_query_len=int(query_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+            block_size=self.block_size,
+        )
+        return ModelInputs(
+            input_ids=torch.from_numpy(input_ids).to(dev),
+            positions=torch.from_numpy(positions).to(dev),
+            attn=attn,
+            logits_indices=torch.from_numpy(cu[sample_rows] - 1).to(dev),
+            sample_req_ids=[req_ids[i] for i in sample_rows],
+        )
+
+    def _sample(self, scheduled: SchedulerOutput, sample_req_ids: list[str], logits: torch.Tensor) -> ModelRunnerOutput:
+        for req_id, num_tokens in scheduled.num_scheduled_tokens.items():
+            self.requests[req_id].num_computed_tokens += num_tokens
+        by_req = self._sample_rows(sample_req_ids, logits) if sample_req_ids else {}
+        req_ids = list(scheduled.num_scheduled_tokens)
+        return ModelRunnerOutput(
+            req_ids,
+            [[by_req[r][0]] if r in by_req else [] for r in req_ids],
+            [by_req[r][1] if r in by_req else None for r in req_ids],
+        )
+
+    def _sample_rows(self, sample_req_ids: list[str], logits: torch.Tensor) -> dict:
+        """Sample one token per row; the runner appends it to its own copy of the request."""
+        states = [self.requests[r] for r in sample_req_ids]
+        batch = SamplingBatch.build(
+            [s.sampling_params for s in states],
+            [s.token_ids[: s.num_prompt_tokens] for s in states],
+            [s.token_ids[s.num_prompt_tokens :] for s in states],
+            self.eos_token_ids,
+            self.vocab_size,
+            logits.device,
+        )
+        token_ids, logprobs = self.sampler(logits, batch)
+        for state, token_id in zip(states, token_ids):
+            state.token_ids.append(token_id)
+        return dict(zip(sample_req_ids, zip(token_ids, logprobs)))

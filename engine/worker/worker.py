@@ -1,0 +1,117 @@
+"""One rank: a device, the model on it, its KV cache, and the model runner.
+
+Life cycle, driven by an executor: ``load_model`` → ``determine_num_blocks`` (a memory profile on
+CUDA, a configured budget on CPU) → ``initialize_cache(num_blocks)`` → ``execute_model`` per step.
+The block count is returned, never written into the config: the driver takes the minimum over
+ranks and tells every rank the same number.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine.attention_metadata import AttentionMetadata
+from engine.config import EngineConfig
+from engine.loader import load_hf_config, load_model
+from engine.models.registry import kv_cache_spec
+from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from engine.worker.model_runner import ModelRunner
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, model_path: Path, eos_token_ids: tuple[int, ...]) -> None:
+        self.config = config
+        self.model_path = model_path
+        self.eos_token_ids = eos_token_ids
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.hf_config = load_hf_config(model_path)
+        self.spec = kv_cache_spec(self.hf_config)
+        self.model = None
+        self.runner: ModelRunner | None = None
+
+    def load_model(self) -> None:
+        torch.manual_seed(self.config.model.seed)
+        self.model = load_model(self.model_path, self.dtype, self.device)
+
+    def bytes_per_block(self) -> int:
+        s = self.spec
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * s.num_layers * self.config.cache.block_size * s.num_kv_heads * s.head_dim * element
+
+    def determine_num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        if self.device.type == "cuda":
+            budget = self._profile_free_cuda_bytes()
+        else:
+            budget = int(cache.cpu_kv_cache_gib * 2**30)
+        num_blocks = budget // self.bytes_per_block()
+        if num_blocks < 1:
+            raise ValueError(f"no room for a single KV block (budget {budget} bytes); lower the model size or raise the limit")
+        return num_blocks
+
+    @torch.inference_mode()
+    def _profile_free_cuda_bytes(self) -> int:
+        """Run the largest step once without a KV cache, then give the KV cache what is left under
+        gpu_memory_utilization."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = self.config.scheduler.max_num_batched_tokens
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        pos = torch.arange(num_tokens, device=self.device)
+        empty = [torch.empty(0, device=self.device, dtype=self.dtype)] * self.spec.num_layers
+        hidden = self.model(ids, pos, empty, _single_sequence_metadata(num_tokens, self.config.cache.block_size, self.device))
+        self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs :])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        return int(total * self.config.cache.gpu_memory_utilization) - peak - used_by_others
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        s = self.spec
+        shape = (2, num_blocks, self.config.cache.block_size, s.num_kv_heads, s.head_dim)
+        kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.num_layers)]
+        self.runner = ModelRunner(
+            self.model, kv_caches, self.config.cache.block_size, self.hf_config.vocab_size, self.eos_token_ids, self.device
+        )
+
+    def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute(scheduled)
+
+
+def _single_sequence_metadata(num_tokens: int, block_size: int, device: torch.device) -> AttentionMetadata:
+    """Metadata of one fresh sequence of ``num_tokens`` tokens, for the memory profile (no cache)."""
+    i32 = dict(dtype=torch.int32, device=device)
+    return AttentionMetadata(
+        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=device),
+        query_start_loc=torch.tensor([0, num_tokens], **i32),
+        seq_lens=torch.tensor([num_tokens], **i32),
+        context_lens=torch.tensor([0], **i32),
+        block_tables=torch.zeros((1, 1), **i32),
+        query_lens_cpu=[num_tokens],
+        seq_lens_cpu=[num_tokens],
+        max_query_len=num_tokens,
+        max_seq_len=num_tokens,
+        block_size=block_size,
+    )

@@ -1,0 +1,227 @@
+"""Layers against direct torch computations: rotary, RMSNorm, linear loaders, paged attention."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.layers.activation import SiluAndMul
+from engine.layers.attention import PagedAttention, write_kv_cache
+from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.layernorm import RMSNorm
+from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.rotary import RotaryEmbedding, llama3_inv_freq
+from tests.unit.paged_helpers import PagedKV, make_metadata
+
+# ---------------------------------------------------------------- rotary
+
+
+def _rotary_reference(x, positions, rotary_dim, base, neox):
+    """Turn each feature pair by position * base^(-2i/rotary_dim), one pair at a time, in float64."""
+    out = x.double().clone()
+    half = rotary_dim // 2
+    for i in range(half):
+        a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
+        angle = positions.double()[:, None] * base ** (-2 * i / rotary_dim)  # (T, 1)
+        xa, xb = x[..., a].double(), x[..., b].double()
+        out[..., a] = xa * angle.cos() - xb * angle.sin()
+        out[..., b] = xb * angle.cos() + xa * angle.sin()
+    return out
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("rotary_dim", [32, 16])
+def test_rotary_matches_pairwise_rotation(neox, rotary_dim):
+    torch.manual_seed(0)
+    head_dim, base = 32, 10000.0
+    rope = RotaryEmbedding(head_dim, rotary_dim, max_position=512, base=base, is_neox_style=neox)
+    positions = torch.tensor([0, 1, 7, 100, 511, 3])
+    q, k = torch.randn(6, 4, head_dim), torch.randn(6, 2, head_dim)
+    q_out, k_out = rope(positions, q, k)
+    torch.testing.assert_close(
+        q_out.double(), _rotary_reference(q, positions, rotary_dim, base, neox), atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(
+        k_out.double(), _rotary_reference(k, positions, rotary_dim, base, neox), atol=1e-4, rtol=0
+    )
+    assert torch.equal(q_out[..., rotary_dim:], q[..., rotary_dim:])  # partial rotary: the rest passes through
+
+
+def test_rotary_matches_hf_glm_and_llama_layouts():
+    """Same numbers as HF's own apply_rotary_pos_emb (Llama: NeoX; GLM: interleaved, partial)."""
+    from transformers.models.glm4.modeling_glm4 import apply_rotary_pos_emb as glm_apply
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply
+
+    torch.manual_seed(0)
+    positions = torch.arange(9)
+    q, k = torch.randn(9, 4, 16), torch.randn(9, 2, 16)
+    for rotary_dim, neox, apply in [(16, True, llama_apply), (8, False, glm_apply)]:
+        rope = RotaryEmbedding(16, rotary_dim, 64, 10000.0, is_neox_style=neox)
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+        freqs = positions[:, None].float() * inv_freq  # HF's RotaryEmbedding.forward
+        emb = torch.cat((freqs, freqs), dim=-1)[None]  # (1, T, rotary_dim)
+        hf_q, hf_k = apply(q.transpose(0, 1)[None], k.transpose(0, 1)[None], emb.cos(), emb.sin())
+        q_out, k_out = rope(positions, q, k)
+        torch.testing.assert_close(q_out, hf_q[0].transpose(0, 1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(k_out, hf_k[0].transpose(0, 1), atol=1e-6, rtol=0)
+
+
+def test_llama3_scaling_matches_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 500000.0,
+    }
+    config = LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=512, rope_parameters=scaling)
+    hf_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+    base = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+    ours = llama3_inv_freq(base, scaling)
+    torch.testing.assert_close(ours, hf_inv_freq, atol=0, rtol=1e-6)
+    assert not torch.allclose(ours, base)  # the scaling did something
+
+
+def test_unsupported_rope_type_is_rejected():
+    with pytest.raises(ValueError, match="yarn"):
+        RotaryEmbedding(16, 16, 32, 10000.0, rope_scaling={"rope_type": "yarn", "factor": 2.0})
+
+
+# ---------------------------------------------------------------- norm, activation, linear, embedding
+
+
+def test_rmsnorm_and_fused_residual():
+    torch.manual_seed(0)
+    norm = RMSNorm(8, eps=1e-5)
+    norm.weight.data = torch.randn(8)
+    x, r = torch.randn(5, 8), torch.randn(5, 8)
+    expected = norm.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(norm(x), expected)
+    out, residual = norm(x, r)
+    torch.testing.assert_close(residual, x + r)
+    torch.testing.assert_close(out, norm(x + r))
+
+
+def test_silu_and_mul():
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(SiluAndMul()(x), torch.nn.functional.silu(x[:, :5]) * x[:, 5:])
+
+
+def test_qkv_and_merged_loaders_fuse_hf_tensors():
+    torch.manual_seed(0)
+    qkv = QKVParallelLinear(hidden_size=8, head_dim=4, num_heads=4, num_kv_heads=2, bias=True)
+    q, k, v = torch.randn(16, 8), torch.randn(8, 8), torch.randn(8, 8)
+    qb, kb, vb = torch.randn(16), torch.randn(8), torch.randn(8)
+    for shard, w, b in [("k", k, kb), ("q", q, qb), ("v", v, vb)]:  # any order
+        qkv.weight.weight_loader(qkv.weight, w, shard)
+        qkv.bias.weight_loader(qkv.bias, b, shard)
+    x = torch.randn(3, 8)
+    expected = torch.cat([x @ q.T + qb, x @ k.T + kb, x @ v.T + vb], dim=-1)
+    torch.testing.assert_close(qkv(x), expected)
+
+    fused = QKVParallelLinear(8, 4, 4, 2)
+    fused.weight.weight_loader(fused.weight, torch.cat([q, k, v]))  # already-fused checkpoint tensor
+    torch.testing.assert_close(fused.weight.data, torch.cat([q, k, v]))
+
+    gate_up = MergedColumnParallelLinear(8, [6, 6])
+    gate, up = torch.randn(6, 8), torch.randn(6, 8)
+    gate_up.weight.weight_loader(gate_up.weight, up, 1)
+    gate_up.weight.weight_loader(gate_up.weight, gate, 0)
+    torch.testing.assert_close(gate_up.weight.data, torch.cat([gate, up]))
+
+    row = RowParallelLinear(6, 8)
+    with pytest.raises(ValueError, match="shape"):
+        row.weight.weight_loader(row.weight, torch.randn(6, 8))
+    with pytest.raises(ValueError, match="shard_id"):
+        qkv.weight.weight_loader(qkv.weight, q, "x")
+
+
+def test_tied_lm_head_shares_the_embedding():
+    emb = VocabParallelEmbedding(10, 4)
+    head = ParallelLMHead(10, 4, tie_to=emb)
+    emb.weight.weight_loader(emb.weight, torch.randn(10, 4))
+    h = torch.randn(2, 4)
+    torch.testing.assert_close(head(h), h @ emb.weight.T)
+    torch.testing.assert_close(emb(torch.tensor([3])), emb.weight[3:4])
+
+
+# ---------------------------------------------------------------- paged attention
+
+
+def _dense_reference(q, k, v, scale):
+    """q (Lq, Hq, D) are the last Lq of k/v's L tokens; causal; GQA by repeat; float64."""
+    lq, hq, _ = q.shape
+    l, hkv, _ = k.shape
+    k = k.double().repeat_interleave(hq // hkv, dim=1)
+    v = v.double().repeat_interleave(hq // hkv, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale  # (Hq, Lq, L)
+    query_pos = torch.arange(l - lq, l)[:, None]
+    scores = scores.masked_fill(torch.arange(l)[None, :] > query_pos, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)  # (Lq, Hq, D)
+
+
+def _run_case(seqs, num_heads, num_kv_heads, block_size, head_dim=8, empty_cache=False):
+    """seqs: [(context_len, query_len)]. Caches each context first, then runs one step of all queries."""
+    torch.manual_seed(0)
+    scale = 1 / math.sqrt(head_dim)
+    layer = PagedAttention(num_heads, head_dim, num_kv_heads, scale)
+    cache = PagedKV(1, num_kv_heads, head_dim, num_blocks=64, block_size=block_size)
+    full = [
+        (
+            torch.randn(c + q, num_heads, head_dim),
+            torch.randn(c + q, num_kv_heads, head_dim),
+            torch.randn(c + q, num_kv_heads, head_dim),
+        )
+        for c, q in seqs
+    ]
+    # Write each cached context as an earlier step would have.
+    with_context = [(str(i), c) for i, (c, _) in enumerate(seqs) if c > 0]
+    if with_context:
+        _, attn = cache.step(with_context)
+        k = torch.cat([full[int(i)][1][:c] for i, c in with_context])
+        v = torch.cat([full[int(i)][2][:c] for i, c in with_context])
+        write_kv_cache(cache.kv_caches[0], k, v, attn.slot_mapping)
+    _, attn = cache.step([(str(i), q) for i, (_, q) in enumerate(seqs)])
+    q = torch.cat([fq[c:] for (fq, _, _), (c, _) in zip(full, seqs)])
+    k = torch.cat([fk[c:] for (_, fk, _), (c, _) in zip(full, seqs)])
+    v = torch.cat([fv[c:] for (_, _, fv), (c, _) in zip(full, seqs)])
+    kv_cache = torch.empty(0) if empty_cache else cache.kv_caches[0]
+    out = layer(q, k, v, kv_cache, attn)  # (T, Hq*D)
+    expected = torch.cat([_dense_reference(fq[c:], fk, fv, scale) for (fq, fk, fv), (c, _) in zip(full, seqs)])
+    torch.testing.assert_close(out.double(), expected.reshape(out.shape), atol=1e-5, rtol=0)
+    if not empty_cache:  # this step's K/V landed at its slots
+        torch.testing.assert_close(kv_cache[0].flatten(0, 1)[attn.slot_mapping], k)
+        torch.testing.assert_close(kv_cache[1].flatten(0, 1)[attn.slot_mapping], v)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
+def test_prefill_ragged_fresh(heads):
+    _run_case([(0, 1), (0, 5), (0, 16), (0, 17), (0, 33)], *heads, block_size=4)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
+def test_decode_batch_across_block_boundaries(heads):
+    _run_case([(0, 1), (3, 1), (4, 1), (15, 1), (16, 1), (31, 1)], *heads, block_size=4)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_chunked_prefill_mixed_with_decode(block_size):
+    _run_case([(7, 5), (0, 3), (16, 1), (3, 13), (32, 16)], 4, 2, block_size=block_size)
+
+
+def test_empty_cache_attends_to_fresh_kv():
+    _run_case([(0, 6), (0, 1), (0, 9)], 4, 2, block_size=4, empty_cache=True)
+
+
+def test_metadata_helper_follows_the_contract():
+    positions, attn = make_metadata([[5, 2, 9], [7]], context_lens=[3, 0], query_lens=[2, 1], block_size=2)
+    assert positions.tolist() == [3, 4, 0]
+    assert attn.slot_mapping.tolist() == [2 * 2 + 1, 9 * 2 + 0, 7 * 2 + 0]
+    assert attn.block_tables.tolist() == [[5, 2, 9], [7, 0, 0]]
+    assert attn.query_start_loc.tolist() == [0, 2, 3] and attn.seq_lens_cpu == [5, 1]
