@@ -131,9 +131,13 @@ def _child_params(params: SamplingParams, index: int) -> SamplingParams:
 
 def _resolve_config(config: EngineConfig, hf_config) -> EngineConfig:
     model_len = getattr(hf_config, "max_position_embeddings", None) or 2048
+    limit = "the model's max_position_embeddings"
+    window = getattr(hf_config, "sliding_window", None) if getattr(hf_config, "use_sliding_window", True) else None
+    if window and window < model_len:  # sliding-window attention is not implemented: stay inside the window
+        model_len, limit = window, "the model's sliding_window"
     asked = config.model.max_model_len
     if asked is not None and asked > model_len:
-        raise ValueError(f"max_model_len ({asked}) must be <= the model's max_position_embeddings ({model_len})")
+        raise ValueError(f"max_model_len ({asked}) must be <= {limit} ({model_len})")
     resolved = dataclasses.replace(config.model, max_model_len=asked or model_len)
     return dataclasses.replace(config, model=resolved)
 

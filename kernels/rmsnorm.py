@@ -1,0 +1,117 @@
+"""RMSNorm, plain and fused with the residual add that precedes it in every decoder layer.
+
+Numerics follow HF transformers (LlamaRMSNorm): the residual sum is rounded to the input dtype,
+normalised in float32, rounded back to the input dtype, then multiplied by the weight. One
+program per row; the whole hidden dim is one tile.
+"""
+
+import torch
+
+from kernels._triton import next_power_of_2, require_triton, tl, triton
+from kernels._validate import FLOAT_DTYPES, check_same_device, check_tensor
+
+MAX_HIDDEN = 65536
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,  # (N, H)
+    residual_ptr,  # (N, H), read when HAS_RESIDUAL
+    weight_ptr,  # (H,)
+    out_ptr,  # (N, H)
+    residual_out_ptr,  # (N, H), x + residual, written when HAS_RESIDUAL
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    hidden,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(residual_out_ptr + row * stride_ro + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
+    normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _as_rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """(..., H) -> (N, H) without a copy; the row stride may be anything."""
+    check_tensor(name, tensor, dtypes=FLOAT_DTYPES)
+    if tensor.dim() < 1:
+        raise ValueError(f"{name} must have at least one dim, got a scalar")
+    if tensor.dim() == 2:
+        return tensor
+    try:
+        return tensor.view(-1, tensor.shape[-1])
+    except RuntimeError as err:
+        raise ValueError(f"{name} of shape {tuple(tensor.shape)} cannot be viewed as rows: {err}") from err
+
+
+def _launch(x, residual, weight, eps):
+    require_triton()
+    rows = _as_rows("x", x)
+    hidden = rows.shape[1]
+    check_tensor("weight", weight, ndim=1, dtypes=(x.dtype,))
+    check_same_device(x=x, weight=weight)
+    if weight.shape[0] != hidden:
+        raise ValueError(f"weight has {weight.shape[0]} elements, expected x's hidden size {hidden}")
+    if hidden > MAX_HIDDEN:
+        raise ValueError(f"x's hidden size {hidden} is over the kernel's limit {MAX_HIDDEN}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    res_rows = rows
+    if residual is not None:
+        res_rows = _as_rows("residual", residual)
+        check_same_device(x=x, residual=residual)
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(
+                f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
+            )
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(out) if residual is not None else out
+    block_n = next_power_of_2(hidden)
+    if rows.shape[0] > 0:
+        _rms_norm_kernel[(rows.shape[0],)](
+            rows, res_rows, weight, out, res_out,
+            rows.stride(0), res_rows.stride(0), out.stride(0), res_out.stride(0),
+            hidden, eps, HAS_RESIDUAL=residual is not None, BLOCK_N=block_n,
+            num_warps=min(16, max(1, block_n // 512)),
+        )  # fmt: skip
+    return out.view(x.shape), res_out.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim of x (..., H) with weight (H,); returns a new tensor."""
+    return _launch(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual' = x + residual; returns (rms_norm(residual'), residual'), both new tensors."""
+    return _launch(x, residual, weight, eps)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Torch reference, HF LlamaRMSNorm numerics."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def fused_add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference: the add in x's dtype, then rms_norm_ref."""
+    summed = x + residual
+    return rms_norm_ref(summed, weight, eps), summed

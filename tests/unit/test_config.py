@@ -1,0 +1,70 @@
+"""Frozen, validated config; SamplingParams checks that need no model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.sampling_params import SamplingParams
+
+
+def test_configs_are_frozen():
+    config = EngineConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.cache.block_size = 32  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        SamplingParams().temperature = 2.0  # type: ignore[misc]
+
+
+def test_from_kwargs_routes_flat_arguments_to_their_group():
+    config = EngineConfig.from_kwargs(model="m", block_size=32, max_num_seqs=4, tensor_parallel_size=1)
+    assert config.model.model == "m" and config.cache.block_size == 32 and config.scheduler.max_num_seqs == 4
+    with pytest.raises(TypeError, match="unknown engine argument 'bogus'"):
+        EngineConfig.from_kwargs(bogus=1)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: CacheConfig(block_size=0), "block_size must be >= 1"),
+        (lambda: CacheConfig(gpu_memory_utilization=1.5), r"gpu_memory_utilization must be in \(0, 1\]"),
+        (lambda: SchedulerConfig(max_num_seqs=0), "max_num_seqs must be >= 1"),
+        (lambda: SchedulerConfig(policy="lifo"), "policy must be one of"),
+        (lambda: ModelConfig(dtype="int3"), "dtype must be one of"),
+        (lambda: ModelConfig(max_model_len=0), "max_model_len must be >= 1"),
+    ],
+)
+def test_bad_config_names_the_field(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=0), "top_k must be -1"),
+        (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+        (dict(presence_penalty=3.0), r"presence_penalty must be in \[-2, 2\]"),
+        (dict(frequency_penalty=-3.0), r"frequency_penalty must be in \[-2, 2\]"),
+        (dict(max_tokens=0), "max_tokens must be >= 1"),
+        (dict(min_tokens=5, max_tokens=4), r"min_tokens must be in \[0, max_tokens=4\]"),
+        (dict(n=65), r"n must be in \[1, 64\]"),
+        (dict(logprobs=21), r"logprobs must be in \[0, 20\]"),
+        (dict(seed=-1), r"seed must be in \[0, 2\*\*63\)"),
+        (dict(stop=[""]), "stop strings must be non-empty"),
+        (dict(stop=["x" * 300]), "at most 256 characters"),
+        (dict(stop_token_ids=[-3]), "stop_token_ids must be ids >= 0"),
+    ],
+)
+def test_bad_sampling_params_name_field_and_limit(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_stop_accepts_a_single_string():
+    assert SamplingParams(stop="###").stop == ("###",)
