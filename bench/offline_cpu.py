@@ -60,6 +60,19 @@ def run_hf(model_path: str, workload, batch_size: int) -> dict:
             "output_tokens": sum(m for _, m in workload)}
 
 
+def plot(result: dict, png: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = result["results"]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.barh([r["engine"] for r in rows], [r["output_tok_per_s"] for r in rows], color=["C2"] + ["C0"] * (len(rows) - 1))
+    ax.set_xlabel("output tokens / s (higher is better)")
+    threads = result["environment"]["threads"]
+    ax.set_title(f"{result['workload']['num_requests']} requests, SmolLM2-135M fp32, CPU ({threads} threads)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-requests", type=int, default=32)
@@ -86,17 +99,7 @@ def main() -> None:
               "pagoda_vs_best_hf": rows[0]["vs_best_hf"]}
     table = markdown_table(rows, ["engine", "seconds", "output_tokens", "output_tok_per_s", "vs_best_hf"])
 
-    def plot(path):
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3))
-        ax.barh([r["engine"] for r in rows], [r["output_tok_per_s"] for r in rows], color=["C2"] + ["C0"] * (len(rows) - 1))
-        ax.set_xlabel("output tokens / s (higher is better)")
-        ax.set_title(f"{args.num_requests} requests, SmolLM2-135M fp32, CPU ({torch.get_num_threads()} threads)")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-
-    write_report(args.out, "offline_cpu", result, table, plot)
+    write_report(args.out, "offline_cpu", result, table, lambda png: plot(result, png))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class ModelConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     seed: int = 0  # seeds torch's global generator for unseeded sampling
+    enforce_eager: bool = False  # CUDA: no decode graphs (debugging, or to save capture time)
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model must be a non-empty string")

@@ -37,6 +37,7 @@ class _Completion:
     tokens_sent: int = 0  # DELTA outputs: tokens already emitted
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    lazy: bool = False  # nobody reads text before the end and no stop string needs it: decode once, at the end
 
 
 @dataclass
@@ -63,9 +64,10 @@ class OutputProcessor:
     def add(self, prepared: PreparedRequest, kind: OutputKind, children: list[Request]) -> None:
         """Track a prompt and its n scheduler requests (ids from ``child_ids``)."""
         parent = _Parent(prepared, kind)
+        lazy = kind is OutputKind.FINAL and not prepared.params.stop
         for index, request in enumerate(children):
             detok = IncrementalDetokenizer(self.tokenizer, prepared.prompt_token_ids, prepared.params)
-            parent.completions[request.request_id] = _Completion(index, request, detok)
+            parent.completions[request.request_id] = _Completion(index, request, detok, lazy=lazy)
             self._parent_of[request.request_id] = prepared.request_id
         self._parents[prepared.request_id] = parent
 
@@ -101,6 +103,8 @@ class OutputProcessor:
     def _advance(self, completion: _Completion) -> bool:
         """Feed new tokens to the detokenizer; True when a stop string ended the completion."""
         request = completion.request
+        if completion.lazy and not request.is_finished:
+            return False  # detokenizing every step would cost ~a decode per token for text nobody reads yet
         new_tokens = request.output_token_ids[completion.num_tokens_seen :]
         completion.num_tokens_seen = request.num_output_tokens
         stop = completion.detokenizer.update(new_tokens)

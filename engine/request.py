@@ -56,6 +56,10 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     first_token_time: float | None = None
+    _all_token_ids: list[int] = field(init=False, repr=False)  # prompt + output, kept in step (no concat per step)
+
+    def __post_init__(self) -> None:
+        self._all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -71,7 +75,8 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        """Prompt and output tokens; the engine's own list: read it, don't mutate it."""
+        return self._all_token_ids
 
     @property
     def is_finished(self) -> bool:
@@ -79,6 +84,7 @@ class Request:
 
     def append_output_token(self, token_id: int, logprobs=None) -> None:
         self.output_token_ids.append(token_id)
+        self._all_token_ids.append(token_id)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
         if self.first_token_time is None:

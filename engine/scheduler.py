@@ -151,8 +151,8 @@ class Scheduler:
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = hit.num_tokens
             new_reqs.append(
-                NewRequestData(
-                    request.request_id, tokens, request.num_prompt_tokens, request.sampling_params,
+                NewRequestData(  # a snapshot: the request's own list keeps growing
+                    request.request_id, list(tokens), request.num_prompt_tokens, request.sampling_params,
                     block_ids, hit.num_tokens,
                 )
             )

@@ -6,10 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 
 class SiluAndMul(nn.Module):
     """``silu(gate) * up`` for ``x = [gate | up]`` along the last dim: (..., 2I) -> (..., I)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and kernels.HAS_TRITON and x.dim() == 2:
+            return kernels.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

@@ -11,6 +11,9 @@ Three paths, picked on host-side metadata only (no device sync):
 - a sequence with no cached context: attends to its fresh k/v, no gather;
 - any other (chunked prefill, prefix hits, mixed batches): per-sequence gather + masked SDPA.
 An empty ``kv_cache`` (dummy/profile run) skips the cache and attends to fresh k/v only.
+
+On CUDA with Triton the same contract runs on the kernels of ``kernels/`` (cache write, then the
+split-K decode kernel or the unified varlen prefill kernel); this torch path is their reference.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from engine.attention_metadata import AttentionMetadata
 
 
@@ -113,6 +117,9 @@ def paged_attention(
     """Write this step's K/V, then attend. q (T, Hq, D); k, v (T, Hkv, D) -> (T, Hq, D)."""
     if kv_cache.numel() == 0:
         return varlen_attention(q, k, v, None, attn, scale)
+    if q.is_cuda and kernels.HAS_TRITON:
+        kernels.reshape_and_cache(k, v, kv_cache, attn.slot_mapping)
+        return kernels.paged_attention(q, kv_cache, attn, scale)
     write_kv_cache(kv_cache, k, v, attn.slot_mapping)
     if attn.is_decode_only:
         return decode_attention(q, kv_cache, attn, scale)

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+import kernels
+
 
 def default_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))  # (rotary_dim/2,)
@@ -68,6 +70,8 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[:, None] * inv_freq[None, :]  # (max_position, rotary_dim/2)
         self.register_buffer("cos_cache", freqs.cos(), persistent=False)
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+        # the Triton kernel's layout: (max_position, rotary_dim) = cat(cos, sin), float32
+        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: (T, H, D); cos, sin: (T, 1, rotary_dim/2) in x's dtype
@@ -82,6 +86,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,); q (T, Hq, D); k (T, Hkv, D) -> rotated q, k of the same shapes."""
+        if q.is_cuda and kernels.HAS_TRITON:  # rotates in place, one launch for q and k
+            return kernels.apply_rotary(q, k, positions, self.cos_sin_cache, self.is_neox_style)
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # (T, 1, rotary_dim/2)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

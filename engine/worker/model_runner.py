@@ -22,6 +22,7 @@ from engine.attention_metadata import AttentionMetadata
 from engine.layers.sampler import Sampler, SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from engine.worker.cuda_graph import DecodeGraphs
 
 
 @dataclass
@@ -51,7 +52,10 @@ class ModelRunner:
         vocab_size: int,
         eos_token_ids: tuple[int, ...],
         device: torch.device,
+        max_model_len: int = 0,
+        cuda_graph_max_seqs: int = 0,
     ) -> None:
+        """``cuda_graph_max_seqs`` > 0 on CUDA captures decode graphs for batches up to that size."""
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -60,6 +64,10 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and cuda_graph_max_seqs > 0:
+            self.graphs = DecodeGraphs(model, kv_caches, block_size, max_model_len, cuda_graph_max_seqs, device)
+            self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
@@ -67,7 +75,10 @@ class ModelRunner:
         if scheduled.is_empty:
             return ModelRunnerOutput.empty()
         inputs = self._prepare_inputs(scheduled)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)  # (T, H)
+        if self.graphs is not None and self.graphs.fits(inputs.attn):
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)  # (B, H)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)  # (T, H)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, V) float32
         return self._sample(scheduled, inputs.sample_req_ids, logits)
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything the GPU issues measure, in one device call:
+#   bash bench/gpu_suite.sh tests   -> GPU tests (engine parity incl. CUDA graphs, kernels) + kernel benchmarks
+#   bash bench/gpu_suite.sh bench   -> offline throughput (Llama-3.1-8B shape, Qwen3-0.6B nano-vllm workload) + latency
+# Results (JSON + markdown) land in $OUT; copy them to bench/results/ and run `python -m bench.replot` for PNGs.
+set -u
+OUT=${OUT:-/tmp/pagoda-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD OUT
+export PAGODA_MODEL_DIR=/tmp/pagoda-models
+step() { echo "=== $*"; local t=$SECONDS; "$@" 2>&1 | tail -n 40; echo "=== rc=${PIPESTATUS[0]} ${*:0:3} $((SECONDS - t))s"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+case "${1:-all}" in
+  tests|all)
+    step python -m pytest -q -x -m gpu tests/gpu/test_engine_gpu.py -p no:cacheprovider
+    step python -m pytest -q -m gpu tests/kernels -p no:cacheprovider
+    step python -m bench.kernels --out "$OUT"
+    ;;
+esac
+case "${1:-all}" in
+  bench|all)
+    step python -m bench.offline --shape llama-3.1-8b --workload fixed --num-requests 128 --input-len 512 --output-len 256 \
+      --hf-batch-size 64 --out "$OUT"
+    step python -m bench.offline --shape qwen3-0.6b --workload nano --num-requests 256 --hf-batch-size 0 \
+      --hf-batch-requests 16 --out "$OUT"
+    step python -m bench.latency --shape llama-3.1-8b --out "$OUT"
+    ;;
+esac
+ls -la "$OUT"

@@ -1,0 +1,103 @@
+"""CUDA graphs for pure decode steps.
+
+A decode step of B sequences launches hundreds of small kernels; replaying a captured graph
+launches them as one. Graphs are captured once per batch-size bucket over static input buffers;
+a step of B sequences pads up to the next bucket:
+
+- padded rows get slot -1 (the cache write skips them) and sequence length 0 (the decode kernel
+  writes zeros), so they neither touch the KV cache nor cost attention work;
+- ``max_seq_len`` is fixed to ``max_model_len`` at capture, which fixes the split-K factor of the
+  decode kernel without a device sync.
+
+All buckets share one memory pool, captured largest first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.attention_metadata import AttentionMetadata
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 16 up to max_num_seqs (and max_num_seqs itself)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs, 16))
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.batch_sizes = graph_batch_sizes(max_num_seqs)
+        max_b = self.batch_sizes[-1]
+        self.max_blocks = -(-max_model_len // block_size)
+        i32 = dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(max_b, dtype=torch.long, device=device)  # (maxB,)
+        self.positions = torch.zeros(max_b, dtype=torch.long, device=device)  # (maxB,)
+        self.slot_mapping = torch.full((max_b,), -1, dtype=torch.long, device=device)  # (maxB,)
+        self.seq_lens = torch.zeros(max_b, **i32)  # (maxB,)
+        self.context_lens = torch.zeros(max_b, **i32)  # (maxB,) unused by decode, kept for the contract
+        self.query_start_loc = torch.arange(max_b + 1, **i32)  # (maxB + 1,) one token each
+        self.block_tables = torch.zeros((max_b, self.max_blocks), **i32)  # (maxB, max_blocks)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def _metadata(self, batch: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:batch],
+            query_start_loc=self.query_start_loc[: batch + 1],
+            seq_lens=self.seq_lens[:batch],
+            context_lens=self.context_lens[:batch],
+            block_tables=self.block_tables[:batch],
+            query_lens_cpu=[1] * batch,
+            seq_lens_cpu=[self.max_model_len] * batch,
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+            block_size=self.block_size,
+        )
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        return self.model(self.input_ids[:batch], self.positions[:batch], self.kv_caches, self._metadata(batch))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        for batch in reversed(self.batch_sizes):
+            self._forward(batch)  # warm-up: Triton compiles and autotunes outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[batch] = self._forward(batch)
+            pool = graph.pool()
+            self.graphs[batch] = graph
+        torch.cuda.synchronize()
+
+    def fits(self, attn: AttentionMetadata) -> bool:
+        return attn.is_decode_only and attn.num_seqs <= self.batch_sizes[-1] and bool(self.graphs)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        """Replay the smallest bucket that holds this decode batch; returns hidden (B, H)."""
+        num = attn.num_seqs
+        bucket = next(b for b in self.batch_sizes if b >= num)
+        self.input_ids[:num].copy_(input_ids)
+        self.positions[:num].copy_(positions)
+        self.slot_mapping[:num].copy_(attn.slot_mapping)
+        self.slot_mapping[num:bucket].fill_(-1)
+        self.seq_lens[:num].copy_(attn.seq_lens)
+        self.seq_lens[num:bucket].fill_(0)
+        width = attn.block_tables.shape[1]
+        self.block_tables[:num, :width].copy_(attn.block_tables)
+        self.graphs[bucket].replay()
+        return self.outputs[bucket][:num]
