@@ -2,10 +2,24 @@
 
 Speed does not depend on weight values, so an HF folder with random bf16 weights and a stand-in
 word-level tokenizer of the right vocabulary size is enough for pagoda and transformers alike.
+
+Correctness tests need more: with plain random init the next-token distribution of an 8B model is
+nearly flat, the top-2 logits sit closer than bf16 noise, and any change of reduction order (a
+different kernel, tensor parallelism) flips greedy tokens. A *sharpened* model fixes that while
+staying random: after the usual init, (1) token embeddings are made large and the
+residual-writing projections (o_proj, down_proj) are scaled so that the context part of the final
+residual stream is r times the token's own embedding, and (2) the LM head is the embedding matrix
+with its rows permuted. With the final hidden state h = (e + c) normalised, the logit of
+``perm[t]`` is about sqrt(d) / sqrt(1 + r^2) standard deviations of the other logits, whose
+maximum over V tokens is about sqrt(2 ln V); r is chosen so the first is twice the second
+(r ~ 6.5 for the 8B shape). The greedy token is then decisive, while every other logit is decided
+by the context (attention over the KV cache, MLPs) — so tests compare logprobs too.
 """
 
 from __future__ import annotations
 
+import gc
+import math
 from pathlib import Path
 
 import torch
@@ -46,7 +60,42 @@ def _word_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="t1", eos_token="t2", pad_token="t0", unk_token="t3")
 
 
-def make_random_model(shape: str, out: Path, seed: int = 0) -> Path:
+@torch.no_grad()
+def _context_ratio(model, vocab_size: int) -> float:
+    """Mean over tokens of |final residual - token embedding| / |token embedding| (before the final norm)."""
+    captured = {}
+    hook = model.model.norm.register_forward_pre_hook(lambda _m, args: captured.update(x=args[0]))
+    ids = torch.randint(10, vocab_size, (1, 64), generator=torch.Generator().manual_seed(0)).to(model.device)
+    model(ids)
+    hook.remove()
+    emb = model.model.embed_tokens.weight[ids[0]].float()  # (L, H)
+    context = captured["x"][0].float() - emb
+    return (context.norm(dim=-1) / emb.norm(dim=-1)).mean().item()
+
+
+def target_ratio(hidden_size: int, vocab_size: int) -> float:
+    """r such that sqrt(d) / sqrt(1 + r^2) = 2 sqrt(2 ln V) (see the module docstring)."""
+    return math.sqrt(max(hidden_size / (8 * math.log(vocab_size)) - 1, 0.25))
+
+
+@torch.no_grad()
+def sharpen_(model, seed: int = 0) -> None:
+    """Make greedy decoding decisive (see the module docstring); in place, any size, any device."""
+    emb = model.model.embed_tokens.weight
+    target_r = target_ratio(*reversed(emb.shape))
+    emb.normal_(0.0, 1.0)
+    for _ in range(3):  # the ratio responds almost linearly to the output-projection scale
+        gamma = target_r / _context_ratio(model, emb.shape[0])
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(gamma)
+            layer.mlp.down_proj.weight.mul_(gamma)
+    perm = torch.randperm(emb.shape[0], generator=torch.Generator().manual_seed(seed)).to(emb.device)
+    if model.config.tie_word_embeddings:
+        raise ValueError("sharpening needs an untied LM head")
+    model.lm_head.weight[perm] = emb * 0.02  # row perm[t] is token t's embedding: next(t) = perm[t]
+
+
+def make_random_model(shape: str, out: Path, seed: int = 0, sharp: bool = False) -> Path:
     """Write ``out`` (config, bf16 safetensors, tokenizer) once; later calls reuse it."""
     from transformers import AutoModelForCausalLM
 
@@ -55,13 +104,16 @@ def make_random_model(shape: str, out: Path, seed: int = 0) -> Path:
     config = _config(shape)
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device(device):  # random init straight on the GPU, in bf16 (no float32 copy of 8B)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    if sharp:
+        sharpen_(model, seed)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     _word_tokenizer(config.vocab_size).save_pretrained(out)
     del model
+    gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return out

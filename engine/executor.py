@@ -1,13 +1,16 @@
 """Executors hand a SchedulerOutput to the workers and return rank 0's sampled tokens.
 
 The interface is what the engine sees, whoever runs the ranks: in-process for TP=1 here, local
-processes for TP>1, and Ray actors in ``cluster/`` — all with the same four methods.
+processes for TP>1 (``engine/worker/multiproc_executor.py``), and Ray actors in ``cluster/`` — all
+with the same four methods. A failed rank surfaces from ``execute_model`` as ``EngineDeadError``.
 """
 
 from __future__ import annotations
 
 import abc
 from pathlib import Path
+
+import torch
 
 from engine.config import EngineConfig
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -47,10 +50,40 @@ class UniProcExecutor(Executor):
         return self.worker.execute_model(scheduled)
 
 
-def make_executor(config: EngineConfig, model_path: Path, eos_token_ids: tuple[int, ...]) -> Executor:
+MAX_CPU_TENSOR_PARALLEL = 8  # CPU ranks are for tests and smoke checks; more only oversubscribes the host
+
+
+def check_parallel_config(config: EngineConfig, hf_config) -> None:
+    """ValueError naming the values when the tensor-parallel setup cannot work; starts nothing."""
+    from engine.models.registry import check_tensor_parallel
+
     tp = config.parallel.tensor_parallel_size
+    check_tensor_parallel(hf_config, tp)
     if tp == 1:
+        return
+    device = config.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        available = torch.cuda.device_count()
+        if tp > available:
+            raise ValueError(
+                f"tensor_parallel_size ({tp}) is larger than the number of CUDA devices torch sees ({available})"
+            )
+    elif tp > MAX_CPU_TENSOR_PARALLEL:
+        raise ValueError(
+            f"tensor_parallel_size ({tp}) on CPU must be <= {MAX_CPU_TENSOR_PARALLEL} "
+            f"(CPU ranks are for tests; they share the host's cores)"
+        )
+
+
+def make_executor(config: EngineConfig, model_path: Path, eos_token_ids: tuple[int, ...]) -> Executor:
+    """UniProcExecutor for TP=1, MultiprocExecutor (a process per rank) above; validates first."""
+    from engine.loader import load_hf_config
+
+    check_parallel_config(config, load_hf_config(model_path))
+    if config.parallel.tensor_parallel_size == 1:
         return UniProcExecutor(config, model_path, eos_token_ids)
-    raise ValueError(
-        f"tensor_parallel_size={tp} needs the multi-process executor, which this build does not have yet; use 1"
-    )
+    from engine.worker.multiproc_executor import MultiprocExecutor
+
+    return MultiprocExecutor(config, model_path, eos_token_ids)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
-from engine.errors import QueueFullError
+from engine.errors import EngineDeadError, QueueFullError
 from engine.executor import make_executor
 from engine.input_processor import InputProcessor, PreparedRequest, PromptType
 from engine.kv_cache.manager import KVCacheManager
@@ -49,8 +49,13 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_path)
         self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
         self.executor = make_executor(self.config, self.model_path, self.eos_token_ids)
-        self.num_blocks = self.executor.initialize()
-        _check_capacity(self.config, self.num_blocks)
+        self._dead: EngineDeadError | None = None  # set when the executor failed; every later step re-raises it
+        try:
+            self.num_blocks = self.executor.initialize()
+            _check_capacity(self.config, self.num_blocks)
+        except BaseException:
+            self.executor.shutdown()  # TP ranks must not outlive a failed start
+            raise
         cache = self.config.cache
         self.kv = KVCacheManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv, self.max_model_len)
@@ -100,8 +105,14 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
+        if self._dead is not None:
+            raise EngineDeadError(str(self._dead))
         scheduled = self.scheduler.schedule()
-        result = self.executor.execute_model(scheduled)
+        try:
+            result = self.executor.execute_model(scheduled)
+        except EngineDeadError as exc:  # the scheduler already counted this step: its state is now unusable
+            self._dead = exc
+            raise
         updated = self.scheduler.update_from_output(scheduled, result)
         return self._emit(updated)
 
@@ -119,6 +130,7 @@ class LLMEngine:
         )
 
     def shutdown(self) -> None:
+        """Release the executor's ranks (processes and ports with TP > 1); safe to call twice."""
         self.executor.shutdown()
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from engine.config import EMBEDDED_MODEL
+from engine.distributed import SINGLE_RANK, TPGroup
 from engine.gguf_convert import convert_gguf
 from engine.models.registry import build_model
 
@@ -99,8 +100,10 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    """Build the model an HF folder describes, load its weights, and put it in eval mode."""
-    model = build_model(load_hf_config(path), dtype, device)
+def load_model(
+    path: str | Path, dtype: torch.dtype, device: torch.device | str, tp: TPGroup = SINGLE_RANK
+) -> nn.Module:
+    """Build the model an HF folder describes (this rank's part of it), load its weights, and put it in eval mode."""
+    model = build_model(load_hf_config(path), dtype, device, tp)
     model.load_weights(iter_safetensors(path))
     return model.eval()

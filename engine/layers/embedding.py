@@ -1,8 +1,11 @@
 """Token embedding and LM head, with the standard tensor-parallel names.
 
-With TP (not yet implemented) both split the vocabulary into contiguous row ranges, one per rank:
-the embedding masks ids outside its range and all-reduces, the head all-gathers the logits. With
-tp_size 1 they are a plain ``nn.Embedding`` and a bias-free linear.
+Both split the vocabulary into contiguous row ranges, one per rank, each ``ceil(V / tp)`` rows:
+rank r owns ids ``[r*rows, min((r+1)*rows, V))``; the last rank's rows past V are zero padding,
+so any vocabulary size works. The embedding looks up the ids in its range (others give zeros)
+and all-reduces; the head computes the logits of its range and gathers them to rank 0, the
+sampling rank (other ranks get None). With one rank they are a plain ``nn.Embedding`` and a
+bias-free linear.
 """
 
 from __future__ import annotations
@@ -11,35 +14,64 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.distributed import SINGLE_RANK, TPGroup
 from engine.layers.linear import _copy_checked
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, num_embeddings: int, embedding_dim: int):
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp: TPGroup | None = None):
         super().__init__()
-        self.num_embeddings = num_embeddings
+        self.tp = tp or SINGLE_RANK
+        self.tp_rank, self.tp_size = self.tp.rank, self.tp.world_size
+        self.num_embeddings = num_embeddings  # the full vocabulary V
         self.embedding_dim = embedding_dim
-        self.tp_rank, self.tp_size = 0, 1
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim), requires_grad=False)
+        self.rows_per_rank = -(-num_embeddings // self.tp_size)
+        self.vocab_start = self.tp_rank * self.rows_per_rank
+        self.vocab_end = min(self.vocab_start + self.rows_per_rank, num_embeddings)  # may equal start: all padding
+        self.weight = nn.Parameter(torch.empty(self.rows_per_rank, embedding_dim), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         if shard_id is not None:
             raise ValueError(f"{type(self).__name__} has no shards, got shard_id={shard_id!r}")
-        rows = loaded_weight.shape[0] // self.tp_size  # TP hook: this rank's vocabulary range
-        _copy_checked(param.data, loaded_weight.narrow(0, self.tp_rank * rows, rows))
+        if loaded_weight.shape[0] != self.num_embeddings:
+            raise ValueError(
+                f"checkpoint tensor has {loaded_weight.shape[0]} rows, the vocabulary has {self.num_embeddings}"
+            )
+        valid = self.vocab_end - self.vocab_start
+        _copy_checked(param.data[:valid], loaded_weight.narrow(0, self.vocab_start, valid))
+        param.data[valid:].zero_()  # padding rows: never looked up, logits cut off after the gather
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)  # (T,) -> (T, hidden)
+        """(T,) -> (T, hidden)."""
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)  # (T,)
+        local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local_ids, self.weight).masked_fill_(outside.unsqueeze(-1), 0)  # (T, hidden)
+        return self.tp.all_reduce(out)  # exactly one rank contributes each row
 
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Hidden states -> logits. ``tie_to`` shares the embedding's weight (tied word embeddings)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, tie_to: VocabParallelEmbedding | None = None):
-        super().__init__(num_embeddings, embedding_dim)
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        tie_to: VocabParallelEmbedding | None = None,
+        tp: TPGroup | None = None,
+    ):
+        super().__init__(num_embeddings, embedding_dim, tp)
         if tie_to is not None:
             self.weight = tie_to.weight  # one Parameter: loading the embedding fills the head
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)  # (N, hidden) -> (N, vocab)
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """(N, hidden) -> (N, vocab) on rank 0; None on the other ranks."""
+        logits = F.linear(hidden, self.weight)  # (N, rows_per_rank)
+        if self.tp_size == 1:
+            return logits
+        if logits.shape[0] == 0:  # every rank has the same N, so every rank skips the collective
+            return logits.new_empty(0, self.num_embeddings) if self.tp.is_first else None
+        full = self.tp.gather(logits, dim=-1, dst=0)  # (N, tp * rows_per_rank) on rank 0
+        return full[:, : self.num_embeddings] if full is not None else None

@@ -2,12 +2,14 @@
 
 Invariants:
 - Weights are stored like ``nn.Linear``: ``(out_features, in_features)``; ``forward`` is ``F.linear``.
-- Every parameter carries a ``weight_loader(param, loaded_weight, shard_id=None)``. Loading from a
-  checkpoint goes through it, so fusing HF's separate q/k/v (or gate/up) tensors into one matrix,
-  and later cutting out this rank's slice, happen in exactly one place.
-- Tensor parallelism is not implemented yet: ``tp_size`` is 1 and ``tp_rank`` 0. The hooks are the
-  ``tp_dim`` of each layer (0: output rows are split, 1: input columns are split) and ``_shard``,
-  which narrows a loaded tensor to this rank's part; RowParallelLinear will all-reduce its output.
+  Each rank stores only its part: column-parallel layers ``(out / tp, in)``, row-parallel layers
+  ``(out, in / tp)``.
+- Every parameter carries a ``weight_loader(param, loaded_weight, shard_id=None)`` that receives
+  the FULL checkpoint tensor. Fusing HF's separate q/k/v (or gate/up) tensors into one matrix and
+  cutting out this rank's slice happen there and nowhere else.
+- Column-parallel outputs stay split (the next row-parallel layer consumes them split); a
+  row-parallel layer all-reduces its partial sums and adds its bias once, after the reduce.
+- ``tp`` is the layer's ``TPGroup``; None means a single rank (every collective a no-op).
 """
 
 from __future__ import annotations
@@ -18,27 +20,50 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.distributed import SINGLE_RANK, TPGroup
+
+
+def divide(total: int, parts: int, what: str) -> int:
+    if total % parts:
+        raise ValueError(f"{what} ({total}) must be divisible by the tensor-parallel size ({parts})")
+    return total // parts
+
 
 class LinearBase(nn.Module):
-    """``y = x @ W.T + b`` whose parameters know how to load themselves from a checkpoint."""
+    """``y = x @ W.T + b`` whose parameters know how to load themselves from a checkpoint.
+
+    ``local_in``/``local_out`` are this rank's parameter sizes; ``input_size``/``output_size`` the
+    full (unsharded) ones.
+    """
 
     tp_dim: int | None = None  # which weight dim is split across ranks; None means replicated
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        tp: TPGroup | None = None,
+        local_in: int | None = None,
+        local_out: int | None = None,
+    ):
         super().__init__()
+        self.tp = tp or SINGLE_RANK
+        self.tp_rank, self.tp_size = self.tp.rank, self.tp.world_size
         self.input_size = input_size
         self.output_size = output_size
-        self.tp_rank, self.tp_size = 0, 1  # TP arrives later; kept here so the hooks read naturally
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        local_in = input_size if local_in is None else local_in
+        local_out = output_size if local_out is None else local_out
+        self.weight = nn.Parameter(torch.empty(local_out, local_in), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
-            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias = nn.Parameter(torch.empty(local_out), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
 
     def _shard(self, loaded: torch.Tensor, dim: int | None) -> torch.Tensor:
-        """This rank's slice of a full (unsharded) checkpoint tensor along ``dim``."""
+        """This rank's equal slice of a full checkpoint tensor along ``dim``."""
         if dim is None or self.tp_size == 1 or dim >= loaded.dim():
             return loaded
         size = loaded.shape[dim] // self.tp_size
@@ -58,18 +83,29 @@ class ReplicatedLinear(LinearBase):
 
 
 class ColumnParallelLinear(LinearBase):
-    """Output features split across ranks (dim 0 of the weight); each rank keeps its part of y."""
+    """Output features split across ranks (dim 0 of the weight, and the bias); each rank keeps its part of y."""
 
     tp_dim = 0
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, tp: TPGroup | None = None):
+        tp = tp or SINGLE_RANK
+        local_out = divide(output_size, tp.world_size, "output_size")
+        super().__init__(input_size, output_size, bias, tp, local_out=local_out)
 
 
 class RowParallelLinear(LinearBase):
     """Input features split across ranks (dim 1 of the weight); partial outputs are summed.
 
-    With TP the bias is added once after the all-reduce; with tp_size 1 this is a plain linear.
+    The bias is not split: it is added once, after the all-reduce (adding it on every rank would
+    count it tp times).
     """
 
     tp_dim = 1
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, tp: TPGroup | None = None):
+        tp = tp or SINGLE_RANK
+        local_in = divide(input_size, tp.world_size, "input_size")
+        super().__init__(input_size, output_size, bias, tp, local_in=local_in)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         if shard_id is not None:
@@ -77,56 +113,93 @@ class RowParallelLinear(LinearBase):
         dim = self.tp_dim if param.dim() == 2 else None  # the bias is not split
         _copy_checked(param.data, self._shard(loaded_weight, dim))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(F.linear(x, self.weight))  # (T, out): sum of the ranks' partial products
+        return y if self.bias is None else y + self.bias
+
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs stacked into one matrix, e.g. gate_proj and up_proj.
 
+    Each part is split across ranks on its own, so rank r holds ``[part0_r | part1_r | ...]``.
     ``shard_id`` is the index into ``output_sizes``; ``None`` loads an already-fused tensor
-    (GLM checkpoints store ``gate_up_proj``), which is cut back into its parts so that each part is
-    sharded on its own.
+    (GLM checkpoints store ``gate_up_proj``), which is cut back into its parts first.
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
-        self.output_sizes = list(output_sizes)
-        super().__init__(input_size, sum(output_sizes), bias)
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, tp: TPGroup | None = None):
+        tp = tp or SINGLE_RANK
+        self.output_sizes = list(output_sizes)  # full sizes of the parts, as in the checkpoint
+        local_out = sum(self._local_sizes(tp))
+        LinearBase.__init__(self, input_size, sum(output_sizes), bias, tp, local_out=local_out)
 
     @property
     def shard_ids(self) -> tuple:
         """Shards a checkpoint may fill one by one; all must be loaded."""
         return tuple(range(len(self.output_sizes)))
 
-    def _shard_slices(self) -> list[tuple[int, int]]:
-        """(offset, size) of each part inside this rank's fused parameter."""
-        sizes = [s // self.tp_size for s in self.output_sizes]
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        return list(zip(offsets, sizes))
+    def _local_sizes(self, tp: TPGroup) -> list[int]:
+        """Sizes of the parts inside this rank's fused parameter."""
+        return [divide(s, tp.world_size, "each merged output size") for s in self.output_sizes]
+
+    def _shard_part(self, loaded: torch.Tensor, index: int) -> torch.Tensor:
+        """This rank's rows of the full checkpoint part ``index``."""
+        return self._shard(loaded, 0)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         if shard_id is None:
-            parts = loaded_weight.split(self.output_sizes, dim=0)
-            for i, part in enumerate(parts):
+            for i, part in enumerate(loaded_weight.split(self.output_sizes, dim=0)):
                 self.weight_loader(param, part, i)
             return
-        offset, size = self._shard_slices()[shard_id]
-        _copy_checked(param.data.narrow(0, offset, size), self._shard(loaded_weight, 0))
+        sizes = self._local_sizes(self.tp)
+        offset = sum(sizes[:shard_id])
+        _copy_checked(param.data.narrow(0, offset, sizes[shard_id]), self._shard_part(loaded_weight, shard_id))
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
-    """q, k and v projections in one matrix: rows ``[q (Hq*D) | k (Hkv*D) | v (Hkv*D)]``.
+    """q, k and v projections in one matrix: rows ``[q (Hq*D) | k (Hkv*D) | v (Hkv*D)]`` per rank.
 
+    Rank r owns query heads ``[r*Hq/tp, (r+1)*Hq/tp)``. With ``Hkv >= tp`` it owns kv heads
+    ``[r*Hkv/tp, (r+1)*Hkv/tp)``; with ``Hkv < tp`` (tp a multiple of Hkv) each kv head is
+    replicated on ``tp/Hkv`` ranks and rank r holds the one head its query heads read
+    (``r // (tp/Hkv)``, the GQA rule ``h // (Hq/Hkv)`` applied to its first query head).
     ``shard_id`` is ``"q"``, ``"k"`` or ``"v"``.
     """
 
     _SHARD_INDEX: ClassVar[dict[str, int]] = {"q": 0, "k": 1, "v": 2}
     shard_ids = ("q", "k", "v")
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        tp: TPGroup | None = None,
+    ):
+        tp = tp or SINGLE_RANK
+        check_head_split(num_heads, num_kv_heads, tp.world_size)
         self.head_dim = head_dim
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        # With TP each rank will own num_heads / tp_size query heads and num_kv_heads / tp_size kv heads.
+        self.total_num_heads, self.total_num_kv_heads = num_heads, num_kv_heads
+        self.num_heads = num_heads // tp.world_size  # per rank
+        self.num_kv_heads = max(1, num_kv_heads // tp.world_size)  # per rank
+        if num_kv_heads >= tp.world_size:
+            self.kv_head_start = tp.rank * self.num_kv_heads
+        else:
+            self.kv_head_start = tp.rank // (tp.world_size // num_kv_heads)
         sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-        super().__init__(hidden_size, sizes, bias)
+        super().__init__(hidden_size, sizes, bias, tp)
+
+    def _local_sizes(self, tp: TPGroup) -> list[int]:
+        return [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+
+    def _shard_part(self, loaded: torch.Tensor, index: int) -> torch.Tensor:
+        d = self.head_dim
+        if index == 0:
+            return loaded.narrow(0, self.tp_rank * self.num_heads * d, self.num_heads * d)
+        return loaded.narrow(0, self.kv_head_start * d, self.num_kv_heads * d)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         if shard_id is None or isinstance(shard_id, int):
@@ -134,6 +207,19 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         if shard_id not in self._SHARD_INDEX:
             raise ValueError(f"QKVParallelLinear shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
         super().weight_loader(param, loaded_weight, self._SHARD_INDEX[shard_id])
+
+
+def check_head_split(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
+    """ValueError unless attention heads can be split over ``tp_size`` ranks."""
+    if num_heads % tp_size:
+        raise ValueError(
+            f"num_attention_heads ({num_heads}) must be divisible by tensor_parallel_size ({tp_size})"
+        )
+    if num_kv_heads % tp_size and tp_size % num_kv_heads:
+        raise ValueError(
+            f"num_key_value_heads ({num_kv_heads}) must be divisible by tensor_parallel_size ({tp_size}) "
+            f"or divide it (then kv heads are replicated)"
+        )
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:

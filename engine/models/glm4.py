@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
+from engine.distributed import SINGLE_RANK, TPGroup
 from engine.layers.layernorm import RMSNorm
 from engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, _check_act
 
@@ -24,14 +25,14 @@ from engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, _che
 class Glm4DecoderLayer(nn.Module):
     sandwich_norms = True
 
-    def __init__(self, hf_config):
+    def __init__(self, hf_config, tp: TPGroup = SINGLE_RANK):
         super().__init__()
         _check_act(hf_config)
         hidden_size, eps = hf_config.hidden_size, hf_config.rms_norm_eps
         self.self_attn = LlamaAttention(
-            hf_config, qkv_bias=getattr(hf_config, "attention_bias", False), o_bias=False, is_neox_style=False
+            hf_config, qkv_bias=getattr(hf_config, "attention_bias", False), o_bias=False, is_neox_style=False, tp=tp
         )
-        self.mlp = LlamaMLP(hidden_size, hf_config.intermediate_size)
+        self.mlp = LlamaMLP(hidden_size, hf_config.intermediate_size, tp=tp)
         self.input_layernorm = RMSNorm(hidden_size, eps=eps)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps=eps)
         if self.sandwich_norms:

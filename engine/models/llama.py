@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
+from engine.distributed import SINGLE_RANK, TPGroup
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import PagedAttention
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -40,17 +41,20 @@ class LlamaAttention(nn.Module):
         o_bias: bool,
         qk_norm: bool = False,
         is_neox_style: bool = True,
+        tp: TPGroup = SINGLE_RANK,
     ):
         super().__init__()
         hidden_size = hf_config.hidden_size
-        self.num_heads = hf_config.num_attention_heads
-        self.num_kv_heads = hf_config.num_key_value_heads
         self.head_dim = head_dim_of(hf_config)
+        total_heads = hf_config.num_attention_heads
+        self.qkv_proj = QKVParallelLinear(
+            hidden_size, self.head_dim, total_heads, hf_config.num_key_value_heads, bias=qkv_bias, tp=tp
+        )
+        # This rank's heads: Hq / tp query heads and its kv heads (replicated when Hkv < tp).
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-
-        self.qkv_proj = QKVParallelLinear(hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias=qkv_bias)
-        self.o_proj = RowParallelLinear(self.q_size, hidden_size, bias=o_bias)
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden_size, bias=o_bias, tp=tp)
         self.rotary_emb = get_rope(hf_config, self.head_dim, is_neox_style=is_neox_style)
         self.attn = PagedAttention(self.num_heads, self.head_dim, self.num_kv_heads, scale=self.head_dim**-0.5)
         if qk_norm:
@@ -76,14 +80,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+    """gate/up split by output (each rank I/tp of each), down split by input, one all-reduce."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, tp: TPGroup = SINGLE_RANK):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias, tp=tp)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, tp=tp)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # (T, hidden) -> (T, 2I) -> (T, I) -> (T, hidden)
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # (T, H) -> (T, 2I/tp) -> (T, I/tp) -> (T, H)
 
 
 def _check_act(hf_config) -> None:
@@ -95,7 +101,7 @@ def _check_act(hf_config) -> None:
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block; the residual stream travels next to the hidden states so each add fuses into a norm."""
 
-    def __init__(self, hf_config):
+    def __init__(self, hf_config, tp: TPGroup = SINGLE_RANK):
         super().__init__()
         _check_act(hf_config)
         is_qwen2 = hf_config.model_type == "qwen2"
@@ -105,8 +111,11 @@ class LlamaDecoderLayer(nn.Module):
             qkv_bias=is_qwen2 or attention_bias,
             o_bias=attention_bias and not is_qwen2,
             qk_norm=hf_config.model_type == "qwen3",
+            tp=tp,
         )
-        self.mlp = LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, getattr(hf_config, "mlp_bias", False))
+        self.mlp = LlamaMLP(
+            hf_config.hidden_size, hf_config.intermediate_size, getattr(hf_config, "mlp_bias", False), tp=tp
+        )
         self.input_layernorm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
 
@@ -128,10 +137,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, hf_config, layer_cls: type[nn.Module] = LlamaDecoderLayer):
+    def __init__(self, hf_config, layer_cls: type[nn.Module] = LlamaDecoderLayer, tp: TPGroup = SINGLE_RANK):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
-        self.layers = nn.ModuleList([layer_cls(hf_config) for _ in range(hf_config.num_hidden_layers)])
+        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size, tp=tp)
+        self.layers = nn.ModuleList([layer_cls(hf_config, tp) for _ in range(hf_config.num_hidden_layers)])
         self.norm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
 
     def forward(
@@ -164,13 +173,14 @@ class LlamaForCausalLM(nn.Module):
     # checkpoint tensors that are not parameters here (RoPE buffers saved by old checkpoints)
     ignored_suffixes = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
-    def __init__(self, hf_config):
+    def __init__(self, hf_config, tp: TPGroup = SINGLE_RANK):
         super().__init__()
         self.config = hf_config
-        self.model = LlamaModel(hf_config, self.layer_cls)
+        self.tp = tp
+        self.model = LlamaModel(hf_config, self.layer_cls, tp)
         tie = getattr(hf_config, "tie_word_embeddings", False)
         self.lm_head = ParallelLMHead(
-            hf_config.vocab_size, hf_config.hidden_size, tie_to=self.model.embed_tokens if tie else None
+            hf_config.vocab_size, hf_config.hidden_size, tie_to=self.model.embed_tokens if tie else None, tp=tp
         )
 
     def forward(
@@ -183,9 +193,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions (T,); one KV cache per layer -> hidden states (T, hidden)."""
         return self.model(input_ids, positions, kv_caches, attn)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, hidden) -> (N, vocab) float32."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """(N, hidden) -> (N, vocab) float32 on rank 0 (the sampling rank); None on the other ranks."""
+        logits = self.lm_head(hidden)
+        return None if logits is None else logits.float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill every parameter from HF-named tensors; raise on unknown or missing names."""

@@ -1,4 +1,5 @@
-"""HF ``architectures`` name -> model class, and what the KV cache of a model looks like."""
+"""HF ``architectures`` name -> model class, what the KV cache of a model looks like on one rank,
+and whether a model can be split over a number of tensor-parallel ranks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.distributed import SINGLE_RANK, TPGroup
+from engine.layers.linear import check_head_split
 from engine.models.glm4 import Glm4ForCausalLM, GlmForCausalLM
 from engine.models.llama import LlamaForCausalLM, head_dim_of
 
@@ -24,10 +27,10 @@ SUPPORTED_ARCHITECTURES = tuple(_MODELS)
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """Per-layer KV cache shape: each layer gets ``(2, num_blocks, block_size, num_kv_heads, head_dim)``."""
+    """Per-layer KV cache shape on one rank: each layer gets ``(2, num_blocks, block_size, num_kv_heads, head_dim)``."""
 
     num_layers: int
-    num_kv_heads: int
+    num_kv_heads: int  # this rank's kv heads: Hkv / tp, or 1 when kv heads are replicated (Hkv < tp)
     head_dim: int
 
 
@@ -41,22 +44,37 @@ def model_class(hf_config) -> type[nn.Module]:
     return _MODELS[archs[0]]
 
 
-def build_model(hf_config, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    """An uninitialised model with parameters of ``dtype`` on ``device``; fill it with ``load_weights``."""
+def check_tensor_parallel(hf_config, tp_size: int) -> None:
+    """ValueError naming the values unless the model can be split over ``tp_size`` ranks."""
+    model_class(hf_config)
+    check_head_split(hf_config.num_attention_heads, hf_config.num_key_value_heads, tp_size)
+    if hf_config.intermediate_size % tp_size:
+        raise ValueError(
+            f"intermediate_size ({hf_config.intermediate_size}) must be divisible by tensor_parallel_size ({tp_size})"
+        )
+
+
+def build_model(
+    hf_config, dtype: torch.dtype, device: torch.device | str, tp: TPGroup = SINGLE_RANK
+) -> nn.Module:
+    """An uninitialised model with this rank's parameters of ``dtype`` on ``device``; fill it with
+    ``load_weights`` (which cuts each full checkpoint tensor down to this rank's part)."""
+    check_tensor_parallel(hf_config, tp.world_size)
     cls = model_class(hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in dtype directly (no float32 copy of an 8B model)
     try:
         with torch.device(device):
-            return cls(hf_config)
+            return cls(hf_config, tp)
     finally:
         torch.set_default_dtype(previous)
 
 
-def kv_cache_spec(hf_config) -> KVCacheSpec:
-    model_class(hf_config)  # same error as build_model for an unsupported architecture
+def kv_cache_spec(hf_config, tp_size: int = 1) -> KVCacheSpec:
+    """The KV cache of one rank out of ``tp_size``."""
+    check_tensor_parallel(hf_config, tp_size)  # same error as build_model for an unsupported model
     return KVCacheSpec(
         num_layers=hf_config.num_hidden_layers,
-        num_kv_heads=hf_config.num_key_value_heads,
+        num_kv_heads=max(1, hf_config.num_key_value_heads // tp_size),
         head_dim=head_dim_of(hf_config),
     )

@@ -12,7 +12,7 @@ reaches the end of its known tokens (a mid-prompt chunk samples nothing).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,6 +32,16 @@ class CachedRequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    prompt_token_ids: list[int] = field(init=False)  # views the sampler reads every step, kept
+    output_token_ids: list[int] = field(init=False)  # in step with token_ids instead of sliced per step
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = self.token_ids[: self.num_prompt_tokens]
+        self.output_token_ids = self.token_ids[self.num_prompt_tokens :]
+
+    def append(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self.output_token_ids.append(token_id)
 
 
 @dataclass(frozen=True)
@@ -157,13 +167,13 @@ class ModelRunner:
         states = [self.requests[r] for r in sample_req_ids]
         batch = SamplingBatch.build(
             [s.sampling_params for s in states],
-            [s.token_ids[: s.num_prompt_tokens] for s in states],
-            [s.token_ids[s.num_prompt_tokens :] for s in states],
+            [s.prompt_token_ids for s in states],
+            [s.output_token_ids for s in states],
             self.eos_token_ids,
             self.vocab_size,
             logits.device,
         )
         token_ids, logprobs = self.sampler(logits, batch)
         for state, token_id in zip(states, token_ids):
-            state.token_ids.append(token_id)
+            state.append(token_id)
         return dict(zip(sample_req_ids, zip(token_ids, logprobs)))

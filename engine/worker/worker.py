@@ -1,9 +1,12 @@
-"""One rank: a device, the model on it, its KV cache, and the model runner.
+"""One rank: a device, the model (this rank's shard of it), its KV cache, and the model runner.
 
 Life cycle, driven by an executor: ``load_model`` → ``determine_num_blocks`` (a memory profile on
 CUDA, a configured budget on CPU) → ``initialize_cache(num_blocks)`` → ``execute_model`` per step.
 The block count is returned, never written into the config: the driver takes the minimum over
 ranks and tells every rank the same number.
+
+The same class runs every rank, whoever hosts it (the engine's process for TP=1, a spawned
+process per rank, a Ray actor): the host creates the ``TPGroup`` and picks this rank's device.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 
 from engine.attention_metadata import AttentionMetadata
 from engine.config import EngineConfig
+from engine.distributed import SINGLE_RANK, TPGroup
 from engine.loader import load_hf_config, load_model
 from engine.models.registry import kv_cache_spec
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -22,12 +26,13 @@ from engine.worker.model_runner import ModelRunner
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; a CUDA device is ``cuda:local_rank``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
-    return torch.device(name)
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -37,20 +42,29 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, model_path: Path, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_path: Path,
+        eos_token_ids: tuple[int, ...],
+        tp: TPGroup = SINGLE_RANK,
+        device: torch.device | None = None,
+    ) -> None:
+        """``device`` defaults to the config's device (``cuda:0`` for CUDA)."""
         self.config = config
         self.model_path = model_path
         self.eos_token_ids = eos_token_ids
-        self.device = resolve_device(config.model.device)
+        self.tp = tp
+        self.device = device or resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.hf_config = load_hf_config(model_path)
-        self.spec = kv_cache_spec(self.hf_config)
+        self.spec = kv_cache_spec(self.hf_config, tp.world_size)
         self.model = None
         self.runner: ModelRunner | None = None
 
     def load_model(self) -> None:
         torch.manual_seed(self.config.model.seed)
-        self.model = load_model(self.model_path, self.dtype, self.device)
+        self.model = load_model(self.model_path, self.dtype, self.device, self.tp)
 
     def bytes_per_block(self) -> int:
         s = self.spec
@@ -92,9 +106,17 @@ class Worker:
         s = self.spec
         shape = (2, num_blocks, self.config.cache.block_size, s.num_kv_heads, s.head_dim)
         kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.num_layers)]
-        self.runner = ModelRunner(
-            self.model, kv_caches, self.config.cache.block_size, self.hf_config.vocab_size, self.eos_token_ids, self.device
+        graph_seqs = 0 if self.config.model.enforce_eager else self.config.scheduler.max_num_seqs
+        args = (
+            self.model, kv_caches, self.config.cache.block_size, self.hf_config.vocab_size, self.eos_token_ids,
+            self.device, self.config.model.max_model_len, graph_seqs,
         )
+        if self.tp.world_size == 1:
+            self.runner = ModelRunner(*args)
+        else:
+            from engine.worker.tp_runner import TPModelRunner  # rank 0 samples, the others receive its tokens
+
+            self.runner = TPModelRunner(*args, tp=self.tp)
 
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduled)

@@ -45,50 +45,58 @@ def _hf_reference(path: Path, prompts, dtype=torch.bfloat16):
 
 
 def _our_logits(llm, prompt: list[int]) -> torch.Tensor:
-    """Full-prompt logits from our model in one fresh prefill (no KV cache involved)."""
-    from engine.worker.worker import _single_sequence_metadata
+    """Full-prompt logits from our model in one prefill through the real paged path (Triton kernels,
+    the engine's KV cache; run after generation, when every block is free)."""
+    from engine.attention_metadata import AttentionMetadata
 
     worker = llm.engine.executor.worker
-    n = len(prompt)
-    ids = torch.tensor(prompt, device="cuda")
-    empty = [torch.empty(0, device="cuda", dtype=torch.bfloat16)] * worker.spec.num_layers
+    n, bs = len(prompt), llm.engine.config.cache.block_size
+    dev = torch.device("cuda")
+    i32 = dict(dtype=torch.int32, device=dev)
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(n, device=dev), query_start_loc=torch.tensor([0, n], **i32),
+        seq_lens=torch.tensor([n], **i32), context_lens=torch.tensor([0], **i32),
+        block_tables=torch.arange(-(-n // bs), **i32)[None], query_lens_cpu=[n], seq_lens_cpu=[n],
+        max_query_len=n, max_seq_len=n, block_size=bs,
+    )
+    ids = torch.tensor(prompt, device=dev)
     with torch.inference_mode():
-        hidden = worker.model(ids, torch.arange(n, device="cuda"), empty, _single_sequence_metadata(n, 16, ids.device))
+        hidden = worker.model(ids, torch.arange(n, device=dev), worker.runner.kv_caches, meta)
         return worker.model.compute_logits(hidden).float().cpu()  # (L, V)
 
 
-def _check_shape(shape: str, record: dict, fp32_reference: bool = False, **engine_kwargs) -> None:
+def _compare(shape: str, fp32_reference: bool = False, sharp: bool = False, **engine_kwargs) -> dict:
+    """Greedy tokens and full-prompt logits of pagoda vs transformers (bf16), optionally both vs float32."""
     from bench.random_models import make_random_model
     from engine import LLM, SamplingParams
-
-    path = make_random_model(shape, MODEL_DIR / shape)
     from engine.loader import load_hf_config
 
+    path = make_random_model(shape, MODEL_DIR / (shape + ("-sharp" if sharp else "")), sharp=sharp)
     prompts = _prompts(load_hf_config(path).vocab_size)
     want_tokens, want_logits = _hf_reference(path, prompts)
     llm = LLM(model=str(path), dtype="bfloat16", device="cuda", max_model_len=1024, gpu_memory_utilization=0.6,
               **engine_kwargs)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
-    same = sum(o.outputs[0].token_ids == w for o, w in zip(outs, want_tokens))
     ours = [_our_logits(llm, p) for p in prompts]
-    diffs = [(o - w).abs().max().item() for o, w in zip(ours, want_logits)]
-    entry = record[shape + (" eager" if engine_kwargs.get("enforce_eager") else "")] = {
-        "same_greedy_prompts": same, "of": len(prompts), "max_logit_diff": max(diffs),
-        "max_logit_abs": max(w.abs().max().item() for w in want_logits),
-    }
     ours_tokens = [o.outputs[0].token_ids for o in outs]
     del llm
     torch.cuda.empty_cache()
+    entry = {
+        "same_greedy_prompts": sum(a == b for a, b in zip(ours_tokens, want_tokens)), "of": len(prompts),
+        "first_token_same": sum(a[0] == b[0] for a, b in zip(ours_tokens, want_tokens)),
+        "max_logit_diff": max((o - w).abs().max().item() for o, w in zip(ours, want_logits)),
+        "max_logit_abs": max(w.abs().max().item() for w in want_logits),
+    }
     if fp32_reference:  # how far is each bf16 engine from float32 truth? (bf16 noise vs a real bug)
         ref_tokens, ref_logits = _hf_reference(path, prompts, torch.float32)
-        entry["hf_bf16_vs_fp32_max_logit_diff"] = max((w - r).abs().max().item() for w, r in zip(want_logits, ref_logits))
+        entry["hf_bf16_vs_fp32_max_logit_diff"] = max((w - r).abs().max().item()
+                                                      for w, r in zip(want_logits, ref_logits))
         entry["pagoda_bf16_vs_fp32_max_logit_diff"] = max((o - r).abs().max().item() for o, r in zip(ours, ref_logits))
         entry["hf_bf16_vs_fp32_same_greedy_prompts"] = sum(a == b for a, b in zip(want_tokens, ref_tokens))
         entry["pagoda_bf16_vs_fp32_same_greedy_prompts"] = sum(a == b for a, b in zip(ours_tokens, ref_tokens))
-        entry["first_token_same_as_hf_bf16"] = sum(a[0] == b[0] for a, b in zip(ours_tokens, want_tokens))
-    assert all(d == d for d in diffs), "NaN logits"
-    assert same >= 6, record
+    assert entry["max_logit_diff"] == entry["max_logit_diff"], "NaN logits"
+    return entry
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +109,24 @@ def record():
     print(json.dumps(data, indent=2))
 
 
-def test_qwen3_small_matches_hf_with_cuda_graphs(record):
-    _check_shape("qwen3-0.6b", record)
+def test_qwen3_small_close_to_hf_with_cuda_graphs(record):
+    entry = record["qwen3-0.6b"] = _compare("qwen3-0.6b")
+    assert entry["max_logit_diff"] < 0.1 * entry["max_logit_abs"], entry
 
 
-def test_qwen3_small_matches_hf_eager(record):
-    _check_shape("qwen3-0.6b", record, enforce_eager=True)
+def test_qwen3_small_close_to_hf_eager(record):
+    entry = record["qwen3-0.6b eager"] = _compare("qwen3-0.6b", enforce_eager=True)
+    assert entry["max_logit_diff"] < 0.1 * entry["max_logit_abs"], entry
 
 
-def test_llama_8b_shape_matches_hf(record):
-    _check_shape("llama-3.1-8b", record, fp32_reference=True)
+def test_llama_8b_numerics_as_close_to_fp32_as_hf_bf16(record):
+    """Plain random weights: greedy is decided by bf16 noise (the top-2 logits of a flat
+    distribution), so compare distances to float32 truth instead: ours must be no worse than HF's."""
+    entry = record["llama-3.1-8b plain"] = _compare("llama-3.1-8b", fp32_reference=True)
+    assert entry["pagoda_bf16_vs_fp32_max_logit_diff"] <= 1.5 * entry["hf_bf16_vs_fp32_max_logit_diff"] + 0.05, entry
+
+
+def test_llama_8b_sharp_same_greedy_tokens_as_hf(record):
+    """Sharpened random weights (bench.random_models.sharpen_): greedy is decisive, so tokens must match."""
+    entry = record["llama-3.1-8b sharp"] = _compare("llama-3.1-8b", sharp=True)
+    assert entry["same_greedy_prompts"] >= 6, entry

@@ -1,0 +1,234 @@
+"""The collectives tensor parallelism needs, behind one small interface.
+
+A ``TPGroup`` is handed explicitly to the model (``build_model(..., tp=group)``) and to the
+layers, never looked up from a global. Two implementations:
+
+- ``SingleRankGroup``: TP=1, every collective is the identity, nothing is imported or started.
+- ``TorchTPGroup``: k ranks over ``torch.distributed`` — NCCL on CUDA, gloo on CPU — with a
+  timeout on every collective (set when the group is created), so a dead or hung peer turns
+  into an exception on the survivors instead of a wait forever.
+
+Every collective must be called by every rank of the group, in the same order, with tensors of
+the same shape; the model code guarantees this because all ranks run the same forward on the
+same ``SchedulerOutput``.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+import os
+import time
+from typing import Any
+
+import torch
+
+
+class TPGroup(abc.ABC):
+    """One rank's view of its tensor-parallel group."""
+
+    rank: int  # 0 .. world_size - 1; rank 0 samples
+    world_size: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @abc.abstractmethod
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of ``tensor`` over the ranks, same shape; may reuse ``tensor``'s storage."""
+
+    @abc.abstractmethod
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated along ``dim`` in rank order, on every rank."""
+
+    @abc.abstractmethod
+    def gather(self, tensor: torch.Tensor, dim: int = -1, dst: int = 0) -> torch.Tensor | None:
+        """Like ``all_gather`` but only rank ``dst`` gets the result; the others get None."""
+
+    @abc.abstractmethod
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s ``tensor`` written into ``tensor`` on every rank (same shape and dtype everywhere)."""
+
+    @abc.abstractmethod
+    def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
+        """Rank ``src``'s picklable ``obj`` returned on every rank (others pass anything)."""
+
+    @abc.abstractmethod
+    def barrier(self) -> None:
+        """Return once every rank got here (or raise after the group's timeout)."""
+
+    def destroy(self) -> None:
+        """Release the group; safe to call twice."""
+
+
+class SingleRankGroup(TPGroup):
+    """TP=1: every collective is the identity."""
+
+    rank, world_size = 0, 1
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return tensor
+
+    def gather(self, tensor: torch.Tensor, dim: int = -1, dst: int = 0) -> torch.Tensor | None:
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return tensor
+
+    def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+
+SINGLE_RANK = SingleRankGroup()
+
+
+class TorchTPGroup(TPGroup):
+    """k ranks over a ``torch.distributed`` process group (this process's default group).
+
+    ``device`` is where collective tensors live: this rank's GPU for NCCL, the CPU for gloo.
+    """
+
+    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.group = dist.group.WORLD
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        self._dist.all_gather(parts, tensor, group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def gather(self, tensor: torch.Tensor, dim: int = -1, dst: int = 0) -> torch.Tensor | None:
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)] if self.rank == dst else None
+        self._dist.gather(tensor, parts, dst=dst, group=self.group)
+        return torch.cat(parts, dim=dim) if parts is not None else None
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        self._dist.broadcast(tensor, src=src, group=self.group)
+        return tensor
+
+    def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=src, group=self.group, device=self.device)
+        return box[0]
+
+    def barrier(self) -> None:
+        # An all-reduce of one element instead of dist.barrier: the same code path on NCCL and gloo,
+        # and it honours the group's timeout.
+        self.all_reduce(torch.zeros(1, device=self.device))
+
+    def destroy(self) -> None:
+        if self._dist.is_initialized():
+            self._dist.destroy_process_group()
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_tp_group(
+    rank: int,
+    world_size: int,
+    store_host: str,
+    store_port: int,
+    device: torch.device,
+    timeout_s: float,
+) -> TorchTPGroup:
+    """Join the group whose rendezvous ``TCPStore`` listens at ``store_host:store_port``.
+
+    ``timeout_s`` bounds the rendezvous and every later collective. The store is owned by the
+    driver (it outlives no rank and holds no port after the driver releases it).
+    """
+    import torch.distributed as dist
+
+    if device.type == "cpu" and store_host in ("127.0.0.1", "localhost"):
+        # gloo otherwise binds to whatever the hostname resolves to, which may not route in a sandbox.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(
+        backend_for(device), store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs
+    )
+    return TorchTPGroup(rank, world_size, device)
+
+
+class TimedTPGroup(TPGroup):
+    """Wraps a group and accumulates the time spent in each kind of collective (for benchmarks).
+
+    On CUDA each call is bracketed by CUDA events on the current stream (read back, with one sync,
+    by ``stats``); on CPU by the wall clock. Calls made while a CUDA graph is being captured are
+    not timed, so graph replays count nothing: measure with ``enforce_eager``.
+    """
+
+    def __init__(self, inner: TPGroup, device: torch.device) -> None:
+        self.inner, self.device = inner, device
+        self.rank, self.world_size = inner.rank, inner.world_size
+        self._cuda = device.type == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        self._pending: list[tuple[str, Any, Any]] = []  # (op, start event, end event) not yet read back
+        self._seconds: dict[str, float] = {}
+        self._calls: dict[str, int] = {}
+
+    def _timed(self, op: str, fn, *args, **kwargs):
+        if self._cuda and torch.cuda.is_current_stream_capturing():
+            return fn(*args, **kwargs)
+        self._calls[op] = self._calls.get(op, 0) + 1
+        if self._cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            self._pending.append((op, start, end))
+            return out
+        begin = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self._seconds[op] = self._seconds.get(op, 0.0) + time.perf_counter() - begin
+        return out
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """{op: {"calls": n, "seconds": total}} since the last ``reset``."""
+        if self._pending:
+            torch.cuda.synchronize(self.device)
+            for op, start, end in self._pending:
+                self._seconds[op] = self._seconds.get(op, 0.0) + start.elapsed_time(end) / 1000
+            self._pending.clear()
+        return {op: {"calls": n, "seconds": self._seconds.get(op, 0.0)} for op, n in self._calls.items()}
+
+    def all_reduce(self, tensor):
+        return self._timed("all_reduce", self.inner.all_reduce, tensor)
+
+    def all_gather(self, tensor, dim=-1):
+        return self._timed("all_gather", self.inner.all_gather, tensor, dim)
+
+    def gather(self, tensor, dim=-1, dst=0):
+        return self._timed("gather", self.inner.gather, tensor, dim, dst)
+
+    def broadcast(self, tensor, src=0):
+        return self._timed("broadcast", self.inner.broadcast, tensor, src)
+
+    def broadcast_object(self, obj=None, src=0):
+        return self._timed("broadcast_object", self.inner.broadcast_object, obj, src)
+
+    def barrier(self) -> None:
+        self.inner.barrier()
+
+    def destroy(self) -> None:
+        self.inner.destroy()

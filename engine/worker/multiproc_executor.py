@@ -1,0 +1,246 @@
+"""TP>1 on one host: one spawned process per rank, driven from the engine's process.
+
+Why every rank, rank 0 included, lives in its own process (and the driver in none):
+- the driver never sits inside a collective, so a dead or hung rank can never hang the engine:
+  each step is a plain wait on pipes and process sentinels with a deadline;
+- after a failure the driver kills every rank and starts a fresh group; nothing CUDA or
+  ``torch.distributed`` ever lived in the engine's process, so nothing there is left poisoned;
+- a Ray actor hosts a rank the same way (the driver outside the group), so one Worker serves both.
+The price is one pickle + pipe hop per step (tens of microseconds against milliseconds of forward).
+
+Each step the driver pickles the SchedulerOutput once and writes it to every rank; every rank runs
+the forward, rank 0 samples and broadcasts the ids (``TPModelRunner``), every rank replies, and
+rank 0's reply is the step's output. Replies from all ranks (not only rank 0) let a rank's Python
+exception surface at once instead of as a collective timeout on its peers.
+
+Failure detection, all surfacing as ``EngineDeadError`` from ``execute_model``:
+- a rank process exits (killed, crashed): its sentinel wakes the wait at once;
+- a rank replies with an exception: its traceback is in the message;
+- no reply within ``step_timeout_s`` (a hung rank; its peers are then stuck in a collective).
+The group is then torn down (SIGTERM, then SIGKILL, every process joined: no zombies) and the
+rendezvous store, the only port the driver holds, is released. Collectives inside the ranks have
+their own timeout (``collective_timeout_s``) as a second line of defence.
+
+Timeouts come from the environment (``PAGODA_STEP_TIMEOUT_S``, default 25 s;
+``PAGODA_INIT_TIMEOUT_S``, default 900 s for load + profile + graph capture) or the constructor.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import signal
+import time
+import weakref
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import EngineDeadError
+from engine.executor import Executor
+from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+
+DEFAULT_STEP_TIMEOUT_S = 25.0
+DEFAULT_INIT_TIMEOUT_S = 900.0
+_HEALTH_TIMEOUT_S = 5.0
+_SHUTDOWN_GRACE_S = 5.0
+
+
+class MultiprocExecutor(Executor):
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_path: Path,
+        eos_token_ids: tuple[int, ...],
+        step_timeout_s: float | None = None,
+        init_timeout_s: float | None = None,
+    ) -> None:
+        """Nothing starts here; ``initialize`` spawns the ranks. The config must already be validated."""
+        self.config = config
+        self.model_path = model_path
+        self.eos_token_ids = eos_token_ids
+        self.world_size = config.parallel.tensor_parallel_size
+        self.step_timeout_s = step_timeout_s or float(os.environ.get("PAGODA_STEP_TIMEOUT_S", DEFAULT_STEP_TIMEOUT_S))
+        self.init_timeout_s = init_timeout_s or float(os.environ.get("PAGODA_INIT_TIMEOUT_S", DEFAULT_INIT_TIMEOUT_S))
+        self.collective_timeout_s = max(60.0, 2 * self.step_timeout_s)
+        self.procs: list = []
+        self.conns: list[Connection] = []
+        self._store_box: list = []  # holds the rendezvous TCPStore; emptied to free its port
+        self._dead: str | None = None  # why the group is gone; None while it works
+        self._finalizer = weakref.finalize(self, _stop_ranks, self.procs, self.conns, self._store_box, _SHUTDOWN_GRACE_S)
+
+    # ------------------------------------------------------------------ life cycle
+    def initialize(self) -> int:
+        try:
+            self._spawn()
+            self._call_all("load_model", (), self.init_timeout_s)
+            num_blocks = min(self._call_all("determine_num_blocks", (), self.init_timeout_s))
+            self._call_all("initialize_cache", (num_blocks,), self.init_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        return num_blocks
+
+    def _spawn(self) -> None:
+        from torch.distributed import TCPStore
+
+        from engine.worker.rank_process import rank_main
+
+        # The driver owns the rendezvous store: port 0 lets the OS pick a free port (no race between
+        # choosing and binding it), and dropping the store frees it.
+        store = TCPStore(
+            "127.0.0.1", 0, is_master=True, wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=self.init_timeout_s),
+        )
+        self._store_box.append(store)
+        ctx = torch.multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
+        for rank in range(self.world_size):
+            parent_end, child_end = ctx.Pipe(duplex=True)
+            proc = ctx.Process(
+                target=rank_main,
+                name=f"pagoda-tp-rank{rank}",
+                args=(rank, self.world_size, store.port, self.config, self.model_path, self.eos_token_ids,
+                      child_end, self.collective_timeout_s),
+                daemon=True,
+            )
+            proc.start()
+            child_end.close()
+            self.procs.append(proc)
+            self.conns.append(parent_end)
+        self._wait_all(self.init_timeout_s, "start")  # every rank joined the group
+
+    @property
+    def store_port(self) -> int | None:
+        """The rendezvous port while the group lives (tests check it is freed)."""
+        return self._store_box[0].port if self._store_box else None
+
+    @property
+    def rank_pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def shutdown(self) -> None:
+        self._finalizer()  # runs _stop_ranks once; later calls do nothing
+        if self._dead is None:
+            self._dead = "the executor was shut down"
+
+    # ------------------------------------------------------------------ steps
+    def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        return self._call_all("execute_model", (scheduled,), self.step_timeout_s)[0]
+
+    def check_health(self) -> None:
+        for rank, proc in enumerate(self.procs):
+            if self._dead is None and not proc.is_alive():
+                raise self._fail(self._death_of(rank))
+        self._call_all("ping", (), _HEALTH_TIMEOUT_S)
+
+    def collective_stats(self) -> list[dict]:
+        """Per rank, time spent in each collective since the last call (needs PAGODA_TIME_COLLECTIVES=1)."""
+        return self._call_all("collective_stats", (), _HEALTH_TIMEOUT_S)
+
+    def _test_hang_next_step(self, rank: int) -> None:
+        """Test hook: ``rank`` will sleep forever inside its next ``execute_model``."""
+        self._send(rank, pickle.dumps(("_test_hang_next_step", ())))
+        self._wait_ranks([rank], _HEALTH_TIMEOUT_S, "_test_hang_next_step")
+
+    # ------------------------------------------------------------------ plumbing
+    def _call_all(self, method: str, args: tuple, timeout_s: float) -> list:
+        """Run ``method(*args)`` on every rank; the ranks' results in rank order."""
+        if self._dead is not None:
+            raise EngineDeadError(f"tensor-parallel group is down: {self._dead}")
+        payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)  # once, not per rank
+        for rank in range(self.world_size):
+            self._send(rank, payload)
+        return self._wait_all(timeout_s, method)
+
+    def _send(self, rank: int, payload: bytes) -> None:
+        try:
+            self.conns[rank].send_bytes(payload)
+        except OSError:  # the rank's end is closed: it died
+            raise self._fail(self._death_of(rank)) from None
+
+    def _wait_all(self, timeout_s: float, what: str) -> list:
+        return self._wait_ranks(list(range(self.world_size)), timeout_s, what)
+
+    def _wait_ranks(self, ranks: list[int], timeout_s: float, what: str) -> list:
+        """One reply from each of ``ranks``; raises EngineDeadError on death, error or deadline."""
+        deadline = time.monotonic() + timeout_s
+        pending = {self.conns[r]: r for r in ranks}
+        sentinels = {self.procs[r].sentinel: r for r in range(self.world_size)}
+        results: dict[int, object] = {}
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._fail(
+                    f"no reply to {what!r} from rank(s) {sorted(pending.values())} within {timeout_s:.1f} s: "
+                    f"a rank is hung (its peers then wait in a collective)"
+                )
+            for ready in wait([*pending, *sentinels], timeout=remaining):
+                if ready in sentinels:
+                    raise self._fail(self._death_of(sentinels[ready]))
+                rank = pending.pop(ready)
+                try:
+                    status, value = ready.recv()
+                except (EOFError, OSError):
+                    raise self._fail(self._death_of(rank)) from None
+                if status == "error":
+                    raise self._fail(self._dead_ranks_first(f"rank {rank} raised in {what!r}:\n{value}"))
+                results[rank] = value
+        return [results[r] for r in ranks]
+
+    def _death_of(self, rank: int) -> str:
+        proc = self.procs[rank]
+        proc.join(timeout=1.0)  # reap it: exitcode is known, no zombie
+        code = proc.exitcode
+        if code is None:
+            how = "stopped answering"
+        elif code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
+        return f"tensor-parallel rank {rank} (pid {proc.pid}) {how}"
+
+    def _dead_ranks_first(self, message: str) -> str:
+        """A rank's error is often a peer's death seen through a broken collective: name the dead first."""
+        wait([p.sentinel for p in self.procs], timeout=0.5)
+        dead = [self._death_of(r) for r, p in enumerate(self.procs) if not p.is_alive()]
+        return "; ".join(dead + [message])
+
+    def _fail(self, reason: str) -> EngineDeadError:
+        """Record why, tear the group down at once, and return the error to raise."""
+        self._dead = reason
+        self._finalizer.detach()
+        _stop_ranks(self.procs, self.conns, self._store_box, grace_s=0.0)
+        return EngineDeadError(f"tensor-parallel group failed: {reason}")
+
+
+def _stop_ranks(procs: list, conns: list[Connection], store_box: list, grace_s: float) -> None:
+    """Ask every rank to exit, wait ``grace_s``, then SIGTERM / SIGKILL the rest and reap them all."""
+    if grace_s > 0:
+        payload = pickle.dumps(("shutdown", ()))
+        for conn in conns:
+            try:
+                conn.send_bytes(payload)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s
+        for proc in procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+    _signal_alive(procs, signal.SIGTERM, wait_s=2.0)
+    _signal_alive(procs, signal.SIGKILL, wait_s=5.0)
+    for conn in conns:
+        conn.close()
+    store_box.clear()  # the TCPStore server stops when its last reference goes
+
+
+def _signal_alive(procs: list, sig: signal.Signals, wait_s: float) -> None:
+    alive = [p for p in procs if p.is_alive()]
+    for proc in alive:
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+    for proc in alive:
+        proc.join(timeout=wait_s)  # reaps it: no zombie

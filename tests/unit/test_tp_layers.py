@@ -1,0 +1,205 @@
+"""Tensor-parallel layers and collectives on 4 real gloo ranks, against the unsharded computation.
+
+Every rank builds the same full weights (same seed), loads them through the layers' weight
+loaders (which cut out its part), and checks its outputs against the full layer computed
+locally. Shapes are chosen to hit the edge cases: kv heads replicated (Hkv=2 < 4 ranks), a
+vocabulary that does not divide by 4 (padding rows), biases on a row-parallel layer.
+Validation of impossible setups runs without any process.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.config import EngineConfig
+from engine.distributed import SINGLE_RANK, init_tp_group
+from engine.executor import check_parallel_config
+from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from engine.models.registry import check_tensor_parallel, kv_cache_spec
+
+WORLD = 4
+
+
+def _load(layer, tensors: dict) -> None:
+    for name, (tensor, shard_id) in tensors.items():
+        param = getattr(layer, name)
+        param.weight_loader(param, tensor, shard_id)
+
+
+def _check_collectives(tp) -> None:
+    x = torch.full((2, 3), float(tp.rank + 1))
+    assert torch.equal(tp.all_reduce(x.clone()), torch.full((2, 3), float(sum(range(1, WORLD + 1)))))
+    gathered = tp.all_gather(torch.tensor([[tp.rank]]), dim=-1)  # (1, WORLD)
+    assert gathered.tolist() == [list(range(WORLD))]
+    assert tp.all_gather(torch.tensor([[tp.rank]]), dim=0).shape == (WORLD, 1)
+    g = tp.gather(torch.tensor([[tp.rank, tp.rank]]), dim=-1, dst=0)
+    assert (g.tolist() == [[r for r in range(WORLD) for _ in range(2)]]) if tp.rank == 0 else g is None
+    assert tp.broadcast(torch.tensor([tp.rank * 10 + 7]), src=0).item() == 7
+    assert tp.broadcast_object({"rank": tp.rank} if tp.rank == 0 else None) == {"rank": 0}
+    tp.barrier()
+
+
+def _check_linears(tp) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 16)
+    w, b = torch.randn(24, 16), torch.randn(24)
+    col = ColumnParallelLinear(16, 24, bias=True, tp=tp)
+    _load(col, {"weight": (w, None), "bias": (b, None)})
+    assert torch.allclose(tp.all_gather(col(x), dim=-1), F.linear(x, w, b), atol=1e-5)
+
+    w_row, b_row = torch.randn(12, 24), torch.randn(12)
+    row = RowParallelLinear(24, 12, bias=True, tp=tp)
+    _load(row, {"weight": (w_row, None), "bias": (b_row, None)})
+    x24 = torch.randn(5, 24)
+    x_split = x24.chunk(WORLD, dim=-1)[tp.rank]  # the column-parallel layout a row layer consumes
+    assert torch.allclose(row(x_split), F.linear(x24, w_row, b_row), atol=1e-5)  # bias added once
+
+    gate, up = torch.randn(32, 16), torch.randn(32, 16)
+    merged = MergedColumnParallelLinear(16, [32, 32], tp=tp)
+    _load(merged, {"weight": (torch.cat([gate, up]), None)})  # fused checkpoint tensor (GLM)
+    g_out, u_out = merged(x).chunk(2, dim=-1)
+    assert torch.allclose(tp.all_gather(g_out), x @ gate.T, atol=1e-5)
+    assert torch.allclose(tp.all_gather(u_out), x @ up.T, atol=1e-5)
+
+
+def _check_qkv_replicated_kv(tp) -> None:
+    """Hq=8, Hkv=2 on 4 ranks: 2 query heads each, kv head r // 2 replicated on two ranks."""
+    torch.manual_seed(1)
+    hq, hkv, d = 8, 2, 4
+    x = torch.randn(3, 16)
+    wq, wk, wv = torch.randn(hq * d, 16), torch.randn(hkv * d, 16), torch.randn(hkv * d, 16)
+    bq, bk, bv = torch.randn(hq * d), torch.randn(hkv * d), torch.randn(hkv * d)
+    qkv = QKVParallelLinear(16, d, hq, hkv, bias=True, tp=tp)
+    assert (qkv.num_heads, qkv.num_kv_heads) == (2, 1)
+    for shard, (w, b) in {"q": (wq, bq), "k": (wk, bk), "v": (wv, bv)}.items():
+        _load(qkv, {"weight": (w, shard), "bias": (b, shard)})
+    q, k, v = qkv(x).split([2 * d, d, d], dim=-1)
+    q_full = F.linear(x, wq, bq).view(3, hq, d)
+    k_full, v_full = F.linear(x, wk, bk).view(3, hkv, d), F.linear(x, wv, bv).view(3, hkv, d)
+    my_q_heads = range(2 * tp.rank, 2 * tp.rank + 2)
+    kv_head = my_q_heads[0] // (hq // hkv)  # the GQA rule
+    assert torch.allclose(q.view(3, 2, d), q_full[:, list(my_q_heads)], atol=1e-5)
+    assert torch.allclose(k, k_full[:, kv_head], atol=1e-5)
+    assert torch.allclose(v, v_full[:, kv_head], atol=1e-5)
+
+
+def _check_vocab(tp) -> None:
+    """V=37 on 4 ranks: 10 rows each, the last rank 7 real rows and 3 padding rows."""
+    torch.manual_seed(2)
+    vocab, hidden = 37, 8
+    table = torch.randn(vocab, hidden)
+    emb = VocabParallelEmbedding(vocab, hidden, tp=tp)
+    _load(emb, {"weight": (table, None)})
+    ids = torch.tensor([0, 9, 10, 29, 30, 36, 5])
+    assert torch.allclose(emb(ids), table[ids])
+    head = ParallelLMHead(vocab, hidden, tp=tp)
+    _load(head, {"weight": (table, None)})
+    h = torch.randn(4, hidden)
+    logits = head(h)
+    if tp.rank == 0:
+        assert logits.shape == (4, vocab)
+        assert torch.allclose(logits, h @ table.T, atol=1e-5)
+    else:
+        assert logits is None
+    tied = ParallelLMHead(vocab, hidden, tie_to=emb, tp=tp)
+    assert tied.weight is emb.weight
+    empty = head(h[:0])  # no row to sample this step: no collective, the same on every rank
+    assert (empty.shape == (0, vocab)) if tp.rank == 0 else empty is None
+
+
+def _rank_body(rank: int, port: int, errors) -> None:
+    try:
+        tp = init_tp_group(rank, WORLD, "127.0.0.1", port, torch.device("cpu"), timeout_s=60)
+        torch.set_num_threads(1)
+        for check in (_check_collectives, _check_linears, _check_qkv_replicated_kv, _check_vocab):
+            check(tp)
+        tp.barrier()
+        tp.destroy()
+        errors.put((rank, None))
+    except BaseException:  # noqa: BLE001 - reported to the test process
+        errors.put((rank, traceback.format_exc()))
+
+
+def test_parallel_layers_match_unsharded_on_4_gloo_ranks():
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=60))
+    ctx = torch.multiprocessing.get_context("spawn")
+    errors = ctx.Queue()
+    procs = [ctx.Process(target=_rank_body, args=(r, store.port, errors), daemon=True) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(errors.get(timeout=180) for _ in range(WORLD))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    failures = {r: e for r, e in results.items() if e}
+    assert not failures, "\n".join(f"rank {r}:\n{e}" for r, e in failures.items())
+
+
+def test_single_rank_group_is_identity():
+    x = torch.randn(3, 4)
+    assert SINGLE_RANK.all_reduce(x) is x and SINGLE_RANK.gather(x) is x and SINGLE_RANK.all_gather(x) is x
+    assert SINGLE_RANK.broadcast_object("a") == "a"
+    SINGLE_RANK.barrier()
+
+
+# ---------------------------------------------------------------- validation, no process starts
+
+
+class _Cfg:
+    architectures = ("LlamaForCausalLM",)
+
+    def __init__(self, heads=8, kv=2, inter=64):
+        self.num_attention_heads, self.num_key_value_heads, self.intermediate_size = heads, kv, inter
+        self.num_hidden_layers, self.hidden_size = 2, 32
+
+
+@pytest.mark.parametrize(
+    "cfg, tp, words",
+    [
+        (_Cfg(heads=9, kv=3), 2, ["num_attention_heads (9)", "tensor_parallel_size (2)"]),
+        (_Cfg(heads=12, kv=3), 2, ["num_key_value_heads (3)", "tensor_parallel_size (2)"]),
+        (_Cfg(heads=12, kv=6), 4, ["num_key_value_heads (6)", "(4)"]),
+        (_Cfg(inter=66), 4, ["intermediate_size (66)", "(4)"]),
+    ],
+)
+def test_impossible_head_splits_are_rejected(cfg, tp, words):
+    with pytest.raises(ValueError) as err:
+        check_tensor_parallel(cfg, tp)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_kv_cache_spec_is_per_rank():
+    assert kv_cache_spec(_Cfg(heads=8, kv=8), 4).num_kv_heads == 2
+    assert kv_cache_spec(_Cfg(heads=8, kv=2), 4).num_kv_heads == 1  # replicated: one head per rank
+    assert kv_cache_spec(_Cfg(heads=8, kv=1), 2).num_kv_heads == 1
+
+
+def test_devices_are_checked_before_anything_starts():
+    cfg = _Cfg()
+    if torch.cuda.device_count() < 8:
+        config = EngineConfig.from_kwargs(model="x", device="cuda", tensor_parallel_size=8)
+        with pytest.raises(ValueError, match=r"tensor_parallel_size \(8\) is larger than the number of CUDA devices"):
+            check_parallel_config(config, cfg)
+    config = EngineConfig.from_kwargs(model="x", device="cpu", tensor_parallel_size=16)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(16\) on CPU must be <= 8"):
+        check_parallel_config(config, _Cfg(heads=16, kv=16))
+    check_parallel_config(EngineConfig.from_kwargs(model="x", device="cpu", tensor_parallel_size=4), cfg)
