@@ -119,6 +119,9 @@ def measure(path: Path, tp: int, args, vocab: int) -> dict:
            "throughput_tok_s": args.batch * args.tokens / statistics.median(seconds)}
     if on_cuda:  # graphs hid the collectives: measure them in an eager engine
         _release(engine)
+        engine = None  # the last reference: its GPU memory must be gone before the next engine sizes its cache
+        gc.collect()
+        torch.cuda.empty_cache()
         engine = _engine(path, tp, args, eager=True, timed=True)
         _run(engine, [_prompt(32, vocab, 0)], 8)
     row.update(_collective_share(engine, prompt, args.tokens, tp))

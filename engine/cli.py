@@ -1,7 +1,9 @@
-"""`pagoda` command line: generate and chat on one engine, tokens streamed to the terminal.
+"""`pagoda` command line: generate and chat on one engine, tokens streamed to the terminal; serve
+the cluster application.
 
     pagoda generate "What is the capital of France?"
     pagoda chat
+    pagoda serve --config deploy/pagoda.yaml      (Ray is imported only by this one)
 """
 
 from __future__ import annotations
@@ -58,11 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (gen, chat):
         _add_engine_flags(p)
         _add_sampling_flags(p)
+    from cluster.serve_cli import add_serve_parser  # argparse only; Ray loads inside serve_main
+
+    add_serve_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from cluster.serve_cli import serve_main
+
+        return serve_main(args)
     from engine.cli_session import CliSession  # heavy imports only after --help
 
     try:

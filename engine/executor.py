@@ -49,6 +49,9 @@ class UniProcExecutor(Executor):
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduled)
 
+    def shutdown(self) -> None:
+        self.worker = None  # model, KV cache and graphs go with the last reference
+
 
 MAX_CPU_TENSOR_PARALLEL = 8  # CPU ranks are for tests and smoke checks; more only oversubscribes the host
 

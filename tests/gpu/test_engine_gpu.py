@@ -99,14 +99,20 @@ def _compare(shape: str, fp32_reference: bool = False, sharp: bool = False, **en
     return entry
 
 
+class _Record(dict):
+    """Results so far, written to $OUT/gpu_parity.json after every test (a cut-off run keeps them)."""
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        out = os.environ.get("OUT")
+        if out:
+            Path(out, "gpu_parity.json").write_text(json.dumps(self, indent=2))
+        print(key, json.dumps(value))
+
+
 @pytest.fixture(scope="module")
 def record():
-    data: dict = {}
-    yield data
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, "gpu_parity.json").write_text(json.dumps(data, indent=2))
-    print(json.dumps(data, indent=2))
+    return _Record()
 
 
 def test_qwen3_small_close_to_hf_with_cuda_graphs(record):

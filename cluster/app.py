@@ -1,0 +1,116 @@
+"""The Serve application: ``LLMReplica`` × N behind ``PagodaRouter``, built from an ``AppConfig``.
+
+Two ways in, one config format:
+
+- ``pagoda serve --config pagoda.yaml`` (``cluster.serve_cli``) calls ``deploy(config)``;
+- a KubeRay RayService names the builder in its ``serveConfigV2`` and embeds the same YAML as the
+  application's ``args``::
+
+      applications:
+        - name: pagoda
+          import_path: cluster.app:build_app
+          args: { engine: {...}, deployment: {...}, router: {...}, autoscaling: {...} }
+
+Tensor parallelism: a replica with ``tensor_parallel_size = k > 1`` is one actor holding k GPUs
+(k CPUs on CPU); the engine's ``MultiprocExecutor`` spawns its k rank processes inside that
+allocation, on the replica's node. The Ray executor (``cluster/ray_executor.py``, to come) will
+instead reserve a placement group — one bundle for the engine, k one-GPU bundles, STRICT_PACK —
+and run the ranks as actors in it (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
+from ray.serve.config import RequestRouterConfig
+from ray.serve.handle import DeploymentHandle
+
+from cluster.config import AppConfig
+from cluster.replica import LLMReplica
+from cluster.router import PagodaRouter
+
+DEPLOYMENT_SUFFIX = "-engine"
+
+
+def build_app(args: dict | None = None):
+    """Serve application builder (``import_path: cluster.app:build_app``); ``args`` is the YAML config."""
+    return application(AppConfig.from_dict(args))
+
+
+def application(config: AppConfig, router_class: type = PagodaRouter):
+    """The bound application; ``router_class`` may be a subclass of PagodaRouter (``policy: pagoda``)."""
+    options = deployment_options(config, router_class)
+    return serve.deployment(LLMReplica).options(**options).bind(config.to_dict())
+
+
+def deploy(config: AppConfig, router_class: type = PagodaRouter) -> DeploymentHandle:
+    """Run the application on the connected Ray cluster; returns its handle once every replica is up."""
+    return serve.run(application(config, router_class), name=config.deployment.name, route_prefix=None)
+
+
+def deployment_name(config: AppConfig) -> str:
+    return config.deployment.name + DEPLOYMENT_SUFFIX
+
+
+def deployment_options(config: AppConfig, router_class: type = PagodaRouter) -> dict:
+    """``Deployment.options`` for the engine replicas: count or autoscaling, resources, router."""
+    d = config.deployment
+    options = {
+        "name": deployment_name(config),
+        "max_ongoing_requests": d.max_ongoing_requests,
+        "health_check_period_s": d.health_check_period_s,
+        "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
+        "request_router_config": request_router_config(config, router_class),
+        **replica_resources(config),
+    }
+    scaling = config.autoscaling
+    if scaling.enabled:
+        options["autoscaling_config"] = ServeAutoscalingConfig(
+            min_replicas=scaling.min_replicas,
+            max_replicas=scaling.max_replicas,
+            initial_replicas=d.num_replicas,
+            target_ongoing_requests=scaling.target_ongoing_requests,
+            upscale_delay_s=scaling.upscale_delay_s,
+            downscale_delay_s=scaling.downscale_delay_s,
+        )
+    else:
+        options["num_replicas"] = d.num_replicas
+    return options
+
+
+def request_router_config(config: AppConfig, router_class: type = PagodaRouter) -> RequestRouterConfig:
+    """PagodaRouter with the config's weights and engine limits, or Serve's default (``policy: pow2``)."""
+    router = config.router
+    if router.policy == "pow2":
+        return RequestRouterConfig(request_routing_stats_period_s=router.stats_period_s)
+    engine = config.engine
+    return RequestRouterConfig(
+        request_router_class=router_class,
+        request_router_kwargs={
+            "weights": {k: getattr(router.weights, k) for k in router.weights.__dataclass_fields__},
+            "max_num_seqs": engine.scheduler.max_num_seqs,
+            "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
+            "block_size": engine.cache.block_size,
+        },
+        request_routing_stats_period_s=router.stats_period_s,
+        request_routing_stats_timeout_s=max(10.0, 5 * router.stats_period_s),
+    )
+
+
+def replica_resources(config: AppConfig) -> dict:
+    """Ray resources of one replica: CPUs for the engine and one GPU per TP rank (on CPU, a CPU per
+    extra rank process). Ray's CUDA_VISIBLE_DEVICES for the actor is inherited by the rank processes."""
+    cpus = config.deployment.cpus_per_replica
+    tp = config.engine.parallel.tensor_parallel_size
+    if _uses_gpus(config):
+        return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": tp}}
+    return {"ray_actor_options": {"num_cpus": cpus + (tp if tp > 1 else 0), "num_gpus": 0}}
+
+
+def _uses_gpus(config: AppConfig) -> bool:
+    device = config.engine.model.device
+    if device != "auto":
+        return device == "cuda"
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0

@@ -1,0 +1,112 @@
+"""``PagodaClient``: stream completions from the engine replicas through a Serve handle.
+
+    client = PagodaClient(serve.get_app_handle("pagoda"), tokenizer)
+    async for chunk in client.generate("The capital of France is", SamplingParams(max_tokens=16)):
+        print(chunk.output.outputs[0].text, end="")
+
+What it adds to ``handle.options(stream=True).generate.remote(...)``:
+
+- tokenizes the prompt (locally when given a tokenizer, else on a replica), so the request carries
+  token ids for the prefix-aware router (see ``cluster.protocol``);
+- cancels the Serve stream as soon as its consumer stops (``break``, task cancellation, an
+  exception), which aborts the request in the engine — a Serve stream that is merely dropped keeps
+  generating on the replica;
+- turns a replica that dies mid-request into ``ReplicaUnavailableError`` instead of a raw Ray
+  error, and retries on another replica only if no token was sent yet.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from cluster.protocol import GenerateChunk, GenerateRequest, ReplicaUnavailableError
+from engine.sampling_params import SamplingParams
+
+_REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished single completion, assembled from its chunks."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    replica: str  # who served it
+    num_cached_tokens: int  # prompt tokens served from the replica's prefix cache
+    ttft_s: float  # seconds from the call to the first output token
+    latency_s: float  # seconds from the call to the last chunk
+
+
+class PagodaClient:
+    def __init__(self, handle, tokenizer=None, max_retries: int = 2) -> None:
+        self.handle = handle
+        self.tokenizer = tokenizer
+        self.max_retries = max_retries  # re-sends of a request whose replica died before its first token
+
+    async def token_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if self.tokenizer is not None:
+            return list(self.tokenizer(prompt).input_ids)
+        return await self.handle.tokenize.remote(prompt)
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[GenerateChunk]:
+        """Delta chunks until the request finishes. Raises what the engine raises (ValueError,
+        QueueFullError) and ReplicaUnavailableError when the serving replica dies."""
+        request = GenerateRequest(
+            request_id or uuid.uuid4().hex, await self.token_ids(prompt), params or SamplingParams(), priority,
+            prompt if isinstance(prompt, str) else None,
+        )
+        for attempt in range(self.max_retries + 1):
+            stream = self.handle.options(stream=True).generate.remote(request)
+            sent = finished = False
+            try:
+                async for chunk in stream:
+                    sent = True
+                    finished = chunk.output.finished
+                    yield chunk
+                return
+            except _REPLICA_GONE as exc:
+                if sent or attempt == self.max_retries:
+                    raise ReplicaUnavailableError(
+                        f"request {request.request_id!r}: the serving replica died "
+                        f"({'after' if sent else 'before'} its first token; {attempt + 1} attempt(s)): "
+                        f"{type(exc).__name__}", tokens_sent=sent,
+                    ) from exc
+            finally:
+                if not finished:
+                    stream.cancel()  # consumer left early or the replica failed: abort it there
+
+    async def complete(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None,
+        priority: int = 0,
+    ) -> Completion:
+        """Run one request (n=1) to the end and assemble its text and tokens."""
+        start = time.perf_counter()
+        first = None
+        text, token_ids, finish_reason, replica, cached, rid = [], [], None, "", 0, request_id
+        async for chunk in self.generate(prompt, params, request_id, priority):
+            out = chunk.output
+            completion = out.outputs[0]
+            if first is None and completion.token_ids:
+                first = time.perf_counter()
+            text.append(completion.text)
+            token_ids.extend(completion.token_ids)
+            finish_reason = completion.finish_reason or finish_reason
+            replica, cached, rid = chunk.replica, out.num_cached_tokens, out.request_id
+        end = time.perf_counter()
+        return Completion(rid or "", "".join(text), token_ids, finish_reason, replica, cached,
+                          (first or end) - start, end - start)

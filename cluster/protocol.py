@@ -1,0 +1,52 @@
+"""What a caller sends a replica and what streams back, through a Serve ``DeploymentHandle``.
+
+A request carries its prompt as token ids, tokenized once by the caller (the ingress or
+``PagodaClient``), for two reasons:
+
+- the router hashes the prompt's full KV blocks with the engine's own ``hash_full_blocks`` to find
+  the replica that already caches the prefix, and the router runs inside every handle owner
+  (ingress proxies, other deployments) on a busy event loop: it should not load a tokenizer, apply
+  a chat template, or spend milliseconds tokenizing on the routing path;
+- the replica then serves exactly those ids, so the keys the router computed are the keys the
+  engine caches (a second tokenization could differ: chat templates, special tokens).
+
+Responses stream as ``GenerateChunk``s holding *delta* ``RequestOutput``s (only the new text and
+tokens), so a long answer costs O(length) bytes on the wire, not O(length²).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.errors import EngineDeadError
+from engine.request import RequestOutput
+from engine.sampling_params import SamplingParams
+
+GENERATE_METHOD = "generate"  # the replica method the router scores by prefix and load
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str  # unique per request; the replica aborts it by this id
+    prompt_token_ids: list[int]  # the prompt, tokenized by the caller (see the module docstring)
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
+    priority: int = 0  # lower runs first (vLLM convention)
+    prompt: str | None = None  # the prompt text, echoed back in outputs when given
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    output: RequestOutput  # what is new since the previous chunk (OutputKind.DELTA)
+    replica: str  # the serving replica's full Serve id (also its Ray actor name)
+
+
+class ReplicaUnavailableError(EngineDeadError):
+    """The replica serving a request died or its engine failed (gRPC UNAVAILABLE / HTTP 503).
+
+    ``tokens_sent`` says whether the caller already got output: a request is retried on another
+    replica only before its first token (an answer is never stitched from two replicas).
+    """
+
+    def __init__(self, message: str, tokens_sent: bool) -> None:
+        super().__init__(message)
+        self.tokens_sent = tokens_sent

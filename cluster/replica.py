@@ -1,0 +1,127 @@
+"""``LLMReplica``: the body of one Ray Serve replica — one ``AsyncLLMEngine``, streamed out.
+
+    generate(GenerateRequest) -> async stream of GenerateChunk   (handle.options(stream=True))
+    record_routing_stats() -> ReplicaStats wire dict             (Serve polls it for the router)
+    stats() -> dict                                              (EngineStats + replica id)
+    tokenize(text) -> list[int]                                  (for callers without a tokenizer)
+    check_health()                                               (Serve replaces a replica whose engine died)
+
+Cancellation: when the caller cancels the stream (``PagodaClient`` does as soon as its consumer
+stops), Serve cancels this generator's task; the engine's own stream aborts the request and its
+KV blocks go back to the pool. Engine errors reach the caller as the engine raised them
+(ValueError for bad input, QueueFullError at ``max_waiting``, EngineDeadError).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from cluster.config import AppConfig
+from cluster.protocol import GenerateChunk, GenerateRequest
+from cluster.routing_stats import ReplicaStats, now
+from engine.async_engine import AsyncLLMEngine
+from engine.output_processor import OutputKind
+
+_SUMMARY_TRIES = 3  # the prefix summary is read while the engine thread runs; retry a torn read
+
+
+class LLMReplica:
+    def __init__(self, config: dict) -> None:
+        self.config = AppConfig.from_dict(config)
+        _limit_cpu_threads(self.config)
+        self.engine = AsyncLLMEngine(self.config.engine)
+        self.replica = _replica_name()
+        self._unprefilled: dict[str, int] = {}  # request id -> uncached prompt tokens, until its first output
+        self._last_summary: frozenset[int] = frozenset()
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
+        if request.prompt is not None:
+            prompt["prompt"] = request.prompt
+        rid = request.request_id
+        self._unprefilled[rid] = self._uncached_tokens(request.prompt_token_ids)
+        stream = self.engine.generate(prompt, request.sampling_params, rid, request.priority, OutputKind.DELTA)
+        try:
+            async with contextlib.aclosing(stream):  # closing the engine stream aborts an unfinished request
+                async for output in stream:
+                    self._unprefilled.pop(rid, None)
+                    yield GenerateChunk(output, self.replica)
+        finally:
+            self._unprefilled.pop(rid, None)
+
+    def record_routing_stats(self) -> dict:
+        engine = self.engine.engine
+        stats = engine.stats()
+        sched = self.config.engine.scheduler
+        return ReplicaStats(
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            kv_usage=stats.kv_cache_usage,
+            num_blocks=stats.num_blocks,
+            block_size=self.config.engine.cache.block_size,
+            max_num_seqs=sched.max_num_seqs,
+            max_num_batched_tokens=sched.max_num_batched_tokens,
+            pending_prefill_tokens=sum(self._unprefilled.values()),
+            num_preemptions=stats.num_preemptions,
+            cached_block_hashes=self._prefix_summary(),
+            published_at=now(),
+        ).to_wire()
+
+    def stats(self) -> dict:
+        """The engine's counters plus who answers (for `pagoda status`, metrics and tests)."""
+        s = self.engine.stats()
+        return {"replica": self.replica, **{k: getattr(s, k) for k in s.__dataclass_fields__}}
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.engine.tokenizer(text).input_ids)
+
+    def check_health(self) -> None:
+        if not self.engine.is_running:
+            raise RuntimeError(f"engine of {self.replica} is not running")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+    # ---- helpers ------------------------------------------------------------------------------------
+
+    def _uncached_tokens(self, token_ids: list[int]) -> int:
+        """Prefill work this request adds, net of the prefix cache (a read-only lookup; a hint)."""
+        try:
+            return len(token_ids) - self.engine.engine.kv.get_prefix_hit(token_ids).num_tokens
+        except Exception:  # noqa: BLE001 — the engine thread changed the pool under us: count it all
+            return len(token_ids)
+
+    def _prefix_summary(self) -> frozenset[int]:
+        """Most recently used cached block hashes. The engine thread owns the pool and may change it
+        mid-read (a torn walk raises); retry, else publish the last good summary."""
+        limit = self.config.router.prefix_summary_blocks
+        if limit == 0 or not self.config.engine.cache.enable_prefix_caching:
+            return frozenset()
+        for _ in range(_SUMMARY_TRIES):
+            try:
+                self._last_summary = frozenset(self.engine.engine.kv.cached_block_hashes(limit))
+                break
+            except (RuntimeError, AttributeError):
+                continue
+        return self._last_summary
+
+
+def _replica_name() -> str:
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.to_full_id_str()
+    except RuntimeError:  # constructed outside Serve (unit use)
+        return "local"
+
+
+def _limit_cpu_threads(config: AppConfig) -> None:
+    """On CPU, one replica's torch uses only the CPUs Ray gave it (replicas share the host)."""
+    if config.engine.model.device == "cuda":
+        return
+    import torch
+
+    torch.set_num_threads(max(1, int(config.deployment.cpus_per_replica)))

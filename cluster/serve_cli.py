@@ -1,0 +1,94 @@
+"""`pagoda serve`: a local Ray cluster running the Serve application, until Ctrl-C.
+
+    pagoda serve                          # embedded SmolLM2, one replica, on this machine
+    pagoda serve --config deploy/pagoda.yaml
+    pagoda serve --address auto           # deploy onto a running Ray cluster instead (removed at Ctrl-C)
+
+The config is validated before Ray starts, so a bad file fails in a second with the field named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the Ray Serve application (engine replicas behind the KV-aware router)")
+    p.add_argument("--config", default=None, help="application YAML (default: embedded model, one replica)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to deploy onto, e.g. 'auto'; default: start a local one")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
+    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with the local cluster")
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
+
+    try:
+        config = load_config(args.config)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        print("error: `pagoda serve` needs Ray Serve: pip install 'pagoda[cluster]'", file=sys.stderr)
+        return 2
+    from cluster.app import deploy, deployment_name
+
+    if args.address is None:
+        ray_ctx = ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=args.dashboard,
+                           log_to_driver=False)
+    else:
+        ray_ctx = ray.init(address=args.address, log_to_driver=False)
+    try:
+        serve.start(proxy_location="Disabled")
+        deploy(config)  # Ctrl-C here raises KeyboardInterrupt
+        stop = _stop_on_signals()  # from now on Ctrl-C / SIGTERM end the wait below
+        _print_endpoints(config, deployment_name(config), ray_ctx)
+        while not stop.wait(0.5):
+            pass
+        print("pagoda serve: shutting down", flush=True)
+    except KeyboardInterrupt:
+        print("pagoda serve: interrupted", flush=True)
+    except Exception as exc:  # noqa: BLE001 — replicas failed to start: report it, still shut down
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.address is None:
+            serve.shutdown()  # our own cluster: everything goes
+        else:
+            serve.delete(config.deployment.name)  # someone else's cluster: only our application goes
+        ray.shutdown()
+    return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _print_endpoints(config, deployment: str, ray_ctx) -> None:
+    d = config.deployment
+    gcs = ray_ctx.address_info["gcs_address"]
+    token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"  # Ray turns token auth on for local clusters
+    scaling = config.autoscaling
+    replicas = f"{scaling.min_replicas}-{scaling.max_replicas} (autoscaling)" if scaling.enabled else str(d.num_replicas)
+    lines = [
+        (f"pagoda serve: ready — application {d.name!r}, deployment {deployment!r} x {replicas} replica(s), "
+         f"model {config.engine.model.model}, router {config.router.policy}"),
+        f"  ray cluster:  {gcs}   (connect: {'RAY_AUTH_MODE=token, ' if token else ''}ray.init(address={gcs!r}))",
+        f"  handle:       serve.get_app_handle({d.name!r})  ->  cluster.client.PagodaClient(handle)",
+    ]
+    if ray_ctx.dashboard_url:
+        lines.append(f"  dashboard:    http://{ray_ctx.dashboard_url}")
+    lines.append("  Ctrl-C to stop")
+    print("\n".join(lines), flush=True)
