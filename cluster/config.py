@@ -87,14 +87,18 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class AutoscalingConfig:
-    """Serve autoscaling on ongoing requests per replica (used when ``enabled``)."""
+    """Serve autoscaling on ongoing requests and KV occupancy per replica (used when ``enabled``;
+    the policy is ``cluster.autoscaling.KVAwarePolicy``)."""
 
     enabled: bool = False
     min_replicas: int = 1
     max_replicas: int = 4
     target_ongoing_requests: float = 32.0  # per replica
+    target_kv_usage: float = 0.8  # mean KV occupancy per replica above which replicas are added, in (0, 1]
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
+    metrics_interval_s: float = 10.0  # how often replicas and handles report load to the controller
+    look_back_period_s: float = 30.0  # the window the reports are averaged over
 
     def __post_init__(self) -> None:
         _require(self.min_replicas >= 0, f"min_replicas must be >= 0, got {self.min_replicas}")
@@ -102,6 +106,9 @@ class AutoscalingConfig:
                  f"max_replicas must be >= max(1, min_replicas={self.min_replicas}), got {self.max_replicas}")
         _require(self.target_ongoing_requests > 0,
                  f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        _require(0 < self.target_kv_usage <= 1, f"target_kv_usage must be in (0, 1], got {self.target_kv_usage}")
+        _require(self.metrics_interval_s > 0, f"metrics_interval_s must be > 0, got {self.metrics_interval_s}")
+        _require(self.look_back_period_s > 0, f"look_back_period_s must be > 0, got {self.look_back_period_s}")
         _require(self.upscale_delay_s >= 0, f"upscale_delay_s must be >= 0, got {self.upscale_delay_s}")
         _require(self.downscale_delay_s >= 0, f"downscale_delay_s must be >= 0, got {self.downscale_delay_s}")
 

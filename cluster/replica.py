@@ -5,6 +5,10 @@
     stats() -> dict                                              (EngineStats + replica id)
     tokenize(text) -> list[int]                                  (for callers without a tokenizer)
     check_health()                                               (Serve replaces a replica whose engine died)
+    record_autoscaling_stats() -> dict                           (KV usage and queues for cluster.autoscaling)
+
+Metrics (``cluster.metrics``): request latencies and token counts are recorded as the stream yields;
+a poll thread publishes the engine's queues, KV usage and prefix-cache counters.
 
 Cancellation: when the caller cancels the stream (``PagodaClient`` does as soon as its consumer
 stops), Serve cancels this generator's task; the engine's own stream aborts the request and its
@@ -18,6 +22,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from cluster.config import AppConfig
+from cluster.metrics import EnginePoller, ReplicaMetrics
 from cluster.protocol import GenerateChunk, GenerateRequest
 from cluster.routing_stats import ReplicaStats, now
 from engine.async_engine import AsyncLLMEngine
@@ -34,6 +39,8 @@ class LLMReplica:
         self.replica = _replica_name()
         self._unprefilled: dict[str, int] = {}  # request id -> uncached prompt tokens, until its first output
         self._last_summary: frozenset[int] = frozenset()
+        self.metrics = ReplicaMetrics(self.config.engine.model.model, self.replica)
+        self._poller = EnginePoller(self.engine.engine, self.metrics)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
@@ -42,13 +49,16 @@ class LLMReplica:
         rid = request.request_id
         self._unprefilled[rid] = self._uncached_tokens(request.prompt_token_ids)
         stream = self.engine.generate(prompt, request.sampling_params, rid, request.priority, OutputKind.DELTA)
+        self.metrics.request_started(rid, request.priority, request.sampling_params.n)
         try:
             async with contextlib.aclosing(stream):  # closing the engine stream aborts an unfinished request
                 async for output in stream:
                     self._unprefilled.pop(rid, None)
+                    self.metrics.on_output(rid, output, len(request.prompt_token_ids))
                     yield GenerateChunk(output, self.replica)
         finally:
             self._unprefilled.pop(rid, None)
+            self.metrics.request_ended(rid)
 
     def record_routing_stats(self) -> dict:
         engine = self.engine.engine
@@ -73,6 +83,11 @@ class LLMReplica:
         s = self.engine.stats()
         return {"replica": self.replica, **{k: getattr(s, k) for k in s.__dataclass_fields__}}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom metrics for ``cluster.autoscaling.kv_aware_policy`` (Serve polls this)."""
+        s = self.engine.stats()
+        return {"kv_cache_usage": s.kv_cache_usage, "num_waiting": s.num_waiting, "num_running": s.num_running}
+
     def tokenize(self, text: str) -> list[int]:
         return list(self.engine.tokenizer(text).input_ids)
 
@@ -81,6 +96,9 @@ class LLMReplica:
             raise RuntimeError(f"engine of {self.replica} is not running")
 
     def __del__(self) -> None:
+        poller = getattr(self, "_poller", None)
+        if poller is not None:
+            poller.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

@@ -3,6 +3,7 @@
     pagoda serve                          # embedded SmolLM2, one replica, on this machine
     pagoda serve --config deploy/pagoda.yaml
     pagoda serve --address auto           # deploy onto a running Ray cluster instead (removed at Ctrl-C)
+    pagoda serve --http-port 8000 --grpc-port 50051   # the API front doors (defaults; 0 picks a port, -1 turns one off)
 
 The config is validated before Ray starts, so a bad file fails in a second with the field named.
 """
@@ -23,13 +24,25 @@ def add_serve_parser(sub) -> None:
                    help="Ray cluster to deploy onto, e.g. 'auto'; default: start a local one")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with the local cluster")
+    p.add_argument("--host", default="127.0.0.1", help="interface the gRPC and HTTP APIs bind (default: loopback)")
+    p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port (-1: off)")
+    p.add_argument("--grpc-port", type=int, default=50051, help="pagoda.v1 gRPC port (-1: off)")
+    p.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $PAGODA_API_KEY; none: open)")
+    p.add_argument("--tls-cert", default=None, help="gRPC TLS certificate chain (PEM)")
+    p.add_argument("--tls-key", default=None, help="gRPC TLS private key (PEM)")
+    p.add_argument("--tls-client-ca", default=None, help="gRPC mTLS: CA that client certificates must chain to")
 
 
 def serve_main(args: argparse.Namespace) -> int:
+    from cluster.api.config import ApiConfig
     from cluster.config import load_config
 
     try:
         config = load_config(args.config)
+        api = ApiConfig(host=args.host, http_port=None if args.http_port < 0 else args.http_port,
+                        grpc_port=None if args.grpc_port < 0 else args.grpc_port, api_key=args.api_key,
+                        tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -40,6 +53,7 @@ def serve_main(args: argparse.Namespace) -> int:
     except ImportError:
         print("error: `pagoda serve` needs Ray Serve: pip install 'pagoda[cluster]'", file=sys.stderr)
         return 2
+    from cluster.api.server import ApiServers
     from cluster.app import deploy, deployment_name
 
     if args.address is None:
@@ -47,11 +61,14 @@ def serve_main(args: argparse.Namespace) -> int:
                            log_to_driver=False)
     else:
         ray_ctx = ray.init(address=args.address, log_to_driver=False)
+    servers = None
     try:
         serve.start(proxy_location="Disabled")
-        deploy(config)  # Ctrl-C here raises KeyboardInterrupt
+        handle = deploy(config)  # Ctrl-C here raises KeyboardInterrupt
+        if api.http_port is not None or api.grpc_port is not None:
+            servers = ApiServers.start(handle, config, api)
         stop = _stop_on_signals()  # from now on Ctrl-C / SIGTERM end the wait below
-        _print_endpoints(config, deployment_name(config), ray_ctx)
+        _print_endpoints(config, deployment_name(config), ray_ctx, servers)
         while not stop.wait(0.5):
             pass
         print("pagoda serve: shutting down", flush=True)
@@ -61,6 +78,8 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
+        if servers is not None:
+            servers.stop()
         if args.address is None:
             serve.shutdown()  # our own cluster: everything goes
         else:
@@ -76,7 +95,7 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _print_endpoints(config, deployment: str, ray_ctx) -> None:
+def _print_endpoints(config, deployment: str, ray_ctx, servers=None) -> None:
     d = config.deployment
     gcs = ray_ctx.address_info["gcs_address"]
     token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"  # Ray turns token auth on for local clusters
@@ -88,6 +107,11 @@ def _print_endpoints(config, deployment: str, ray_ctx) -> None:
         f"  ray cluster:  {gcs}   (connect: {'RAY_AUTH_MODE=token, ' if token else ''}ray.init(address={gcs!r}))",
         f"  handle:       serve.get_app_handle({d.name!r})  ->  cluster.client.PagodaClient(handle)",
     ]
+    if servers is not None and servers.http_port is not None:
+        lines.append(f"  openai http:  {servers.http_url}/v1   (model {servers.frontend.info.name!r})")
+    if servers is not None and servers.grpc_port is not None:
+        tls = " (TLS)" if servers.api.tls_cert_file else ""
+        lines.append(f"  grpc:         {servers.grpc_target}{tls}   (pagoda.v1.Pagoda, health, reflection)")
     if ray_ctx.dashboard_url:
         lines.append(f"  dashboard:    http://{ray_ctx.dashboard_url}")
     lines.append("  Ctrl-C to stop")

@@ -4,6 +4,7 @@ the cluster application.
     pagoda generate "What is the capital of France?"
     pagoda chat
     pagoda serve --config deploy/pagoda.yaml      (Ray is imported only by this one)
+    pagoda status                                 (replicas, KV usage, queues of the running application)
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_engine_flags(p)
         _add_sampling_flags(p)
     from cluster.serve_cli import add_serve_parser  # argparse only; Ray loads inside serve_main
+    from cluster.status_cli import add_status_parser
 
     add_serve_parser(sub)
+    add_status_parser(sub)
     return parser
 
 
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.serve_cli import serve_main
 
         return serve_main(args)
+    if args.command == "status":
+        from cluster.status_cli import status_main
+
+        return status_main(args)
     from engine.cli_session import CliSession  # heavy imports only after --help
 
     try:

@@ -1,0 +1,33 @@
+"""``ApiConfig``: where the gRPC and OpenAI HTTP front doors listen and what they let through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = "127.0.0.1"  # interface both servers bind
+    http_port: int | None = 8000  # OpenAI-compatible HTTP; 0 picks a free port, None turns it off
+    grpc_port: int | None = 50051  # pagoda.v1 gRPC; 0 picks a free port, None turns it off
+    served_model_name: str | None = None  # the `model` clients name; None: the application's name
+    api_key: str | None = None  # when set: `Authorization: Bearer <key>` (HTTP header, gRPC metadata)
+    max_concurrent_requests: int = 256  # generations in flight per server process; beyond: 429 / RESOURCE_EXHAUSTED
+    max_message_bytes: int = 4 * 1024 * 1024  # largest request body / gRPC message
+    tls_cert_file: str | None = None  # gRPC TLS: the server's PEM certificate chain
+    tls_key_file: str | None = None  # gRPC TLS: its PEM private key
+    tls_client_ca_file: str | None = None  # gRPC mTLS: clients must present a certificate signed by this CA
+
+    def __post_init__(self) -> None:
+        for name in ("http_port", "grpc_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535] or None, got {port}")
+        if self.max_concurrent_requests < 1:
+            raise ValueError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be given together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")

@@ -1,0 +1,160 @@
+"""The ``pagoda.v1.Pagoda`` gRPC service (grpc.aio), with ``grpc.health.v1`` health and server reflection.
+
+    server = await start_grpc_server(frontend, api_config)   # returns (grpc.aio.Server, bound port)
+
+Status codes follow ``cluster.api.errors``. A client deadline becomes the request's timeout (the
+request is aborted in the engine when it passes); a client that cancels mid-stream cancels this
+handler's task, which closes ``Frontend.generate`` and so aborts the request. The API key, when
+set, is read from ``authorization: Bearer <key>`` metadata; health checks need no key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cluster.api.config import ApiConfig
+from cluster.api.errors import ApiError
+from cluster.api.frontend import Frontend
+from cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
+from cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Pagoda"].full_name  # "pagoda.v1.Pagoda"
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "seed", "max_tokens", "min_tokens", "logprobs")
+
+
+class PagodaService(pb_grpc.PagodaServicer):
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            self._admit(context, request.model)
+            prompt = self._prompt(request)
+            params = self.frontend.sampling_params(**_sampling_kwargs(request.sampling))
+            stream = self.frontend.generate(prompt, params, request.request_id or None, request.priority,
+                                            context.time_remaining())
+            sent, finished = 0, set()
+            async for chunk in stream:
+                out = chunk.output
+                for c in out.outputs:
+                    if c.index in finished or not (c.token_ids or c.text or c.finish_reason):
+                        continue
+                    sent += len(c.token_ids)
+                    if c.finish_reason:
+                        finished.add(c.index)
+                    response = pb.GenerateResponse(
+                        request_id=out.request_id, index=c.index, token_ids=c.token_ids, text=c.text,
+                        logprobs=_logprobs(c), finish_reason=_FINISH.get(c.finish_reason, pb.FINISH_REASON_UNSPECIFIED))
+                    if out.finished and len(finished) == len(out.outputs):
+                        response.usage.CopyFrom(pb.Usage(prompt_tokens=len(out.prompt_token_ids),
+                                                         completion_tokens=sent, cached_tokens=out.num_cached_tokens))
+                    yield response
+        except ApiError as exc:
+            await _abort(context, exc)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        try:
+            self._admit(context, request.model)
+            which = request.WhichOneof("input")
+            if which == "messages":
+                prompt = self.frontend.prompt(messages=_messages(request.messages))
+            else:
+                prompt = self.frontend.prompt(text=request.text)
+            return pb.TokenizeResponse(token_ids=prompt.token_ids, count=len(prompt.token_ids),
+                                       max_model_len=self.frontend.info.max_model_len)
+        except ApiError as exc:
+            await _abort(context, exc)
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
+        try:
+            self._admit(context, request.model)
+            i = self.frontend.info
+            return pb.ModelInfoResponse(
+                model=i.name, source=i.source, max_model_len=i.max_model_len, vocab_size=i.vocab_size,
+                block_size=i.block_size, tensor_parallel_size=i.tensor_parallel_size, num_replicas=i.num_replicas,
+                has_chat_template=i.has_chat_template)
+        except ApiError as exc:
+            await _abort(context, exc)
+
+    def _admit(self, context: grpc.aio.ServicerContext, model: str) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        self.frontend.check_key(metadata.get("authorization"))
+        self.frontend.check_model(model)
+
+    def _prompt(self, request: pb.GenerateRequest):
+        which = request.WhichOneof("prompt")
+        if which == "token_ids":
+            return self.frontend.prompt(token_ids=list(request.token_ids.ids))
+        if which == "messages":
+            return self.frontend.prompt(messages=_messages(request.messages))
+        return self.frontend.prompt(text=request.text if which == "text" else None)
+
+
+async def start_grpc_server(frontend: Frontend, api: ApiConfig) -> tuple[grpc.aio.Server, int]:
+    """Serve pagoda.v1, health and reflection on ``api.host:api.grpc_port`` (TLS when configured)."""
+    options = [("grpc.max_receive_message_length", api.max_message_bytes),
+               ("grpc.max_send_message_length", api.max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_PagodaServicer_to_server(PagodaService(frontend), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    address = f"{api.host}:{api.grpc_port or 0}"
+    if api.tls_cert_file is not None:
+        port = server.add_secure_port(address, _credentials(api))
+    else:
+        port = server.add_insecure_port(address)
+    await server.start()
+    server.health_servicer = health_servicer  # so the owner can report NOT_SERVING while draining
+    return server, port
+
+
+def _credentials(api: ApiConfig) -> grpc.ServerCredentials:
+    key, cert = Path(api.tls_key_file).read_bytes(), Path(api.tls_cert_file).read_bytes()
+    ca = Path(api.tls_client_ca_file).read_bytes() if api.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: ApiError) -> None:
+    if exc.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
+    await context.abort(exc.code, exc.message)
+
+
+def _sampling_kwargs(s: pb.SamplingParams) -> dict:
+    kwargs = {name: getattr(s, name) for name in _SAMPLING_FIELDS if s.HasField(name)}
+    if s.stop:
+        kwargs["stop"] = list(s.stop)
+    if s.stop_token_ids:
+        kwargs["stop_token_ids"] = list(s.stop_token_ids)
+    if s.ignore_eos:
+        kwargs["ignore_eos"] = True
+    return kwargs
+
+
+def _messages(m: pb.ChatMessages) -> list[dict]:
+    return [{"role": x.role, "content": x.content} for x in m.messages]
+
+
+def _logprobs(c) -> list[pb.TokenLogprob]:
+    if c.logprobs is None:
+        return []
+    out = []
+    for token_id, by_id in zip(c.token_ids, c.logprobs):
+        s = by_id[token_id]
+        top = sorted((lp_id, lp) for lp_id, lp in by_id.items() if lp.rank is not None)
+        out.append(pb.TokenLogprob(
+            token_id=token_id, logprob=s.logprob, token=s.decoded_token or "",
+            top=[pb.TopLogprob(token_id=t, logprob=lp.logprob, token=lp.decoded_token or "", rank=lp.rank)
+                 for t, lp in sorted(top, key=lambda x: x[1].rank)]))
+    return out

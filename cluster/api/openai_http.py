@@ -1,0 +1,165 @@
+"""The OpenAI-compatible HTTP API (FastAPI): ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
+
+Streaming answers are server-sent events ending with ``data: [DONE]``. The first chunk is awaited
+before the response starts, so a request that fails early (bad field, queue full, unknown model)
+still gets its proper status; a failure after that arrives as an ``{"error": ...}`` event.
+
+A client that drops an SSE stream makes Starlette cancel the response task (a non-streaming
+request polls for the disconnect itself); the cancellation runs through ``Frontend.generate``
+into ``PagodaClient``, which cancels the Serve stream, and the engine aborts the request. A client deadline may be sent as ``Request-Timeout: <seconds>``
+(504 when it passes; the request is aborted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from cluster.api import errors
+from cluster.api.errors import ApiError
+from cluster.api.frontend import Frontend
+from cluster.api.openai_protocol import (
+    Accumulator,
+    ParsedRequest,
+    completion_response,
+    parse_request,
+    stream_choice,
+    stream_chunk,
+    usage,
+)
+
+DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks that its client is still there
+
+
+def create_app(frontend: Frontend) -> FastAPI:
+    app = FastAPI(title="pagoda", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _any_error(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(errors.to_api_error(exc))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        frontend.check_key(request.headers.get("authorization"))
+        info = frontend.info
+        return {"object": "list", "data": [{"id": info.name, "object": "model", "created": 0, "owned_by": "pagoda",
+                                           "max_model_len": info.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _generate(frontend, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _generate(frontend, request, chat=True)
+
+    return app
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+    return JSONResponse(exc.openai_body(), status_code=exc.http_status, headers=headers)
+
+
+async def _generate(frontend: Frontend, request: Request, chat: bool):
+    frontend.check_key(request.headers.get("authorization"))
+    req = parse_request(await _json_body(request, frontend.api.max_message_bytes), chat)
+    frontend.check_model(req.model)
+    prompt = frontend.prompt(**req.prompt)
+    params = frontend.sampling_params(**req.sampling)
+    chunks = frontend.generate(prompt, params, req.request_id, req.priority, _timeout(request))
+    if not req.stream:
+        acc = Accumulator(params.n)
+        await _unless_disconnected(request, _accumulate(chunks, acc))
+        return completion_response(req, frontend.info.name, acc)
+    first = await anext(chunks)  # errors before the first token keep their HTTP status
+    return StreamingResponse(_sse(req, frontend.info.name, first, chunks, params.n), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def _sse(req: ParsedRequest, model: str, first, chunks: AsyncIterator, n: int) -> AsyncIterator[str]:
+    started, finished = [False] * n, [False] * n
+    prompt_tokens = completion_tokens = cached = 0
+    try:
+        chunk = first
+        while chunk is not None:
+            out = chunk.output
+            prompt_tokens, cached = len(out.prompt_token_ids), out.num_cached_tokens
+            choices = []
+            for c in out.outputs:
+                if finished[c.index] or not (c.text or c.token_ids or c.finish_reason or not started[c.index]):
+                    continue  # a finished completion repeats its finish reason in later deltas
+                completion_tokens += len(c.token_ids)
+                choices.append(stream_choice(req, c, first=not started[c.index]))
+                started[c.index], finished[c.index] = True, c.finish_reason is not None
+            if choices:
+                yield _event(stream_chunk(req, model, choices))
+            chunk = await anext(chunks, None)
+        if req.include_usage:
+            yield _event(stream_chunk(req, model, [], usage(prompt_tokens, completion_tokens, cached)))
+    except ApiError as exc:
+        yield _event(exc.openai_body())
+    finally:
+        await chunks.aclose()  # a dropped client lands here too: the engine aborts the request
+    yield "data: [DONE]\n\n"
+
+
+async def _accumulate(chunks: AsyncIterator, acc: Accumulator) -> None:
+    async for chunk in chunks:
+        acc.add(chunk.output)
+
+
+async def _unless_disconnected(request: Request, work) -> None:
+    """Runs ``work``; if the client hangs up first, cancels it (the engine aborts the request)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                break
+        await task
+    finally:
+        task.cancel()
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _json_body(request: Request, limit: int):
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.exhausted(f"request body is {declared} bytes; the limit is {limit}")
+    raw = await request.body()
+    if len(raw) > limit:
+        raise errors.exhausted(f"request body is {len(raw)} bytes; the limit is {limit}")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise errors.invalid(f"request body is not valid JSON: {exc}", "body") from None
+
+
+def _timeout(request: Request) -> float | None:
+    value = request.headers.get("request-timeout")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise errors.invalid(f"Request-Timeout must be a number of seconds, got {value!r}", "Request-Timeout") from None
+    if seconds <= 0:
+        raise errors.invalid(f"Request-Timeout must be > 0, got {value!r}", "Request-Timeout")
+    return seconds

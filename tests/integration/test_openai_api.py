@@ -1,0 +1,215 @@
+"""The OpenAI-compatible HTTP API, driven by the official ``openai`` package against a real local
+Ray cluster + Serve app (one CPU replica of the embedded model) and uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+try:  # the HTTP client the installed openai package uses (httpx, or its fork httpx2)
+    import httpx2 as httpx
+except ImportError:
+    httpx = pytest.importorskip("httpx")
+
+from cluster.api.config import ApiConfig
+from engine.tokenizer import load_tokenizer
+from tests.integration.api_app import more_servers, running_app, wait_engine_busy, wait_engine_idle
+
+MODEL = "apitest"
+PROMPT = "The capital of France is"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def app(embedded_path):
+    with running_app(str(embedded_path)) as (config, handle, servers):
+        yield config, handle, servers
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return openai.OpenAI(base_url=app[2].http_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_path):
+    return load_tokenizer(embedded_path)
+
+
+@pytest.fixture(scope="module")
+def guarded(app):
+    """A second pair of servers over the same replica: API key required, one request at a time,
+    small messages."""
+    api = ApiConfig(http_port=0, grpc_port=None, api_key="sekret", max_concurrent_requests=1, max_message_bytes=2048)
+    other = more_servers(app[2], app[0], api)
+    yield other
+    other.stop()
+
+
+# ---- 1. completions and chat --------------------------------------------------------------------
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_completion_greedy_with_usage(client, tokenizer):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+    choice = r.choices[0]
+    assert r.object == "text_completion" and choice.text and choice.finish_reason in ("length", "stop")
+    assert r.usage.prompt_tokens == len(tokenizer(PROMPT).input_ids)
+    assert r.usage.completion_tokens == len(tokenizer(choice.text, add_special_tokens=False).input_ids) or \
+        r.usage.completion_tokens <= 8
+    if choice.finish_reason == "length":
+        assert r.usage.completion_tokens == 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completion_stream_matches_non_stream(client):
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_chat_answers_paris(client):
+    r = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=24, temperature=0)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant" and "Paris" in r.choices[0].message.content
+    assert r.usage.completion_tokens <= 24 and r.usage.prompt_tokens > 10
+
+
+def test_chat_stream(client):
+    whole = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=24, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=24, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_n2_gives_two_choices_and_counts_both(client):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, n=2, temperature=1.0, seed=3,
+                                  extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert r.usage.completion_tokens == 12
+    chunks = list(client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=5, n=2, seed=3,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    finishes = [(ch.index, ch.finish_reason) for c in chunks for ch in c.choices if ch.finish_reason]
+    assert sorted(finishes) == [(0, "length"), (1, "length")]
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_stop_string_cuts_the_text(client):
+    free = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text
+    word = next(w for w in free.split() if len(w) > 2 and free.index(w) > 0)
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=[word])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == free[: free.index(word)]
+
+
+def test_max_tokens_and_logprobs(client):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True, "priority": -1})
+    lp = r.choices[0].logprobs
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    assert len(lp.tokens) == len(lp.token_logprobs) == 5 and all(x <= 0 for x in lp.token_logprobs)
+    assert "".join(lp.tokens) == r.choices[0].text
+    chat = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=3, temperature=0, logprobs=True,
+                                          top_logprobs=2, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+
+
+# ---- 3. a dropped SSE stream aborts the request ------------------------------------------------
+
+
+def test_dropped_sse_stream_aborts_in_the_engine(app):
+    _, handle, servers = app
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=30) as http, http.stream("POST", servers.http_url + "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        first = next(line for line in r.iter_lines() if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"]
+        wait_engine_busy(handle)
+    # leaving the block closed the connection mid-stream
+    _took, stats = wait_engine_idle(handle, timeout_s=1.0)
+    assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
+
+
+def test_client_leaving_a_non_streaming_request_aborts_it(app):
+    _, handle, servers = app
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(servers.http_url + "/v1/completions", json=body, timeout=1.5)  # gives up, closes the socket
+    _took, stats = wait_engine_idle(handle, timeout_s=1.0)
+    assert stats["kv_cache_usage"] == 0
+
+
+# ---- 5. the error table ------------------------------------------------------------------------
+
+
+def _error(client, **kwargs):
+    with pytest.raises(openai.APIStatusError) as info:
+        client.completions.create(model=kwargs.pop("model", MODEL), prompt=kwargs.pop("prompt", PROMPT), **kwargs)
+    return info.value
+
+
+def test_bad_parameter_is_400_naming_the_field(client):
+    e = _error(client, max_tokens=16, temperature=-1)
+    assert e.status_code == 400 and e.body["param"] == "temperature" and e.body["type"] == "invalid_request_error"
+    e = _error(client, max_tokens=600)
+    assert e.status_code == 400 and e.body["param"] == "max_tokens" and "max_model_len (512)" in e.body["message"]
+    e = _error(client, max_tokens="many")
+    assert e.status_code == 400 and e.body["param"] == "max_tokens"
+
+
+def test_unknown_model_is_404(client):
+    e = _error(client, model="gpt-17")
+    assert e.status_code == 404 and e.body["param"] == "model" and e.body["code"] == "not_found"
+
+
+def test_deadline_is_504_and_aborts(app):
+    _, handle, servers = app
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
+    r = httpx.post(servers.http_url + "/v1/completions", json=body, headers={"Request-Timeout": "0.5"}, timeout=30)
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+    wait_engine_idle(handle, timeout_s=1.0)
+
+
+def test_api_key_is_401_without_it(guarded):
+    url = guarded.http_url + "/v1/completions"
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}
+    assert httpx.post(url, json=body).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    keyed = openai.OpenAI(base_url=guarded.http_url + "/v1", api_key="sekret", max_retries=0)
+    assert keyed.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices[0].text is not None
+
+
+def test_backpressure_and_size_are_429_with_retry_after(app, guarded):
+    url = guarded.http_url + "/v1/completions"
+    auth = {"Authorization": "Bearer sekret"}
+    big = httpx.post(url, json={"model": MODEL, "prompt": "x" * 4096}, headers=auth)
+    assert big.status_code == 429 and big.headers["retry-after"] == "1"
+    long_body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as http, http.stream("POST", url, json=long_body, headers=auth) as r:
+        assert r.status_code == 200  # holds the only slot
+        second = httpx.post(url, json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2}, headers=auth)
+        assert second.status_code == 429 and second.headers["retry-after"] == "1"
+        assert second.json()["error"]["type"] == "rate_limit_error"
+    wait_engine_idle(app[1], timeout_s=1.0)
+
+
+def test_still_serving_after_errors(client):
+    r = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=24, temperature=0)
+    assert "Paris" in r.choices[0].message.content

@@ -1,0 +1,137 @@
+"""The error table at the edges (DESIGN.md) without Ray: the mapping itself, then both real servers on
+loopback over a scripted fake client — UNAVAILABLE/503 when the replica dies, RESOURCE_EXHAUSTED/429
+when the engine queue is full, an error event when a stream fails after its first token — and the
+servers keep serving afterwards."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+try:  # the HTTP client the installed openai package uses (httpx, or its fork httpx2)
+    import httpx2 as httpx
+except ImportError:
+    httpx = pytest.importorskip("httpx")
+
+from cluster.api import errors
+from cluster.api.config import ApiConfig
+from cluster.api.frontend import Frontend
+from cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
+from cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
+from cluster.api.server import ApiServers
+from cluster.config import AppConfig
+from cluster.protocol import GenerateChunk, ReplicaUnavailableError
+from engine.errors import EngineDeadError, QueueFullError
+from engine.request import CompletionOutput, RequestOutput
+
+
+class FakeTokenizer:
+    chat_template = None
+
+    def __len__(self) -> int:
+        return 1000
+
+    def __call__(self, text: str):
+        return type("Encoding", (), {"input_ids": [ord(c) % 1000 for c in text]})()
+
+
+class FakeClient:
+    """Streams per the prompt's first character: 'o' ok, 'd' replica dead, 'q' queue full, 'm' dies mid-stream."""
+
+    async def generate(self, token_ids, params, request_id, priority=0):
+        mode = chr(token_ids[0])
+        if mode == "d":
+            raise ReplicaUnavailableError("the serving replica died (before its first token)", tokens_sent=False)
+        if mode == "q":
+            raise QueueFullError("waiting queue is full (max_waiting=4)")
+        for i in range(3):
+            if mode == "m" and i == 1:
+                raise ReplicaUnavailableError("the serving replica died (after its first token)", tokens_sent=True)
+            done = i == 2
+            yield GenerateChunk(RequestOutput(request_id, None, list(token_ids), [
+                CompletionOutput(0, f"t{i}", [i], finish_reason="length" if done else None)], done), "fake")
+
+
+@pytest.fixture(scope="module")
+def servers():
+    api = ApiConfig(http_port=0, grpc_port=0)
+    frontend = Frontend(FakeClient(), FakeTokenizer(), AppConfig(), api, max_model_len=128)
+    s = ApiServers.from_frontend(frontend, api)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(servers):
+    with grpc.insecure_channel(servers.grpc_target) as ch:
+        yield pb_grpc.PagodaStub(ch)
+
+
+def _post(servers, prompt: str, stream: bool = False):
+    return httpx.post(servers.http_url + "/v1/completions", json={"prompt": prompt, "stream": stream}, timeout=10)
+
+
+def _grpc_code(stub, prompt: str) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(pb.GenerateRequest(text=prompt)))
+    return info.value
+
+
+@pytest.mark.parametrize("exc, code, status", [
+    (ValueError("max_tokens must be >= 1, got 0"), grpc.StatusCode.INVALID_ARGUMENT, 400),
+    (QueueFullError("waiting queue is full"), grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    (EngineDeadError("engine step failed"), grpc.StatusCode.UNAVAILABLE, 503),
+    (ReplicaUnavailableError("replica died", tokens_sent=False), grpc.StatusCode.UNAVAILABLE, 503),
+    (RuntimeError("something odd"), grpc.StatusCode.UNAVAILABLE, 503),
+])
+def test_mapping(exc, code, status):
+    e = errors.to_api_error(exc)
+    assert (e.code, e.http_status) == (code, status)
+    body = e.openai_body()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["code"] == code.name.lower()
+
+
+def test_field_is_named():
+    assert errors.to_api_error(ValueError("max_tokens must be >= 1, got 0")).param == "max_tokens"
+    assert errors.to_api_error(ValueError("messages[2].role must be a non-empty string")).param == "messages"
+    assert errors.exhausted("x").retry_after_s == errors.RETRY_AFTER_S
+    assert (errors.not_found("x").http_status, errors.unauthenticated().http_status) == (404, 401)
+
+
+def test_replica_dead_is_unavailable_503(servers, stub):
+    r = _post(servers, "dead")
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+    assert _grpc_code(stub, "dead").code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_queue_full_is_429_with_retry_after(servers, stub):
+    r = _post(servers, "queue")
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    e = _grpc_code(stub, "queue")
+    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and dict(e.trailing_metadata())["retry-after"] == "1"
+
+
+def test_failure_mid_stream(servers, stub):
+    r = _post(servers, "mid", stream=True)
+    assert r.status_code == 200  # the first token was already on its way
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "unavailable"
+    assert _grpc_code(stub, "mid").code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_bad_bodies_are_400(servers):
+    url = servers.http_url + "/v1/completions"
+    assert httpx.post(url, content=b"{not json", timeout=10).json()["error"]["param"] == "body"
+    r = httpx.post(url, json={"prompt": "ok", "n": 0}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = httpx.post(servers.http_url + "/v1/chat/completions", json={"messages": []}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_still_serving(servers, stub):
+    r = _post(servers, "ok")
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "t0t1t2"
+    assert "".join(x.text for x in stub.Generate(pb.GenerateRequest(text="ok"))) == "t0t1t2"
