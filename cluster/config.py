@@ -20,15 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, require
 
 _ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
 _POLICIES = ("pagoda", "pow2")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -43,13 +38,13 @@ class DeploymentOptions:
     graceful_shutdown_timeout_s: float = 10.0  # in-flight requests get this long when a replica stops
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(),
+        require(bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(),
                  f"name must be letters, digits, '-' or '_', got {self.name!r}")
-        _require(self.num_replicas >= 1, f"num_replicas must be >= 1, got {self.num_replicas}")
-        _require(self.max_ongoing_requests >= 1, f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
-        _require(self.cpus_per_replica > 0, f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
-        _require(self.health_check_period_s > 0, f"health_check_period_s must be > 0, got {self.health_check_period_s}")
-        _require(self.graceful_shutdown_timeout_s >= 0,
+        require(self.num_replicas >= 1, f"num_replicas must be >= 1, got {self.num_replicas}")
+        require(self.max_ongoing_requests >= 1, f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
+        require(self.cpus_per_replica > 0, f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
+        require(self.health_check_period_s > 0, f"health_check_period_s must be > 0, got {self.health_check_period_s}")
+        require(self.graceful_shutdown_timeout_s >= 0,
                  f"graceful_shutdown_timeout_s must be >= 0, got {self.graceful_shutdown_timeout_s}")
 
 
@@ -66,7 +61,7 @@ class RouterWeights:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            _require(value >= 0, f"{f.name} must be >= 0, got {value}")
+            require(value >= 0, f"{f.name} must be >= 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -79,9 +74,9 @@ class RouterConfig:
     prefix_summary_blocks: int = 4096  # block hashes a replica publishes (most recently used first)
 
     def __post_init__(self) -> None:
-        _require(self.policy in _POLICIES, f"policy must be one of {_POLICIES}, got {self.policy!r}")
-        _require(self.stats_period_s > 0, f"stats_period_s must be > 0, got {self.stats_period_s}")
-        _require(self.prefix_summary_blocks >= 0,
+        require(self.policy in _POLICIES, f"policy must be one of {_POLICIES}, got {self.policy!r}")
+        require(self.stats_period_s > 0, f"stats_period_s must be > 0, got {self.stats_period_s}")
+        require(self.prefix_summary_blocks >= 0,
                  f"prefix_summary_blocks must be >= 0, got {self.prefix_summary_blocks}")
 
 
@@ -101,16 +96,16 @@ class AutoscalingConfig:
     look_back_period_s: float = 30.0  # the window the reports are averaged over
 
     def __post_init__(self) -> None:
-        _require(self.min_replicas >= 0, f"min_replicas must be >= 0, got {self.min_replicas}")
-        _require(self.max_replicas >= max(1, self.min_replicas),
+        require(self.min_replicas >= 0, f"min_replicas must be >= 0, got {self.min_replicas}")
+        require(self.max_replicas >= max(1, self.min_replicas),
                  f"max_replicas must be >= max(1, min_replicas={self.min_replicas}), got {self.max_replicas}")
-        _require(self.target_ongoing_requests > 0,
+        require(self.target_ongoing_requests > 0,
                  f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
-        _require(0 < self.target_kv_usage <= 1, f"target_kv_usage must be in (0, 1], got {self.target_kv_usage}")
-        _require(self.metrics_interval_s > 0, f"metrics_interval_s must be > 0, got {self.metrics_interval_s}")
-        _require(self.look_back_period_s > 0, f"look_back_period_s must be > 0, got {self.look_back_period_s}")
-        _require(self.upscale_delay_s >= 0, f"upscale_delay_s must be >= 0, got {self.upscale_delay_s}")
-        _require(self.downscale_delay_s >= 0, f"downscale_delay_s must be >= 0, got {self.downscale_delay_s}")
+        require(0 < self.target_kv_usage <= 1, f"target_kv_usage must be in (0, 1], got {self.target_kv_usage}")
+        require(self.metrics_interval_s > 0, f"metrics_interval_s must be > 0, got {self.metrics_interval_s}")
+        require(self.look_back_period_s > 0, f"look_back_period_s must be > 0, got {self.look_back_period_s}")
+        require(self.upscale_delay_s >= 0, f"upscale_delay_s must be >= 0, got {self.upscale_delay_s}")
+        require(self.downscale_delay_s >= 0, f"downscale_delay_s must be >= 0, got {self.downscale_delay_s}")
 
 
 @dataclass(frozen=True)
@@ -125,7 +120,7 @@ class AppConfig:
     def __post_init__(self) -> None:
         scaling, replicas = self.autoscaling, self.deployment.num_replicas
         if scaling.enabled:
-            _require(scaling.min_replicas <= replicas <= scaling.max_replicas,
+            require(scaling.min_replicas <= replicas <= scaling.max_replicas,
                      f"deployment.num_replicas ({replicas}) must be within autoscaling "
                      f"[min_replicas={scaling.min_replicas}, max_replicas={scaling.max_replicas}]")
 
@@ -133,7 +128,7 @@ class AppConfig:
     def from_dict(cls, data: dict | None) -> AppConfig:
         """Build from the parsed YAML; raises ValueError naming the first bad field by its path."""
         data = {} if data is None else data
-        _require(isinstance(data, dict), f"config must be a mapping of sections, got {type(data).__name__}")
+        require(isinstance(data, dict), f"config must be a mapping of sections, got {type(data).__name__}")
         _check_keys(data, ("engine", "deployment", "router", "autoscaling"), "")
         return cls(
             engine=_engine_from_dict(data.get("engine") or {}),
@@ -186,7 +181,7 @@ def _check_keys(data: dict, known, path: str) -> None:
 
 
 def _engine_from_dict(data: dict) -> EngineConfig:
-    _require(isinstance(data, dict), f"engine must be a mapping, got {type(data).__name__}")
+    require(isinstance(data, dict), f"engine must be a mapping, got {type(data).__name__}")
     hints = {name: hint for group in _ENGINE_GROUPS for name, hint in typing.get_type_hints(group).items()}
     _check_keys(data, hints, "engine")
     kwargs = {key: _coerce(value, hints[key], f"engine.{key}") for key, value in data.items()}
@@ -198,7 +193,7 @@ def _engine_from_dict(data: dict) -> EngineConfig:
 
 def _build(cls, data: Any, path: str):
     """A frozen dataclass from a mapping: unknown keys, types and values are checked, nested dataclasses recurse."""
-    _require(isinstance(data, dict), f"{path} must be a mapping, got {type(data).__name__}")
+    require(isinstance(data, dict), f"{path} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     _check_keys(data, hints, path)
     kwargs = {}
@@ -228,15 +223,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
     if origin is Literal:
-        _require(value in args, f"{where} must be one of {args}, got {value!r}")
+        require(value in args, f"{where} must be one of {args}, got {value!r}")
         return value
     if hint is bool:
-        _require(isinstance(value, bool), f"{where} must be true or false, got {value!r}")
+        require(isinstance(value, bool), f"{where} must be true or false, got {value!r}")
     elif hint is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), f"{where} must be an integer, got {value!r}")
+        require(isinstance(value, int) and not isinstance(value, bool), f"{where} must be an integer, got {value!r}")
     elif hint is float:
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} must be a number, got {value!r}")
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} must be a number, got {value!r}")
         return float(value)
     elif hint is str:
-        _require(isinstance(value, str), f"{where} must be a string, got {value!r}")
+        require(isinstance(value, str), f"{where} must be a string, got {value!r}")
     return value

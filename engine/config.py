@@ -21,7 +21,8 @@ _DEVICES = ("auto", "cpu", "cuda")
 _POLICIES = ("fcfs", "priority")
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """The project's validation idiom: a ValueError whose message names the field and the limit."""
     if not ok:
         raise ValueError(message)
 
@@ -39,10 +40,10 @@ class ModelConfig:
     enforce_eager: bool = False  # CUDA: no decode graphs (debugging, or to save capture time)
 
     def __post_init__(self) -> None:
-        _require(bool(self.model), "model must be a non-empty string")
-        _require(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        _require(self.device in _DEVICES, f"device must be one of {_DEVICES}, got {self.device!r}")
-        _require(
+        require(bool(self.model), "model must be a non-empty string")
+        require(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        require(self.device in _DEVICES, f"device must be one of {_DEVICES}, got {self.device!r}")
+        require(
             self.max_model_len is None or self.max_model_len >= 1,
             f"max_model_len must be >= 1, got {self.max_model_len}",
         )
@@ -59,13 +60,13 @@ class CacheConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
-        _require(
+        require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        require(
             0.0 < self.gpu_memory_utilization <= 1.0,
             f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}",
         )
-        _require(self.cpu_kv_cache_gib > 0, f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
-        _require(
+        require(self.cpu_kv_cache_gib > 0, f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+        require(
             self.num_blocks is None or self.num_blocks >= 1,
             f"num_blocks must be >= 1, got {self.num_blocks}",
         )
@@ -83,14 +84,14 @@ class SchedulerConfig:
     max_waiting: int | None = None  # queue limit; None is unbounded (the cluster sets one for backpressure)
 
     def __post_init__(self) -> None:
-        _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        _require(
+        require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        require(
             self.max_num_batched_tokens >= 1,
             f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}",
         )
-        _require(self.policy in _POLICIES, f"policy must be one of {_POLICIES}, got {self.policy!r}")
-        _require(self.aging_steps >= 1, f"aging_steps must be >= 1, got {self.aging_steps}")
-        _require(
+        require(self.policy in _POLICIES, f"policy must be one of {_POLICIES}, got {self.policy!r}")
+        require(self.aging_steps >= 1, f"aging_steps must be >= 1, got {self.aging_steps}")
+        require(
             self.max_waiting is None or self.max_waiting >= 1,
             f"max_waiting must be >= 1, got {self.max_waiting}",
         )
@@ -103,7 +104,7 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.tensor_parallel_size >= 1,
             f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}",
         )

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.config import require
+
 MAX_N = 64
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
 _SEED_LIMIT = 2**63
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 def _as_tuple(value, name: str) -> tuple:
@@ -62,58 +59,58 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def _validate(self) -> None:
-        _require(isinstance(self.n, int) and 1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}], got {self.n}")
-        _require(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
-        _require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
-        _require(
+        require(isinstance(self.n, int) and 1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}], got {self.n}")
+        require(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        require(
             isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
             f"top_k must be -1 (disabled) or >= 1, got {self.top_k}",
         )
-        _require(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
-        _require(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        _require(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        _require(
+        require(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
+        require(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        require(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        require(
             -2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"
         )
-        _require(
+        require(
             self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < _SEED_LIMIT),
             f"seed must be in [0, 2**63), got {self.seed}",
         )
-        _require(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
-        _require(
+        require(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
+        require(
             isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
             f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
         )
-        _require(
+        require(
             self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
             f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
         )
         self._validate_stops()
 
     def _validate_stops(self) -> None:
-        _require(
+        require(
             len(self.stop) <= MAX_STOP_STRINGS, f"stop must have at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}"
         )
         for s in self.stop:
-            _require(isinstance(s, str) and s != "", "stop strings must be non-empty strings")
-            _require(
+            require(isinstance(s, str) and s != "", "stop strings must be non-empty strings")
+            require(
                 len(s) <= MAX_STOP_STRING_CHARS,
                 f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters, got {len(s)}",
             )
-        _require(
+        require(
             len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
             f"stop_token_ids must have at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}",
         )
         for t in self.stop_token_ids:
-            _require(isinstance(t, int) and t >= 0, f"stop_token_ids must be ids >= 0, got {t}")
+            require(isinstance(t, int) and t >= 0, f"stop_token_ids must be ids >= 0, got {t}")
 
     def validate_for_model(self, num_prompt_tokens: int, vocab_size: int, max_model_len: int) -> None:
         """Checks that need the model: context length and vocabulary."""
-        _require(num_prompt_tokens >= 1, "prompt must not be empty")
-        _require(
+        require(num_prompt_tokens >= 1, "prompt must not be empty")
+        require(
             num_prompt_tokens + self.max_tokens <= max_model_len,
             f"prompt length ({num_prompt_tokens}) + max_tokens ({self.max_tokens}) must be <= "
             f"max_model_len ({max_model_len})",
         )
         for t in self.stop_token_ids:
-            _require(t < vocab_size, f"stop_token_ids must be < vocab_size ({vocab_size}), got {t}")
+            require(t < vocab_size, f"stop_token_ids must be < vocab_size ({vocab_size}), got {t}")

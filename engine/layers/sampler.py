@@ -104,20 +104,7 @@ class SamplingBatch:
         ]
         # Greedy rows skip top-k/top-p/min-p entirely, so their settings do not switch paths on.
         sampled = [p for p, g in zip(params, greedy) if not g]
-        # One host-to-device copy for all per-row numbers: (8, B).
-        floats = torch.tensor(
-            [
-                [1.0 if g else p.temperature for p, g in zip(params, greedy)],
-                [float(g) for g in greedy],
-                [float(k) for k in top_ks],
-                [p.top_p for p in params],
-                [p.min_p for p in params],
-                [p.repetition_penalty for p in params],
-                [p.frequency_penalty for p in params],
-                [p.presence_penalty for p in params],
-            ],
-            dtype=torch.float64,  # exact for every top_k
-        ).to(device)
+        floats = _per_row_numbers(params, greedy, top_ks, device)
         prompt_mask, output_counts = None, None
         if penalized:
             prompt_mask = _token_mask([prompt_token_ids[i] for i in penalized], vocab_size, device)
@@ -149,6 +136,23 @@ class SamplingBatch:
             num_logprobs=tuple(p.logprobs for p in params),
             vocab_size=vocab_size,
         )
+
+
+def _per_row_numbers(params: list[SamplingParams], greedy: list[bool], top_ks: list[int], device) -> Tensor:
+    """One host-to-device copy for all per-row numbers: (8, B) float64 (exact for every top_k)."""
+    return torch.tensor(
+        [
+            [1.0 if g else p.temperature for p, g in zip(params, greedy)],
+            [float(g) for g in greedy],
+            [float(k) for k in top_ks],
+            [p.top_p for p in params],
+            [p.min_p for p in params],
+            [p.repetition_penalty for p in params],
+            [p.frequency_penalty for p in params],
+            [p.presence_penalty for p in params],
+        ],
+        dtype=torch.float64,
+    ).to(device)
 
 
 def _flat_indices(token_lists: list[list[int]], vocab_size: int, device: torch.device) -> Tensor:
