@@ -30,6 +30,29 @@ class AttentionMetadata:
     max_seq_len: int
     block_size: int
 
+    @classmethod
+    def dummy(cls, query_lens: list[int], context_lens: list[int], block_size: int, device: torch.device) -> "AttentionMetadata":
+        """A batch that writes nothing: every slot is -1 (the cache write skips it) and every block
+        table row points at block 0. For memory profiles and kernel warm-up, never for real tokens."""
+        i32 = dict(dtype=torch.int32, device=device)
+        seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+        starts = [0]
+        for q in query_lens:
+            starts.append(starts[-1] + q)
+        max_blocks = max(1, -(-max(seq_lens) // block_size))
+        return cls(
+            slot_mapping=torch.full((starts[-1],), -1, dtype=torch.long, device=device),
+            query_start_loc=torch.tensor(starts, **i32),
+            seq_lens=torch.tensor(seq_lens, **i32),
+            context_lens=torch.tensor(context_lens, **i32),
+            block_tables=torch.zeros((len(query_lens), max_blocks), **i32),
+            query_lens_cpu=list(query_lens),
+            seq_lens_cpu=seq_lens,
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            block_size=block_size,
+        )
+
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens_cpu)

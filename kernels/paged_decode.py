@@ -25,7 +25,9 @@ MIN_TOKENS_PER_SPLIT = 256  # below this a split costs more to reduce than it sa
 MAX_SPLITS = 64
 
 
-@triton.jit
+# Values that change from step to step are not specialized on: Triton would otherwise compile a new
+# variant whenever one of them turns 1 or a multiple of 16, in the middle of serving.
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _paged_decode_kernel(
     q_ptr,  # (B, Hq, D)
     cache_ptr,  # (2, num_blocks, block_size, Hkv, D)
@@ -108,7 +110,7 @@ def _paged_decode_kernel(
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_decode_reduce_kernel(
     out_ptr,  # (B, Hq, D)
     part_acc_ptr,  # (B, Hq, num_splits, D) float32

@@ -67,7 +67,8 @@ def _attend_tiles(
     return m_i, l_i, acc
 
 
-@triton.jit
+# Batch-dependent integers are not specialized on (no recompile when they turn 1 or a multiple of 16).
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_prefill_kernel(
     q_ptr,  # (T, Hq, D)
     cache_ptr,  # (2, num_blocks, block_size, Hkv, D)

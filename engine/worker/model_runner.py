@@ -34,14 +34,24 @@ class CachedRequestState:
     num_computed_tokens: int
     prompt_token_ids: list[int] = field(init=False)  # views the sampler reads every step, kept
     output_token_ids: list[int] = field(init=False)  # in step with token_ids instead of sliced per step
+    plain_greedy: bool = field(init=False)  # argmax of the raw logits is all its sampling needs
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = self.token_ids[: self.num_prompt_tokens]
         self.output_token_ids = self.token_ids[self.num_prompt_tokens :]
+        self.plain_greedy = _is_plain_greedy(self.sampling_params)
 
     def append(self, token_id: int) -> None:
         self.token_ids.append(token_id)
         self.output_token_ids.append(token_id)
+
+
+def _is_plain_greedy(params: SamplingParams) -> bool:
+    """Temperature 0 and nothing that changes or reports the logits: no penalties, bans, logprobs."""
+    return (
+        params.temperature == 0.0 and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
+        and params.presence_penalty == 0.0 and params.min_tokens == 0 and params.logprobs is None
+    )
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,7 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.device = device
+        self.max_model_len = max_model_len
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
         self.graphs: DecodeGraphs | None = None
@@ -91,6 +102,33 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)  # (T, H)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, V) float32
         return self._sample(scheduled, inputs.sample_req_ids, logits)
+
+    @torch.inference_mode()
+    def warm_up(self, max_num_tokens: int, max_num_seqs: int) -> None:
+        """Run each kernel variant a step can need once, so Triton compiles them at start-up and not
+        while the first requests wait: the prefill kernel's long- and short-chunk tile configs (a
+        mixed batch with a decode row), and eager decode with and without split-K. Nothing is
+        written to the KV cache."""
+        max_len = self.max_model_len or max_num_tokens
+        long_chunk = min(max_num_tokens, max_len, 512)
+        decode_rows = max(1, min(max_num_seqs, max_num_tokens))
+        batches = [
+            ([long_chunk], [0]),
+            ([min(16, long_chunk), 1], [0, min(32, max_len - 1)]),
+            ([1], [max_len - 1]),
+            ([1] * decode_rows, [0] * decode_rows),
+        ]
+        for query_lens, context_lens in batches:
+            attn = AttentionMetadata.dummy(query_lens, context_lens, self.block_size, self.device)
+            num_tokens = sum(query_lens)
+            ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+            positions = torch.cat([torch.arange(c, c + q, device=self.device) for q, c in zip(query_lens, context_lens)])
+            hidden = self.model(ids, positions, self.kv_caches, attn)
+            logits = self.model.compute_logits(hidden[attn.query_start_loc[1:] - 1])
+            if logits is not None:  # None on tensor-parallel ranks other than the first
+                logits.argmax(dim=-1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _update_states(self, scheduled: SchedulerOutput) -> None:
         for req_id in scheduled.finished_req_ids:
@@ -165,6 +203,11 @@ class ModelRunner:
     def _sample_rows(self, sample_req_ids: list[str], logits: torch.Tensor) -> dict:
         """Sample one token per row; the runner appends it to its own copy of the request."""
         states = [self.requests[r] for r in sample_req_ids]
+        if all(s.plain_greedy for s in states):  # the common serving case: no per-row tensors to build
+            token_ids = logits.argmax(dim=-1).tolist()
+            for state, token_id in zip(states, token_ids):
+                state.append(token_id)
+            return {r: (t, None) for r, t in zip(sample_req_ids, token_ids)}
         batch = SamplingBatch.build(
             [s.sampling_params for s in states],
             [s.prompt_token_ids for s in states],

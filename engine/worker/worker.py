@@ -94,7 +94,8 @@ class Worker:
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         pos = torch.arange(num_tokens, device=self.device)
         empty = [torch.empty(0, device=self.device, dtype=self.dtype)] * self.spec.num_layers
-        hidden = self.model(ids, pos, empty, _single_sequence_metadata(num_tokens, self.config.cache.block_size, self.device))
+        meta = AttentionMetadata.dummy([num_tokens], [0], self.config.cache.block_size, self.device)
+        hidden = self.model(ids, pos, empty, meta)
         self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs :])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
@@ -117,23 +118,8 @@ class Worker:
             from engine.worker.tp_runner import TPModelRunner  # rank 0 samples, the others receive its tokens
 
             self.runner = TPModelRunner(*args, tp=self.tp)
+        if self.device.type == "cuda":
+            self.runner.warm_up(self.config.scheduler.max_num_batched_tokens, self.config.scheduler.max_num_seqs)
 
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduled)
-
-
-def _single_sequence_metadata(num_tokens: int, block_size: int, device: torch.device) -> AttentionMetadata:
-    """Metadata of one fresh sequence of ``num_tokens`` tokens, for the memory profile (no cache)."""
-    i32 = dict(dtype=torch.int32, device=device)
-    return AttentionMetadata(
-        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=device),
-        query_start_loc=torch.tensor([0, num_tokens], **i32),
-        seq_lens=torch.tensor([num_tokens], **i32),
-        context_lens=torch.tensor([0], **i32),
-        block_tables=torch.zeros((1, 1), **i32),
-        query_lens_cpu=[num_tokens],
-        seq_lens_cpu=[num_tokens],
-        max_query_len=num_tokens,
-        max_seq_len=num_tokens,
-        block_size=block_size,
-    )

@@ -1,0 +1,149 @@
+"""Where a step's time goes: host phases and GPU kernels of the offline engine loop.
+
+Runs an offline workload through ``LLMEngine`` one phase at a time, synchronizing the GPU after
+each phase so that every millisecond lands in exactly one row:
+
+    schedule | execute (inputs, forward, logits, sample, D2H) | update | emit
+
+then profiles a few pure-decode steps with ``torch.profiler`` and lists the top kernels by GPU time.
+Not a throughput benchmark (the synchronizations cost time): use it to see what to fix.
+
+    python -m bench.profile_step --shape llama-3.1-8b --num-requests 128 --input-len 512 --output-len 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.offline import make_workload
+from bench.random_models import make_random_model
+from bench.report import environment, markdown_table
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _phase_breakdown(engine, params, workload) -> dict:
+    from engine.output_processor import OutputKind
+
+    for i, (prompt, _) in enumerate(workload):
+        engine.add_request(f"p{i}", {"prompt_token_ids": prompt}, params[i], output_kind=OutputKind.FINAL)
+    totals = {"schedule": 0.0, "execute": 0.0, "update": 0.0, "emit": 0.0}
+    decode = dict(totals)
+    steps = decode_steps = 0
+    other_steps: list[dict] = []  # every step that is not pure decode: tokens and execute ms
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        scheduled = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        result = engine.executor.execute_model(scheduled)
+        _sync()
+        t2 = time.perf_counter()
+        updated = engine.scheduler.update_from_output(scheduled, result)
+        t3 = time.perf_counter()
+        engine._emit(updated)
+        t4 = time.perf_counter()
+        times = dict(zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)))
+        steps += 1
+        is_decode = not scheduled.new_reqs and scheduled.total_num_scheduled_tokens == len(scheduled.num_scheduled_tokens)
+        decode_steps += is_decode
+        if not is_decode:
+            other_steps.append({"tokens": scheduled.total_num_scheduled_tokens, "seqs": len(scheduled.num_scheduled_tokens),
+                                "new": len(scheduled.new_reqs), "execute_ms": 1e3 * (t2 - t1)})
+        for k, v in times.items():
+            totals[k] += v
+            if is_decode:
+                decode[k] += v
+    return {
+        "steps": steps, "decode_steps": decode_steps,
+        "ms_per_step_all": {k: 1e3 * v / steps for k, v in totals.items()},
+        "ms_per_decode_step": {k: 1e3 * v / max(1, decode_steps) for k, v in decode.items()},
+        "seconds_total": sum(totals.values()),
+        "non_decode_steps": other_steps,
+    }
+
+
+def _kernel_table(engine, params, workload, num_steps: int, prefill: bool = False) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.output_processor import OutputKind
+
+    for i, (prompt, _) in enumerate(workload):
+        engine.add_request(f"k{i}", {"prompt_token_ids": prompt}, params[i], output_kind=OutputKind.FINAL)
+    while not prefill and (engine.scheduler.num_waiting or any(
+        r.num_tokens - r.num_computed_tokens > 1 for r in engine.scheduler.running
+    )):
+        engine.step()  # through every prefill: what follows is pure decode
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(num_steps):
+            engine.step()
+        _sync()
+    engine.abort_request([f"k{i}" for i in range(len(workload))])
+    rows = []
+    for e in prof.key_averages():
+        gpu_us = getattr(e, "device_time_total", 0.0)
+        cpu_us = e.self_cpu_time_total
+        if gpu_us > 0 or cpu_us > 200 * num_steps:
+            rows.append({"name": e.key[:90], "calls_per_step": e.count / num_steps,
+                         "gpu_ms_per_step": gpu_us / 1e3 / num_steps, "self_cpu_ms_per_step": cpu_us / 1e3 / num_steps})
+    rows.sort(key=lambda r: -(r["gpu_ms_per_step"] + r["self_cpu_ms_per_step"]))
+    return rows[:40]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3.1-8b")
+    ap.add_argument("--model", type=Path, default=None, help="an existing HF folder instead of a random --shape")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--num-requests", type=int, default=128)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--model-dir", type=Path, default=Path("/tmp/pagoda-models"))
+    ap.add_argument("--out", type=Path, default=Path("/tmp/pagoda-out"))
+    args = ap.parse_args()
+
+    from engine import LLM, SamplingParams
+    from engine.loader import load_hf_config
+
+    path = args.model or make_random_model(args.shape, args.model_dir / args.shape)
+    workload = make_workload("fixed", args.num_requests, args.input_len, args.output_len, load_hf_config(path).vocab_size)
+    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in workload]
+    llm = LLM(model=str(path), dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device, max_num_seqs=max(args.num_requests, 16),
+              max_num_batched_tokens=8192, max_model_len=args.input_len + args.output_len + 16)
+    vocab = load_hf_config(path).vocab_size
+    fresh = [make_workload("fixed", args.num_requests, args.input_len, args.output_len, vocab, seed) for seed in (1, 2, 3)]
+    warm = make_workload("fixed", 4, args.input_len, 8, vocab, seed=4)
+    llm.generate([{"prompt_token_ids": p} for p, _ in warm], params[:4], use_tqdm=False)
+    # Each pass gets its own prompts: repeated ones would hit the prefix cache and skip their prefill.
+    cold = _phase_breakdown(llm.engine, params, fresh[0])  # first pass: Triton compiles for new shapes
+    phases = _phase_breakdown(llm.engine, params, workload)
+    prefill_kernels = _kernel_table(llm.engine, params, fresh[1], 2, prefill=True)
+    kernels = _kernel_table(llm.engine, params, fresh[2], args.profile_steps)
+    name = f"profile_{args.shape}_{args.num_requests}x{args.input_len}"
+    result = {"benchmark": name, "workload": vars(args) | {"model_dir": None, "out": None, "model": str(args.model) if args.model else None},
+              "environment": environment(), "cold_phases": cold, "phases": phases,
+              "kernels": kernels, "prefill_kernels": prefill_kernels}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    phase_rows = [{"phase": k, "ms/step (all)": phases["ms_per_step_all"][k], "ms/decode step": phases["ms_per_decode_step"][k]}
+                  for k in phases["ms_per_step_all"]]
+    table = markdown_table(phase_rows, ["phase", "ms/step (all)", "ms/decode step"]) + "\n\n" + markdown_table(
+        kernels, ["name", "calls_per_step", "gpu_ms_per_step", "self_cpu_ms_per_step"]) + "\n\nfirst two steps (prefill):\n" + markdown_table(
+        prefill_kernels, ["name", "calls_per_step", "gpu_ms_per_step", "self_cpu_ms_per_step"]) + "\n\n" + markdown_table(
+        phases["non_decode_steps"], ["tokens", "seqs", "new", "execute_ms"]) + f"\n\ncold pass: {cold['seconds_total']:.2f} s, warm pass: {phases['seconds_total']:.2f} s"
+    (args.out / f"{name}.md").write_text(table + "\n")
+    print(f"{phases['steps']} steps ({phases['decode_steps']} decode), {phases['seconds_total']:.2f} s")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
