@@ -1,12 +1,22 @@
 """Replica metrics through ``ray.util.metrics``: the Ray dashboard and Ray's Prometheus endpoint see them.
 
-Names follow vLLM's (``vllm:num_requests_running`` -> ``pagoda:num_requests_running``). Ray 2.60
-deprecates ':' in metric names, so each metric is registered as ``pagoda_<x>`` and Ray's exporter
-adds its ``ray_`` prefix; what Prometheus scrapes is (see ``prometheus_series``)::
+Names follow vLLM's (``vllm:num_requests_running`` -> ``pagoda:num_requests_running``), and that is
+what Prometheus stores and dashboards query. Ray 2.60 deprecates ':' in metric names
+(``ray/util/metrics.py``, ``Metric.__init__``: "Metric name {name} contains a : character, which is
+no longer allowed. Please migrate to the new metric name format. This will be an error in the
+future." — a ``FutureWarning``), so each metric is registered as ``pagoda_<x>`` and Ray's exporter
+adds its ``ray_`` prefix. The PodMonitor (``deploy/k8s/base/podmonitor.yaml``) renames them back at
+scrape time (``metricRelabelings``: ``__name__`` ``ray_pagoda_(.+)`` -> ``pagoda:$1``), keeping the
+suffixes of the Prometheus text format::
 
-    pagoda:num_requests_running          gauge      ray_pagoda_num_requests_running
-    pagoda:prompt_tokens                 counter    ray_pagoda_prompt_tokens_total
-    pagoda:time_to_first_token_seconds   histogram  ray_pagoda_time_to_first_token_seconds_{bucket,sum,count}
+    spec.name (kind)                      on Ray's endpoint (ray_series)            in Prometheus (prometheus_series)
+    pagoda:num_requests_running (gauge)   ray_pagoda_num_requests_running           pagoda:num_requests_running
+    pagoda:prompt_tokens (counter)        ray_pagoda_prompt_tokens_total            pagoda:prompt_tokens_total
+    pagoda:time_to_first_token_seconds    ray_pagoda_time_to_first_token_seconds_   pagoda:time_to_first_token_seconds_
+      (histogram)                           {bucket,sum,count}                        {bucket,sum,count}
+
+The relabeling rule is the only place the renaming is written down; tests apply it to a live scrape
+and to ``ray_series`` and expect ``prometheus_series``.
 
 Labels: ``model`` and ``replica`` everywhere (Ray adds its own, e.g. ``SessionName``, ``NodeAddress``);
 request metrics also carry ``priority``.
@@ -35,13 +45,14 @@ _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                     240.0, 480.0, 960.0, 1920.0, 7680.0)  # vLLM's e2e buckets
 
+RAY_EXPORT_PREFIX = "ray_"  # what Ray's exporter puts before an application metric's name
 REPLICA_TAGS = ("model", "replica")
 REQUEST_TAGS = ("model", "replica", "priority")
 
 
 @dataclass(frozen=True)
 class MetricSpec:
-    name: str  # vLLM style, "pagoda:<x>"
+    name: str  # vLLM style, "pagoda:<x>": the name Prometheus stores (see the module docstring)
     kind: str  # "gauge" | "counter" | "histogram"
     description: str
     tag_keys: tuple[str, ...] = REPLICA_TAGS
@@ -51,11 +62,6 @@ class MetricSpec:
     def ray_name(self) -> str:
         """The name given to ``ray.util.metrics`` (no ':', which Ray 2.60 deprecates)."""
         return self.name.replace(":", "_")
-
-    @property
-    def prometheus_name(self) -> str:
-        """The base name on Ray's Prometheus endpoint (Ray prefixes ``ray_``)."""
-        return "ray_" + self.ray_name
 
 
 METRICS: tuple[MetricSpec, ...] = (
@@ -80,19 +86,23 @@ METRICS: tuple[MetricSpec, ...] = (
 BY_NAME = {m.name: m for m in METRICS}
 
 
+def ray_series(spec: MetricSpec) -> tuple[str, ...]:
+    """The sample names ``spec`` has on Ray's Prometheus endpoint (Ray's exporter prefixes ``ray_``)."""
+    return _samples(RAY_EXPORT_PREFIX + spec.ray_name, spec.kind)
+
+
 def prometheus_series(spec: MetricSpec) -> tuple[str, ...]:
-    """Every series name ``spec`` exposes on Ray's Prometheus endpoint."""
-    base = spec.prometheus_name
-    if spec.kind == "counter":
+    """The sample names Prometheus stores for ``spec`` once the PodMonitor renamed Ray's (vLLM's names)."""
+    return _samples(spec.name, spec.kind)
+
+
+def _samples(base: str, kind: str) -> tuple[str, ...]:
+    """A metric's sample names in the Prometheus text format."""
+    if kind == "counter":
         return (base + "_total",)
-    if spec.kind == "histogram":
+    if kind == "histogram":
         return (base + "_bucket", base + "_sum", base + "_count")
     return (base,)
-
-
-def exposed_series() -> frozenset[str]:
-    """All series names pagoda exposes (what dashboards may query)."""
-    return frozenset(s for spec in METRICS for s in prometheus_series(spec))
 
 
 @dataclass

@@ -3,16 +3,20 @@
 
     import_path: cluster.api.ingress:build_app
     args: { engine: {...}, deployment: {...}, router: {...}, autoscaling: {...},
-            api: { host: 0.0.0.0, http_port: 8080, grpc_port: 50051, api_key: ... } }   # ApiConfig fields
+            api: { host: 0.0.0.0, http_port: 8001, grpc_port: 50051 } }   # ApiConfig fields
 
 The engine application is the same as ``cluster.app:build_app``; in front of it one ingress
-replica (fixed ports: one per node at most) runs ``ApiServers`` over a handle to the engine
-deployment, so requests still go through the KV-aware router and ``PagodaClient``.
+replica runs ``ApiServers`` over a handle to the engine deployment, so requests still go through
+the KV-aware router and ``PagodaClient`` — what ``pagoda serve`` runs in its own process. The
+replica is pinned to the Ray head node: its ports are fixed, and on Kubernetes the head pod's
+service is the one that carries them (deploy/k8s). As with ``pagoda serve``, a missing
+``api.api_key`` falls back to ``$PAGODA_API_KEY`` (of the replica's process: the head pod's env).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from ray import serve
 
@@ -22,11 +26,18 @@ from cluster.app import application
 from cluster.config import AppConfig
 
 INGRESS_SUFFIX = "-api"
+API_KEY_ENV = "PAGODA_API_KEY"
+# Ray gives every head node this resource (ray._common.constants.HEAD_NODE_RESOURCE_NAME); Serve pins
+# its controller with the same 0.001 of it.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 class ApiIngress:
     def __init__(self, engine, config: dict, api: dict) -> None:
-        self.servers = ApiServers.start(engine, AppConfig.from_dict(config), ApiConfig(**api))
+        api_config = ApiConfig(**api)
+        if api_config.api_key is None:
+            api_config = dataclasses.replace(api_config, api_key=os.environ.get(API_KEY_ENV) or None)
+        self.servers = ApiServers.start(engine, AppConfig.from_dict(config), api_config)
 
     def endpoints(self) -> dict:
         """Where this replica listens (ports resolved when the config asked for 0)."""
@@ -57,5 +68,6 @@ def build_app(args: dict | None = None):
     api = ApiConfig(**api_fields)
     config = AppConfig.from_dict(args)
     ingress = serve.deployment(ApiIngress).options(
-        name=config.deployment.name + INGRESS_SUFFIX, num_replicas=1, ray_actor_options={"num_cpus": 0})
+        name=config.deployment.name + INGRESS_SUFFIX, num_replicas=1,
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}})
     return ingress.bind(application(config), config.to_dict(), dataclasses.asdict(api))

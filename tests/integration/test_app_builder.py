@@ -11,10 +11,12 @@ import pytest
 import yaml
 
 pytest.importorskip("ray")
+from ray import serve
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
 from cluster.app import build_app, deployment_options
 from cluster.config import AppConfig
+from cluster.replica import LLMReplica
 from cluster.router import PagodaRouter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,10 +58,36 @@ def test_pow2_policy_uses_serves_default_router():
 def test_replica_resources_follow_the_device_and_tensor_parallelism():
     gpu_tp1 = deployment_options(AppConfig.from_dict({"engine": {"device": "cuda"}}))
     assert gpu_tp1["ray_actor_options"]["num_gpus"] == 1
-    gpu_tp2 = deployment_options(AppConfig.from_dict({"engine": {"device": "cuda", "tensor_parallel_size": 2},
-                                                      "deployment": {"cpus_per_replica": 2}}))
-    assert gpu_tp2["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 2}  # ranks are processes of the replica
+    assert "placement_group_bundles" not in gpu_tp1
     cpu = deployment_options(AppConfig.from_dict({"engine": {"device": "cpu"}}))
     assert cpu["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0}
+
+
+def test_tp_replicas_reserve_a_bundle_per_rank_actor():
+    """TP > 1 defaults to the Ray executor: the replica takes bundle 0 (no GPU), rank i bundle i + 1."""
+    gpu_tp2 = AppConfig.from_dict({"engine": {"device": "cuda", "tensor_parallel_size": 2},
+                                   "deployment": {"cpus_per_replica": 2}})
+    assert gpu_tp2.engine.parallel.distributed_executor_backend == "ray"
+    options = deployment_options(gpu_tp2)
+    assert options["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0}
+    assert options["placement_group_bundles"] == [{"CPU": 2.0}, {"GPU": 1.0}, {"GPU": 1.0}]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
     cpu_tp2 = deployment_options(AppConfig.from_dict({"engine": {"device": "cpu", "tensor_parallel_size": 2}}))
+    assert cpu_tp2["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0}
+    assert cpu_tp2["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}]
+    # Serve accepts the options (it checks that the replica fits bundle 0).
+    serve.deployment(LLMReplica).options(**options).bind({})
+
+
+def test_mp_backend_keeps_the_ranks_inside_one_replica_actor():
+    engine = {"device": "cuda", "tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+    gpu_tp2 = deployment_options(AppConfig.from_dict({"engine": engine, "deployment": {"cpus_per_replica": 2}}))
+    assert gpu_tp2["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 2}  # ranks are processes of the replica
+    assert "placement_group_bundles" not in gpu_tp2
+    cpu_tp2 = deployment_options(AppConfig.from_dict({"engine": {**engine, "device": "cpu"}}))
     assert cpu_tp2["ray_actor_options"] == {"num_cpus": 3.0, "num_gpus": 0}
+
+
+def test_a_bad_executor_backend_is_named():
+    with pytest.raises(ValueError, match=r"^engine\.distributed_executor_backend must be one of \('mp', 'ray'\)"):
+        AppConfig.from_dict({"engine": {"distributed_executor_backend": "slurm"}})

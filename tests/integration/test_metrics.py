@@ -1,5 +1,7 @@
-"""Replica metrics as Prometheus sees them: a local Ray cluster exports on 127.0.0.1, one replica of the
-embedded model serves a known load, and every pagoda metric is scraped with counts equal to that load.
+"""Replica metrics as Prometheus stores them: a local Ray cluster exports on 127.0.0.1, one replica of the
+embedded model serves a known load, the scrape goes through the PodMonitor's metricRelabelings (read
+from the rendered manifests, applied with Prometheus' semantics), and every ``pagoda:`` metric is there
+with counts equal to that load.
 
 The KV cache is kept tiny so that concurrent requests preempt each other (the preemption counter
 moves), and the prompts share a prefix longer than a block (prefix-cache hits move).
@@ -21,9 +23,10 @@ from ray import serve
 from cluster.app import deploy
 from cluster.client import PagodaClient
 from cluster.config import AppConfig
-from cluster.metrics import BY_NAME, METRICS, prometheus_series
+from cluster.metrics import BY_NAME, METRICS, RAY_EXPORT_PREFIX, prometheus_series
 from engine import SamplingParams
 from engine.tokenizer import load_tokenizer
+from tests.relabel import metric_relabelings, relabel
 
 MAX_TOKENS = 56
 PREFIX = "You are a careful assistant. Answer in one short sentence, and never repeat the question back. "
@@ -39,6 +42,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(embedded_path):
+    metric_relabelings()  # skips before Ray starts if the manifests cannot be rendered (no kubectl)
     port = _free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 500})
@@ -57,15 +61,19 @@ def served(embedded_path):
 
 
 def scrape(port: int, model: str) -> dict[str, dict[tuple, float]]:
-    """series name -> {labels (without Ray's own) -> value}, for pagoda's series of ``model``."""
+    """series name as Prometheus stores it -> {labels (without Ray's own) -> value}, for pagoda's series
+    of ``model``: every scraped sample goes through the PodMonitor's metricRelabelings first."""
+    rules = metric_relabelings()
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out: dict[str, dict[tuple, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith("ray_pagoda_") and sample.labels.get("model") == model:
-                labels = tuple(sorted((k, v) for k, v in sample.labels.items()
-                                      if k in ("priority", "le", "replica")))
-                out.setdefault(sample.name, {})[labels] = sample.value
+            labels = relabel({**sample.labels, "__name__": sample.name}, rules)
+            name = labels["__name__"]
+            assert not name.startswith(RAY_EXPORT_PREFIX + "pagoda_"), f"{sample.name} kept Ray's name"
+            if name.startswith("pagoda:") and labels.get("model") == model:
+                key = tuple(sorted((k, v) for k, v in labels.items() if k in ("priority", "le", "replica")))
+                out.setdefault(name, {})[key] = sample.value
     return out
 
 
@@ -86,16 +94,16 @@ def test_every_metric_is_exported_with_counts_equal_to_the_load(served):
     prompt_ids, outs, engine = asyncio.run(load())
     assert all(len(o.token_ids) == MAX_TOKENS for o in outs)
     expected = {
-        "ray_pagoda_request_success_total": len(PROMPTS),
-        "ray_pagoda_generation_tokens_total": len(PROMPTS) * MAX_TOKENS,
-        "ray_pagoda_prompt_tokens_total": sum(len(i) for i in prompt_ids),
-        "ray_pagoda_time_to_first_token_seconds_count": len(PROMPTS),
-        "ray_pagoda_e2e_request_latency_seconds_count": len(PROMPTS),
-        "ray_pagoda_request_queue_time_seconds_count": len(PROMPTS),
-        "ray_pagoda_inter_token_latency_seconds_count": len(PROMPTS) * (MAX_TOKENS - 1),
-        "ray_pagoda_prefix_cache_queries_total": engine["prefix_cache_queries"],
-        "ray_pagoda_prefix_cache_hits_total": engine["prefix_cache_hits"],
-        "ray_pagoda_num_preemptions_total": engine["num_preemptions"],
+        "pagoda:request_success_total": len(PROMPTS),
+        "pagoda:generation_tokens_total": len(PROMPTS) * MAX_TOKENS,
+        "pagoda:prompt_tokens_total": sum(len(i) for i in prompt_ids),
+        "pagoda:time_to_first_token_seconds_count": len(PROMPTS),
+        "pagoda:e2e_request_latency_seconds_count": len(PROMPTS),
+        "pagoda:request_queue_time_seconds_count": len(PROMPTS),
+        "pagoda:inter_token_latency_seconds_count": len(PROMPTS) * (MAX_TOKENS - 1),
+        "pagoda:prefix_cache_queries_total": engine["prefix_cache_queries"],
+        "pagoda:prefix_cache_hits_total": engine["prefix_cache_hits"],
+        "pagoda:num_preemptions_total": engine["num_preemptions"],
     }
     assert engine["prefix_cache_hits"] > 0 and engine["num_preemptions"] > 0, engine  # the load exercised both
 
@@ -103,20 +111,22 @@ def test_every_metric_is_exported_with_counts_equal_to_the_load(served):
     while time.monotonic() < deadline:  # Ray exports every 0.5 s here; the poll thread every 0.25 s
         series = scrape(port, model)
         if all(total(series, name) == value for name, value in expected.items()) and \
-                total(series, "ray_pagoda_num_requests_running") == 0:
+                total(series, "pagoda:num_requests_running") == 0:
             break
         time.sleep(0.5)
     got = {name: total(series, name) for name in expected}
     assert got == expected
 
-    for spec in METRICS:  # every defined metric is on the endpoint under its documented name
+    for spec in METRICS:  # every defined metric is stored under its vLLM-style name
         for name in prometheus_series(spec):
-            assert name in series, f"{spec.name}: {name} not exported"
-    per_priority = {p: total(series, "ray_pagoda_request_success_total", priority=p) for p in (0, 1)}
+            assert name in series, f"{spec.name}: {name} not among the relabeled series"
+    per_priority = {p: total(series, "pagoda:request_success_total", priority=p) for p in (0, 1)}
     assert per_priority == {0: 2, 1: 2}
-    assert total(series, "ray_pagoda_num_requests_waiting") == 0
-    assert 0 <= total(series, "ray_pagoda_kv_cache_usage_perc") <= 1
-    buckets = series["ray_pagoda_time_to_first_token_seconds_bucket"]
+    gauges = ("pagoda:num_requests_running", "pagoda:num_requests_waiting", "pagoda:kv_cache_usage_perc")
+    assert all(g in series for g in gauges), sorted(series)  # total() reads a missing series as 0
+    assert total(series, "pagoda:num_requests_waiting") == 0
+    assert 0 <= total(series, "pagoda:kv_cache_usage_perc") <= 1
+    buckets = series["pagoda:time_to_first_token_seconds_bucket"]
     assert sum(v for labels, v in buckets.items() if ("le", "+Inf") in labels) == len(PROMPTS)
     assert BY_NAME["pagoda:time_to_first_token_seconds"].tag_keys == ("model", "replica", "priority")
 

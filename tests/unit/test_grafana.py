@@ -1,5 +1,6 @@
-"""The Grafana dashboard parses, and every series it queries is one that cluster/metrics.py exports
-(under Ray's Prometheus names), with labels those metrics carry; every pagoda metric has a panel."""
+"""The Grafana dashboard parses, and every series it queries is one Prometheus stores: a series
+cluster/metrics.py exports on Ray's endpoint, renamed by the PodMonitor's metricRelabelings (read from
+the rendered manifests), with labels those metrics carry; every pagoda metric has a panel."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import json
 import re
 from pathlib import Path
 
-from cluster.metrics import METRICS, exposed_series, prometheus_series
+from cluster.metrics import METRICS, prometheus_series, ray_series
+from tests.relabel import metric_relabelings, stored_name
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "pagoda.json"
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
@@ -45,12 +47,18 @@ def test_dashboard_parses_with_unique_panels():
     assert all({"x", "y", "w", "h"} <= set(p["gridPos"]) for p in d["panels"])
 
 
-def test_dashboard_names_only_exported_metrics():
-    exported = exposed_series()
+def stored_series() -> set[str]:
+    """pagoda's series as Prometheus stores them: Ray's sample names through the PodMonitor's rules."""
+    rules = metric_relabelings()
+    return {stored_name(name, rules) for spec in METRICS for name in ray_series(spec)}
+
+
+def test_dashboard_names_only_metrics_prometheus_stores():
+    stored = stored_series()
     for expr in queries(dashboard()):
         names = series_in(expr)
         assert names, f"no metric found in {expr!r}"
-        assert names <= exported, f"{expr!r} queries {sorted(names - exported)}, not exported by cluster/metrics.py"
+        assert names <= stored, f"{expr!r} queries {sorted(names - stored)}: not among the relabeled series"
 
 
 def test_dashboard_labels_exist_on_the_metrics():
@@ -70,5 +78,5 @@ def test_every_metric_has_a_panel():
 
 
 def test_the_extractor_finds_names():
-    expr = 'histogram_quantile(0.99, sum by (le) (rate(ray_pagoda_x_bucket{model=~"$model"}[$__rate_interval])))'
-    assert series_in(expr) == {"ray_pagoda_x_bucket"}
+    expr = 'histogram_quantile(0.99, sum by (le) (rate(pagoda:x_bucket{model=~"$model"}[$__rate_interval])))'
+    assert series_in(expr) == {"pagoda:x_bucket"}

@@ -1,31 +1,35 @@
 """The KubeRay manifests: every kustomization renders, every object validates, and the Serve config
-they embed is the one ``pagoda serve --config deploy/pagoda.yaml`` runs (plus the overlay's overrides).
+they embed runs what ``pagoda serve --config deploy/pagoda.yaml`` runs — the engine behind the router
+and the gRPC / OpenAI HTTP ingress — with that file's config (plus the base's ``api:`` section and the
+overlay's overrides).
 
 - RayService: the ``ray.io/v1`` openAPIV3Schema of KubeRay v1.7's CRD (``../shared/k8s/crds``), made
   strict about unknown fields the way the API server's pruning is; its pod templates and the core
   objects: Kubernetes' own schemas (``kubernetes-validate``).
-- ``serveConfigV2``: Serve's own schema, then the application is built from its import path and args.
+- ``serveConfigV2``: Serve's own schema, then every application is built from its import path and args.
+- The ingress's ports are on the head service and open in-cluster; the PodMonitor stores Ray's
+  series under the vLLM-style names of ``cluster.metrics``.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
-import shutil
-import subprocess
 from functools import cache
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "deploy" / "k8s"
+from cluster.api.config import ApiConfig
+from cluster.metrics import METRICS, prometheus_series, ray_series
+from tests.kustomize import K8S, KUSTOMIZATIONS, ROOT, objects, rendered, requires_kubectl
+from tests.relabel import metric_relabelings, stored_name
+
 CRDS = ROOT.parent / "shared" / "k8s" / "crds"
 K8S_VERSION = "1.32"  # kubectl's; the oldest API the manifests must satisfy
-KUSTOMIZATIONS = ("base", "overlays/single-gpu", "overlays/tp2", "overlays/autoscale")
 
-pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
+pytestmark = requires_kubectl
 
 
 def _render_module():
@@ -38,18 +42,6 @@ def _render_module():
 render = _render_module()
 
 
-@cache
-def rendered(kustomization: str) -> tuple[dict, ...]:
-    out = subprocess.run(["kubectl", "kustomize", str(K8S / kustomization)], capture_output=True, text=True,
-                         timeout=60, check=False)
-    assert out.returncode == 0, out.stderr
-    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
-
-
-def objects(kustomization: str, kind: str) -> list[dict]:
-    return [copy.deepcopy(d) for d in rendered(kustomization) if d["kind"] == kind]
-
-
 def rayservice(kustomization: str) -> dict:
     (rs,) = objects(kustomization, "RayService")
     return rs
@@ -57,6 +49,14 @@ def rayservice(kustomization: str) -> dict:
 
 def serve_config(kustomization: str) -> dict:
     return yaml.safe_load(rayservice(kustomization)["spec"]["serveConfigV2"])
+
+
+def head_container(kustomization: str) -> dict:
+    return rayservice(kustomization)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+
+
+def _yaml(path: Path) -> dict:
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 # ---------------------------------------------------------------------------------------- schemas
@@ -152,22 +152,58 @@ def test_token_auth_on_and_dashboard_kept_inside_the_cluster(kustomization):
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
 
 
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_api_ports_are_on_the_head_service_and_open_in_the_cluster(kustomization):
+    """The ingress replica runs on the head (cluster.api.ingress pins it). KubeRay's head service
+    (pagoda-head-svc, ClusterIP) carries every port of the head container (ray-operator
+    common/service.go, getPortsFromCluster); its serve service would not do: it selects worker pods too."""
+    pytest.importorskip("ray")
+    from cluster.api.ingress import API_KEY_ENV
+
+    (app,) = serve_config(kustomization)["applications"]
+    api = ApiConfig(**app["args"]["api"])
+    assert api.host == "0.0.0.0"  # the pod's interfaces, so that the service reaches the servers
+    container = head_container(kustomization)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert len(set(ports.values())) == len(ports), ports  # no two servers on one port (Serve's proxy: 8000)
+    assert (ports["api-http"], ports["api-grpc"]) == (api.http_port, api.grpc_port)
+    (policy,) = objects(kustomization, "NetworkPolicy")
+    in_cluster = {p["port"] for rule in policy["spec"]["ingress"] if rule["from"] == [{"namespaceSelector": {}}]
+                  for p in rule.get("ports", [])}
+    assert {api.http_port, api.grpc_port} <= in_cluster
+    key = {e["name"]: e for e in container["env"]}[API_KEY_ENV]  # like `pagoda serve`: the key from the env
+    assert key["valueFrom"]["secretKeyRef"]["optional"] is True  # no Secret: the API is open in-cluster
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_podmonitor_stores_rays_series_under_the_vllm_names(kustomization):
+    """metricRelabelings turn each sample name cluster/metrics.py has on Ray's endpoint into its
+    vLLM-style name (counters keep _total, histograms _bucket/_sum/_count); Ray's own series stay."""
+    rules = metric_relabelings(kustomization)
+    for spec in METRICS:
+        assert tuple(stored_name(name, rules) for name in ray_series(spec)) == prometheus_series(spec)
+    assert stored_name("ray_serve_num_http_requests_total", rules) == "ray_serve_num_http_requests_total"
+
+
 # ------------------------------------------------------------------------- the embedded Serve config
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_manifests_cannot_drift_from_the_local_config(kustomization):
-    """serveConfigV2's args are deploy/pagoda.yaml (what `pagoda serve --config` reads) with only the
-    overlay's overrides applied, and the committed serve-config.yaml is what the renderer writes."""
+    """serveConfigV2 runs pagoda's application on deploy/pagoda.yaml (what `pagoda serve --config`
+    reads) with only the base's `api:` section and the overlay's overrides applied, and the committed
+    serve-config.yaml is what the renderer writes."""
     assert (K8S / kustomization / "serve-config.yaml").read_text() == render.render(kustomization), (
         "stale serve-config.yaml: run python deploy/k8s/render_serve_config.py")
     local = yaml.safe_load((ROOT / "deploy" / "pagoda.yaml").read_text())
-    overrides_path = K8S / kustomization / "pagoda-overrides.yaml"
-    overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.is_file() else {}
+    base = _yaml(K8S / "base" / "pagoda-overrides.yaml")
+    assert set(base) == {"api"}  # the base changes only where the API servers listen
+    overlay = _yaml(K8S / kustomization / "pagoda-overrides.yaml") if kustomization != "base" else {}
     (app,) = serve_config(kustomization)["applications"]
-    assert app["args"] == render.merge(local, overrides)
+    assert app["import_path"] == "cluster.api.ingress:build_app"  # the engine and, in front, the API servers
+    assert app["args"] == render.merge(render.merge(local, base), overlay)
     if kustomization == "base":
-        assert app["args"] == local
+        assert {k: v for k, v in app["args"].items() if k != "api"} == local
 
 
 def test_merge_is_deep_and_replaces_leaves():
@@ -175,23 +211,30 @@ def test_merge_is_deep_and_replaces_leaves():
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
-def test_serve_config_imports_and_builds_the_application(kustomization):
+def test_serve_config_imports_and_builds_every_application(kustomization):
     pytest.importorskip("ray")
     from ray._common.utils import import_attr
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve._private.build_app import build_app as build_serve_app
     from ray.serve.schema import ServeDeploySchema
 
+    from cluster.api.ingress import HEAD_NODE_RESOURCE, INGRESS_SUFFIX
+    from cluster.app import deployment_name
     from cluster.config import AppConfig
 
-    schema = ServeDeploySchema.model_validate(serve_config(kustomization)) if hasattr(
-        ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(serve_config(kustomization))
+    schema = ServeDeploySchema.model_validate(serve_config(kustomization))
+    assert schema.applications
+    deployments = {}
+    for app in schema.applications:  # each built from its own import path and args, as Serve does
+        built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
+        deployments.update({d.name: d for d in build_serve_app(built, name=app.name).deployments})
     (app,) = schema.applications
-    built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
-    config = AppConfig.from_dict(app.args)
-    deployments = {d.name: d for d in build_serve_app(built, name=app.name).deployments}  # ingress too, if any
-    deployment = deployments[f"{config.deployment.name}-engine"]
+    config = AppConfig.from_dict({k: v for k, v in app.args.items() if k != "api"})
     assert app.name == config.deployment.name
+    ingress_name = config.deployment.name + INGRESS_SUFFIX
+    assert set(deployments) == {deployment_name(config), ingress_name}  # what `pagoda serve` runs
+    assert deployments[ingress_name].ray_actor_options["resources"] == {HEAD_NODE_RESOURCE: 0.001}
+    deployment = deployments[deployment_name(config)]
     cluster = rayservice(kustomization)["spec"]["rayClusterConfig"]
     worker = cluster["workerGroupSpecs"][0]
     gpus_per_pod = int(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])

@@ -80,8 +80,11 @@ def test_engine_counters_become_increments_and_admission_gives_queue_time(metric
     assert values("pagoda:kv_cache_usage_perc") == [0.5] * 3
 
 
-def test_prometheus_names_follow_rays_exporter():
+def test_names_on_rays_endpoint_and_in_prometheus():
     spec = m.BY_NAME["pagoda:prompt_tokens"]
-    assert spec.ray_name == "pagoda_prompt_tokens" and m.prometheus_series(spec) == ("ray_pagoda_prompt_tokens_total",)
-    assert m.prometheus_series(m.BY_NAME["pagoda:e2e_request_latency_seconds"])[0].endswith("_seconds_bucket")
+    assert spec.ray_name == "pagoda_prompt_tokens" and m.ray_series(spec) == ("ray_pagoda_prompt_tokens_total",)
+    assert m.prometheus_series(spec) == ("pagoda:prompt_tokens_total",)
+    ttft = "pagoda:time_to_first_token_seconds"
+    assert m.prometheus_series(m.BY_NAME[ttft]) == (ttft + "_bucket", ttft + "_sum", ttft + "_count")
+    assert m.prometheus_series(m.BY_NAME["pagoda:kv_cache_usage_perc"]) == ("pagoda:kv_cache_usage_perc",)
     assert all(":" not in s.ray_name and s.name.startswith("pagoda:") for s in m.METRICS)
