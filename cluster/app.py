@@ -11,11 +11,12 @@ Two ways in, one config format:
           import_path: cluster.app:build_app
           args: { engine: {...}, deployment: {...}, router: {...}, autoscaling: {...} }
 
-Tensor parallelism: a replica with ``tensor_parallel_size = k > 1`` is one actor holding k GPUs
-(k CPUs on CPU); the engine's ``MultiprocExecutor`` spawns its k rank processes inside that
-allocation, on the replica's node. The Ray executor (``cluster/ray_executor.py``, to come) will
-instead reserve a placement group — one bundle for the engine, k one-GPU bundles, STRICT_PACK —
-and run the ranks as actors in it (see docs/architecture.md).
+Tensor parallelism: a replica with ``tensor_parallel_size = k > 1`` reserves a STRICT_PACK
+placement group (``cluster.placement``): bundle 0 holds the replica — the engine, CPUs only — and
+bundles 1..k one GPU (one CPU on CPU) each, where the engine's ``RayExecutor`` starts its k rank
+actors. With ``distributed_executor_backend: mp`` the replica is instead one actor holding k GPUs
+and the ``MultiprocExecutor`` spawns the ranks as processes inside it. TP = 1 replicas hold their
+one GPU themselves.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.autoscaling import KVAwarePolicy
 from cluster.config import AppConfig
+from cluster.placement import STRATEGY, replica_bundles
 from cluster.replica import LLMReplica
 from cluster.router import PagodaRouter
 
@@ -103,11 +105,20 @@ def request_router_config(config: AppConfig, router_class: type = PagodaRouter) 
 
 
 def replica_resources(config: AppConfig) -> dict:
-    """Ray resources of one replica: CPUs for the engine and one GPU per TP rank (on CPU, a CPU per
-    extra rank process). Ray's CUDA_VISIBLE_DEVICES for the actor is inherited by the rank processes."""
+    """Ray resources of one replica. TP = 1: CPUs and the GPU for the engine. TP > 1 with the Ray
+    backend: the replica takes bundle 0 (CPUs only) of a STRICT_PACK group whose bundles 1..k are the
+    rank actors'. TP > 1 with "mp": one actor holding every GPU (on CPU, a CPU per extra rank process);
+    Ray's CUDA_VISIBLE_DEVICES for the actor is inherited by the rank processes."""
     cpus = config.deployment.cpus_per_replica
-    tp = config.engine.parallel.tensor_parallel_size
-    if _uses_gpus(config):
+    parallel = config.engine.parallel
+    tp, gpu = parallel.tensor_parallel_size, _uses_gpus(config)
+    if tp > 1 and parallel.distributed_executor_backend == "ray":
+        return {
+            "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0},
+            "placement_group_bundles": replica_bundles(tp, gpu, cpus),
+            "placement_group_strategy": STRATEGY,
+        }
+    if gpu:
         return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": tp}}
     return {"ray_actor_options": {"num_cpus": cpus + (tp if tp > 1 else 0), "num_gpus": 0}}
 

@@ -2,7 +2,8 @@
 manifests embed (as the Serve application's ``args``), so the same text runs on a laptop and in a
 cluster.
 
-    engine:        # EngineConfig fields, flat, vLLM names (model, dtype, max_num_seqs, tensor_parallel_size, ...)
+    engine:        # EngineConfig fields, flat, vLLM names (model, dtype, max_num_seqs, tensor_parallel_size, ...);
+                   # with tensor_parallel_size > 1, distributed_executor_backend defaults to "ray" here
     deployment:    # the Ray Serve deployment: name, num_replicas, max_ongoing_requests, resources
     router:        # the KV-occupancy router: policy, weights, how often replicas publish stats
     autoscaling:   # Serve autoscaling (off unless enabled)
@@ -185,6 +186,10 @@ def _engine_from_dict(data: dict) -> EngineConfig:
     hints = {name: hint for group in _ENGINE_GROUPS for name, hint in typing.get_type_hints(group).items()}
     _check_keys(data, hints, "engine")
     kwargs = {key: _coerce(value, hints[key], f"engine.{key}") for key, value in data.items()}
+    if kwargs.get("tensor_parallel_size", 1) > 1:
+        # A replica's ranks are Ray actors in its placement group (cluster/ray_executor.py) unless the
+        # YAML asks for "mp": k local processes inside one replica actor that holds k GPUs.
+        kwargs.setdefault("distributed_executor_backend", "ray")
     try:
         return EngineConfig.from_kwargs(**kwargs)
     except ValueError as exc:

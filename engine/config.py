@@ -19,6 +19,7 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 _POLICIES = ("fcfs", "priority")
+_EXECUTOR_BACKENDS = ("mp", "ray")
 
 
 def require(ok: bool, message: str) -> None:
@@ -99,14 +100,22 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How many ranks one engine drives."""
+    """How many ranks one engine drives, and who hosts them when there are several."""
 
     tensor_parallel_size: int = 1
+    # TP > 1 only: "mp" spawns a local process per rank; "ray" runs each rank as a Ray actor in a
+    # placement group (cluster/ray_executor.py). TP = 1 always runs in the engine's own process.
+    distributed_executor_backend: Literal["mp", "ray"] = "mp"
 
     def __post_init__(self) -> None:
         require(
             self.tensor_parallel_size >= 1,
             f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}",
+        )
+        require(
+            self.distributed_executor_backend in _EXECUTOR_BACKENDS,
+            f"distributed_executor_backend must be one of {_EXECUTOR_BACKENDS}, "
+            f"got {self.distributed_executor_backend!r}",
         )
 
 

@@ -1,13 +1,16 @@
 """Executors hand a SchedulerOutput to the workers and return rank 0's sampled tokens.
 
 The interface is what the engine sees, whoever runs the ranks: in-process for TP=1 here, local
-processes for TP>1 (``engine/worker/multiproc_executor.py``), and Ray actors in ``cluster/`` — all
-with the same four methods. A failed rank surfaces from ``execute_model`` as ``EngineDeadError``.
+processes for TP>1 (``engine/worker/multiproc_executor.py``), and Ray actors
+(``cluster/ray_executor.py``, ``distributed_executor_backend="ray"``) — all with the same four
+methods. A failed rank surfaces from ``execute_model`` as ``EngineDeadError``.
 """
 
 from __future__ import annotations
 
 import abc
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,6 +56,31 @@ class UniProcExecutor(Executor):
         self.worker = None  # model, KV cache and graphs go with the last reference
 
 
+DEFAULT_STEP_TIMEOUT_S = 25.0
+DEFAULT_INIT_TIMEOUT_S = 900.0
+
+
+@dataclass(frozen=True)
+class RankTimeouts:
+    """Deadlines of a multi-rank executor (local processes or Ray actors alike)."""
+
+    step_s: float  # every rank answers one step within this (PAGODA_STEP_TIMEOUT_S, default 25 s)
+    init_s: float  # load + profile + cache + graph capture (PAGODA_INIT_TIMEOUT_S, default 900 s)
+
+    @property
+    def collective_s(self) -> float:
+        """Each collective's own timeout inside the ranks: a second line of defence behind the step deadline."""
+        return max(60.0, 2 * self.step_s)
+
+    @classmethod
+    def resolve(cls, step_s: float | None = None, init_s: float | None = None) -> RankTimeouts:
+        """The given values, else the environment's, else the defaults."""
+        return cls(
+            step_s or float(os.environ.get("PAGODA_STEP_TIMEOUT_S", DEFAULT_STEP_TIMEOUT_S)),
+            init_s or float(os.environ.get("PAGODA_INIT_TIMEOUT_S", DEFAULT_INIT_TIMEOUT_S)),
+        )
+
+
 MAX_CPU_TENSOR_PARALLEL = 8  # CPU ranks are for tests and smoke checks; more only oversubscribes the host
 
 
@@ -65,6 +93,8 @@ def check_parallel_config(config: EngineConfig, hf_config) -> None:
     if tp == 1:
         return
     device = config.model.device
+    if config.parallel.distributed_executor_backend == "ray" and device != "cpu":
+        return  # the ranks' GPUs are the Ray cluster's, not this process's: RayExecutor checks them
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -81,12 +111,18 @@ def check_parallel_config(config: EngineConfig, hf_config) -> None:
 
 
 def make_executor(config: EngineConfig, model_path: Path, eos_token_ids: tuple[int, ...]) -> Executor:
-    """UniProcExecutor for TP=1, MultiprocExecutor (a process per rank) above; validates first."""
+    """UniProcExecutor for TP=1; above, MultiprocExecutor (a process per rank) or, with
+    ``distributed_executor_backend="ray"``, RayExecutor (an actor per rank). Validates first."""
     from engine.loader import load_hf_config
 
     check_parallel_config(config, load_hf_config(model_path))
     if config.parallel.tensor_parallel_size == 1:
         return UniProcExecutor(config, model_path, eos_token_ids)
+    if config.parallel.distributed_executor_backend == "ray":
+        # Imported only when asked for: engine/ has no Ray dependency (Ray is the `cluster` extra).
+        from cluster.ray_executor import RayExecutor
+
+        return RayExecutor(config, model_path, eos_token_ids)
     from engine.worker.multiproc_executor import MultiprocExecutor
 
     return MultiprocExecutor(config, model_path, eos_token_ids)

@@ -22,7 +22,8 @@ rendezvous store, the only port the driver holds, is released. Collectives insid
 their own timeout (``collective_timeout_s``) as a second line of defence.
 
 Timeouts come from the environment (``PAGODA_STEP_TIMEOUT_S``, default 25 s;
-``PAGODA_INIT_TIMEOUT_S``, default 900 s for load + profile + graph capture) or the constructor.
+``PAGODA_INIT_TIMEOUT_S``, default 900 s for load + profile + graph capture) or the constructor
+(``engine.executor.RankTimeouts``, shared with the Ray executor).
 """
 
 from __future__ import annotations
@@ -40,11 +41,9 @@ import torch
 
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError
-from engine.executor import Executor
+from engine.executor import Executor, RankTimeouts
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
-DEFAULT_STEP_TIMEOUT_S = 25.0
-DEFAULT_INIT_TIMEOUT_S = 900.0
 _HEALTH_TIMEOUT_S = 5.0
 _SHUTDOWN_GRACE_S = 5.0
 
@@ -63,9 +62,9 @@ class MultiprocExecutor(Executor):
         self.model_path = model_path
         self.eos_token_ids = eos_token_ids
         self.world_size = config.parallel.tensor_parallel_size
-        self.step_timeout_s = step_timeout_s or float(os.environ.get("PAGODA_STEP_TIMEOUT_S", DEFAULT_STEP_TIMEOUT_S))
-        self.init_timeout_s = init_timeout_s or float(os.environ.get("PAGODA_INIT_TIMEOUT_S", DEFAULT_INIT_TIMEOUT_S))
-        self.collective_timeout_s = max(60.0, 2 * self.step_timeout_s)
+        timeouts = RankTimeouts.resolve(step_timeout_s, init_timeout_s)
+        self.step_timeout_s, self.init_timeout_s = timeouts.step_s, timeouts.init_s
+        self.collective_timeout_s = timeouts.collective_s
         self.procs: list = []
         self.conns: list[Connection] = []
         self._store_box: list = []  # holds the rendezvous TCPStore; emptied to free its port
@@ -87,6 +86,7 @@ class MultiprocExecutor(Executor):
     def _spawn(self) -> None:
         from torch.distributed import TCPStore
 
+        from engine.worker.rank import RankSpec
         from engine.worker.rank_process import rank_main
 
         # The driver owns the rendezvous store: port 0 lets the OS pick a free port (no race between
@@ -97,15 +97,12 @@ class MultiprocExecutor(Executor):
         )
         self._store_box.append(store)
         ctx = torch.multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
+        threads = max(1, (os.cpu_count() or 1) // self.world_size)
         for rank in range(self.world_size):
             parent_end, child_end = ctx.Pipe(duplex=True)
-            proc = ctx.Process(
-                target=rank_main,
-                name=f"pagoda-tp-rank{rank}",
-                args=(rank, self.world_size, store.port, self.config, self.model_path, self.eos_token_ids,
-                      child_end, self.collective_timeout_s),
-                daemon=True,
-            )
+            spec = RankSpec(rank, self.world_size, "127.0.0.1", store.port, self.config, self.model_path,
+                            self.eos_token_ids, self.collective_timeout_s, local_rank=rank, num_threads=threads)
+            proc = ctx.Process(target=rank_main, name=f"pagoda-tp-rank{rank}", args=(spec, child_end), daemon=True)
             proc.start()
             child_end.close()
             self.procs.append(proc)

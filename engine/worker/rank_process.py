@@ -1,18 +1,12 @@
-"""The body of one spawned tensor-parallel rank: join the group, build a Worker, serve calls.
+"""The body of one spawned tensor-parallel rank: a ``RankHost`` served over a pipe.
 
 Protocol over one duplex pipe to the driver (``MultiprocExecutor``):
 
-    driver -> rank   pickle((method, args))        method is a Worker method name, "ping",
-                                                   "collective_stats", "shutdown" or the test
-                                                   hook "_test_hang_next_step"
+    driver -> rank   pickle((method, args))        method is a ``RankHost.call`` method
+                                                   (engine/worker/rank.py) or "shutdown"
     rank -> driver   ("ok", result) | ("error", traceback text)
 
 The first message a rank sends is ("ok", None) once it has joined the group (or ("error", ...)).
-``execute_model`` returns the ModelRunnerOutput on rank 0 and None elsewhere: the other ranks
-hold the same tokens and need not ship them back.
-
-With ``PAGODA_TIME_COLLECTIVES=1`` in the environment the rank's group is a ``TimedTPGroup``
-and "collective_stats" returns (and resets) the time spent in each collective (bench/tp.py).
 
 A rank never outlives its driver: it exits when the pipe reaches EOF, and a watchdog thread exits
 the process when the parent pid changes (the driver died while the rank was inside a step or a
@@ -27,51 +21,28 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
-from pathlib import Path
 
-import torch
-
-from engine.config import EngineConfig
-from engine.distributed import TimedTPGroup, init_tp_group
-from engine.worker.worker import Worker, resolve_device
+from engine.worker.rank import RankHost, RankSpec
 
 _PARENT_POLL_S = 1.0
 
 
-def rank_main(
-    rank: int,
-    world_size: int,
-    store_port: int,
-    config: EngineConfig,
-    model_path: Path,
-    eos_token_ids: tuple[int, ...],
-    conn: Connection,
-    collective_timeout_s: float,
-) -> None:
-    """Entry point of the spawned process for ``rank``."""
+def rank_main(spec: RankSpec, conn: Connection) -> None:
+    """Entry point of the spawned process for ``spec.rank``."""
     _exit_with_parent(os.getppid())
-    group = None
     try:
-        device = resolve_device(config.model.device, local_rank=rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        else:  # ranks share the host's cores; oversubscribing them makes every rank slower
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        group = init_tp_group(rank, world_size, "127.0.0.1", store_port, device, collective_timeout_s)
-        tp = TimedTPGroup(group, device) if os.environ.get("PAGODA_TIME_COLLECTIVES") == "1" else group
-        worker = Worker(config, model_path, eos_token_ids, tp, device)
+        host = RankHost(spec)
     except Exception:  # noqa: BLE001 - any start-up failure goes back to the driver as text
         _send(conn, ("error", traceback.format_exc()))
         return
     _send(conn, ("ok", None))
     try:
-        _serve(worker, conn)
+        _serve(host, conn)
     finally:
-        group.destroy()
+        host.close()
 
 
-def _serve(worker: Worker, conn: Connection) -> None:
-    hang_next_step = False
+def _serve(host: RankHost, conn: Connection) -> None:
     while True:
         try:
             method, args = pickle.loads(conn.recv_bytes())
@@ -80,35 +51,12 @@ def _serve(worker: Worker, conn: Connection) -> None:
         if method == "shutdown":
             _send(conn, ("ok", None))
             return
-        if method == "_test_hang_next_step":  # test hook: simulate a rank stuck inside a step
-            hang_next_step = True
-            _send(conn, ("ok", None))
-            continue
-        if method == "execute_model" and hang_next_step:
-            while True:
-                time.sleep(3600)
         try:
-            if method == "ping":
-                result = None
-            elif method == "collective_stats":
-                result = _collective_stats(worker.tp)
-            else:
-                result = getattr(worker, method)(*args)
-            if method == "execute_model" and not worker.tp.is_first:
-                result = None
-            reply = ("ok", result)
+            reply = ("ok", host.call(method, args))
         except Exception:  # noqa: BLE001 - the driver decides; the traceback travels as text
             reply = ("error", traceback.format_exc())
         if not _send(conn, reply):
             return
-
-
-def _collective_stats(tp) -> dict:
-    if not isinstance(tp, TimedTPGroup):
-        return {}
-    stats = tp.stats()
-    tp.reset()
-    return stats
 
 
 def _send(conn: Connection, message: tuple) -> bool:

@@ -37,6 +37,17 @@ def test_engine_fields_are_flat_and_reach_their_group():
     assert config.engine.parallel.tensor_parallel_size == 2
 
 
+def test_tensor_parallel_replicas_default_to_the_ray_executor():
+    def backend(engine: dict) -> str:
+        config = AppConfig.from_dict({"engine": engine})
+        assert AppConfig.from_dict(config.to_dict()) == config
+        return config.engine.parallel.distributed_executor_backend
+
+    assert backend({}) == "mp"  # TP = 1 runs in the replica's process; the backend is unused
+    assert backend({"tensor_parallel_size": 2}) == "ray"
+    assert backend({"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}) == "mp"
+
+
 def test_numbers_accept_ints_for_floats():
     assert AppConfig.from_dict({"router": {"stats_period_s": 2}}).router.stats_period_s == 2.0
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from engine.sampling_params import SamplingParams
 
 
@@ -34,6 +34,8 @@ def test_from_kwargs_routes_flat_arguments_to_their_group():
         (lambda: SchedulerConfig(policy="lifo"), "policy must be one of"),
         (lambda: ModelConfig(dtype="int3"), "dtype must be one of"),
         (lambda: ModelConfig(max_model_len=0), "max_model_len must be >= 1"),
+        (lambda: ParallelConfig(distributed_executor_backend="slurm"),
+         r"distributed_executor_backend must be one of \('mp', 'ray'\), got 'slurm'"),
     ],
 )
 def test_bad_config_names_the_field(build, message):

@@ -1,0 +1,88 @@
+"""One tensor-parallel rank, whoever hosts it: join the group, build the Worker, answer calls.
+
+Two hosts drive a rank through this class and differ only in transport: a spawned process reading
+a pipe (``engine/worker/rank_process.py``, the local ``MultiprocExecutor``) and a Ray actor
+(``cluster/rank_actor.py``, the ``RayExecutor``). Both keep the driver outside the group.
+
+Calls (``RankHost.call(method, args)``): any ``Worker`` method (``load_model``,
+``determine_num_blocks``, ``initialize_cache``, ``execute_model``), ``ping``, ``collective_stats``
+and the test hook ``_test_hang_next_step``. ``execute_model`` returns the ModelRunnerOutput on
+rank 0 and None elsewhere: the other ranks hold the same tokens and need not ship them back.
+
+With ``PAGODA_TIME_COLLECTIVES=1`` in the environment the rank's group is a ``TimedTPGroup`` and
+``collective_stats`` returns (and resets) the time spent in each collective (bench/tp.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig
+from engine.distributed import TimedTPGroup, TorchTPGroup, init_tp_group
+from engine.worker.worker import Worker, resolve_device
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """Where one rank joins its group and what it runs (picklable: travels to the rank's host)."""
+
+    rank: int
+    world_size: int
+    store_host: str  # the rendezvous TCPStore: the local driver's, or rank 0's actor on its node
+    store_port: int
+    config: EngineConfig  # model.device is "cuda" or "cpu" here when the host decided it
+    model_path: Path  # a folder readable at this path on the rank's node
+    eos_token_ids: tuple[int, ...]
+    collective_timeout_s: float
+    local_rank: int  # this rank's CUDA device index among the GPUs its process sees
+    num_threads: int  # torch CPU threads (CPU ranks share the host's cores)
+
+
+class RankHost:
+    def __init__(self, spec: RankSpec) -> None:
+        """Pick the device, join the group (blocks until every rank has), build the Worker."""
+        device = resolve_device(spec.config.model.device, local_rank=spec.local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        else:  # oversubscribed cores make every rank slower
+            torch.set_num_threads(spec.num_threads)
+        self.group: TorchTPGroup = init_tp_group(
+            spec.rank, spec.world_size, spec.store_host, spec.store_port, device, spec.collective_timeout_s
+        )
+        tp = TimedTPGroup(self.group, device) if os.environ.get("PAGODA_TIME_COLLECTIVES") == "1" else self.group
+        self.worker = Worker(spec.config, spec.model_path, spec.eos_token_ids, tp, device)
+        self._hang_next_step = False
+
+    def call(self, method: str, args: tuple = ()) -> Any:
+        """Run one driver call; exceptions propagate to the host, which reports them to the driver."""
+        if method == "ping":
+            return None
+        if method == "collective_stats":
+            return _collective_stats(self.worker.tp)
+        if method == "_test_hang_next_step":  # test hook: simulate a rank stuck inside a step
+            self._hang_next_step = True
+            return None
+        if method == "execute_model" and self._hang_next_step:
+            while True:
+                time.sleep(3600)
+        result = getattr(self.worker, method)(*args)
+        if method == "execute_model" and not self.worker.tp.is_first:
+            return None
+        return result
+
+    def close(self) -> None:
+        self.group.destroy()
+
+
+def _collective_stats(tp) -> dict:
+    if not isinstance(tp, TimedTPGroup):
+        return {}
+    stats = tp.stats()
+    tp.reset()
+    return stats
