@@ -10,14 +10,24 @@ a step of B sequences pads up to the next bucket:
   decode kernel without a device sync.
 
 All buckets share one memory pool, captured largest first.
+
+Inputs reach the static buffers from pinned host mirrors with one asynchronous copy per buffer
+(three per step), instead of a pageable copy per tensor plus a device-to-device copy into the
+buffer. The host mirrors are rewritten only after the previous step's sampled ids were read back,
+so no copy can still be reading them.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from engine.worker.model_runner import HostBatch
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -44,13 +54,23 @@ class DecodeGraphs:
         max_b = self.batch_sizes[-1]
         self.max_blocks = -(-max_model_len // block_size)
         i32 = dict(dtype=torch.int32, device=device)
-        self.input_ids = torch.zeros(max_b, dtype=torch.long, device=device)  # (maxB,)
-        self.positions = torch.zeros(max_b, dtype=torch.long, device=device)  # (maxB,)
-        self.slot_mapping = torch.full((max_b,), -1, dtype=torch.long, device=device)  # (maxB,)
+        # rows: input ids, positions, slot mapping; one buffer so one copy fills all three
+        self.tokens = torch.zeros((3, max_b), dtype=torch.long, device=device)  # (3, maxB)
+        self.tokens[2].fill_(-1)
+        self.input_ids, self.positions, self.slot_mapping = self.tokens.unbind(0)  # (maxB,) views
         self.seq_lens = torch.zeros(max_b, **i32)  # (maxB,)
         self.context_lens = torch.zeros(max_b, **i32)  # (maxB,) unused by decode, kept for the contract
         self.query_start_loc = torch.arange(max_b + 1, **i32)  # (maxB + 1,) one token each
         self.block_tables = torch.zeros((max_b, self.max_blocks), **i32)  # (maxB, max_blocks)
+        # Pinned host mirrors (torch tensors to copy from, numpy views to write into). Copies take whole
+        # rows so that every copy is contiguous; stale entries past a row's blocks are never read.
+        pinned = dict(device="cpu", pin_memory=True)
+        self.host = {
+            "tokens": torch.zeros((3, max_b), dtype=torch.long, **pinned),
+            "seq_lens": torch.zeros(max_b, dtype=torch.int32, **pinned),
+            "block_tables": torch.zeros((max_b, self.max_blocks), dtype=torch.int32, **pinned),
+        }
+        self.host_np = {name: t.numpy() for name, t in self.host.items()}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -84,20 +104,23 @@ class DecodeGraphs:
             self.graphs[batch] = graph
         torch.cuda.synchronize()
 
-    def fits(self, attn: AttentionMetadata) -> bool:
-        return attn.is_decode_only and attn.num_seqs <= self.batch_sizes[-1] and bool(self.graphs)
+    def fits(self, host: "HostBatch") -> bool:
+        return host.is_decode_only and len(host.req_ids) <= self.batch_sizes[-1] and bool(self.graphs)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+    def run(self, host: "HostBatch") -> torch.Tensor:
         """Replay the smallest bucket that holds this decode batch; returns hidden (B, H)."""
-        num = attn.num_seqs
+        num = len(host.req_ids)
         bucket = next(b for b in self.batch_sizes if b >= num)
-        self.input_ids[:num].copy_(input_ids)
-        self.positions[:num].copy_(positions)
-        self.slot_mapping[:num].copy_(attn.slot_mapping)
-        self.slot_mapping[num:bucket].fill_(-1)
-        self.seq_lens[:num].copy_(attn.seq_lens)
-        self.seq_lens[num:bucket].fill_(0)
-        width = attn.block_tables.shape[1]
-        self.block_tables[:num, :width].copy_(attn.block_tables)
+        tokens, seq_lens = self.host_np["tokens"], self.host_np["seq_lens"]
+        tokens[0, :num] = host.input_ids
+        tokens[1, :num] = host.positions
+        tokens[2, :num] = host.slot_mapping
+        tokens[2, num:bucket] = -1  # padded rows write no KV ...
+        seq_lens[:num] = host.seq_lens
+        seq_lens[num:bucket] = 0  # ... and attend to nothing
+        self.host_np["block_tables"][:num, : host.block_tables.shape[1]] = host.block_tables
+        self.tokens.copy_(self.host["tokens"], non_blocking=True)
+        self.seq_lens.copy_(self.host["seq_lens"], non_blocking=True)
+        self.block_tables[:num].copy_(self.host["block_tables"][:num], non_blocking=True)
         self.graphs[bucket].replay()
         return self.outputs[bucket][:num]

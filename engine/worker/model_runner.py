@@ -55,6 +55,25 @@ def _is_plain_greedy(params: SamplingParams) -> bool:
 
 
 @dataclass(frozen=True)
+class HostBatch:
+    """One step's flat batch as host arrays, before any device copy (B requests, T tokens)."""
+
+    req_ids: list[str]  # (B,) batch order
+    input_ids: np.ndarray  # (T,) int64
+    positions: np.ndarray  # (T,) int64
+    slot_mapping: np.ndarray  # (T,) int64
+    query_lens: np.ndarray  # (B,) int64
+    context_lens: np.ndarray  # (B,) int64
+    seq_lens: np.ndarray  # (B,) int64
+    block_tables: np.ndarray  # (B, max_blocks) int32, padded with 0
+    sample_rows: np.ndarray  # (S,) rows whose chunk reaches the end of their known tokens
+
+    @property
+    def is_decode_only(self) -> bool:
+        return len(self.input_ids) == len(self.req_ids)
+
+
+@dataclass(frozen=True)
 class ModelInputs:
     input_ids: torch.Tensor  # (T,) int64
     positions: torch.Tensor  # (T,) int64
@@ -95,11 +114,12 @@ class ModelRunner:
         self._update_states(scheduled)
         if scheduled.is_empty:
             return ModelRunnerOutput.empty()
-        inputs = self._prepare_inputs(scheduled)
-        if self.graphs is not None and self.graphs.fits(inputs.attn):
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)  # (B, H)
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)  # (T, H)
+        host = self._host_batch(scheduled)
+        if self.graphs is not None and self.graphs.fits(host):
+            hidden = self.graphs.run(host)  # (B, H): a decode step samples every row
+            return self._sample(scheduled, host.req_ids, self.model.compute_logits(hidden))
+        inputs = self._device_inputs(host)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)  # (T, H)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, V) float32
         return self._sample(scheduled, inputs.sample_req_ids, logits)
 
@@ -143,20 +163,24 @@ class ModelRunner:
             state.block_ids.extend(delta.new_block_ids)
             state.num_computed_tokens = delta.num_computed_tokens
 
-    def _prepare_inputs(self, scheduled: SchedulerOutput) -> ModelInputs:
+    def _host_batch(self, scheduled: SchedulerOutput) -> HostBatch:
         req_ids = list(scheduled.num_scheduled_tokens)
         states = [self.requests[r] for r in req_ids]
         query_lens = np.fromiter(scheduled.num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids))
         context_lens = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
         seq_lens = context_lens + query_lens
         cu = np.cumsum(query_lens)
-        starts = cu - query_lens
-        # positions: for each request, context_len .. context_len + query_len - 1, flattened.  # (T,)
-        seq_of_token = np.repeat(np.arange(len(req_ids)), query_lens)
-        positions = np.arange(cu[-1]) - starts[seq_of_token] + context_lens[seq_of_token]
-        input_ids = np.concatenate(
-            [np.asarray(s.token_ids[c : c + q], dtype=np.int64) for s, c, q in zip(states, context_lens, query_lens)]
-        )
+        if int(cu[-1]) == len(req_ids):  # pure decode: one token per request, at position context_len
+            seq_of_token = np.arange(len(req_ids))
+            positions = context_lens
+            input_ids = np.array([s.token_ids[c] for s, c in zip(states, context_lens.tolist())], dtype=np.int64)
+        else:
+            # positions: for each request, context_len .. context_len + query_len - 1, flattened.  # (T,)
+            seq_of_token = np.repeat(np.arange(len(req_ids)), query_lens)
+            positions = np.arange(cu[-1]) - (cu - query_lens)[seq_of_token] + context_lens[seq_of_token]
+            input_ids = np.concatenate(
+                [np.asarray(s.token_ids[c : c + q], dtype=np.int64) for s, c, q in zip(states, context_lens, query_lens)]
+            )
         max_blocks = max(len(s.block_ids) for s in states)
         block_tables = np.zeros((len(req_ids), max_blocks), dtype=np.int32)
         for row, state in enumerate(states):
@@ -166,27 +190,33 @@ class ModelRunner:
             + positions % self.block_size
         )
         reaches_end = seq_lens == np.array([len(s.token_ids) for s in states])
-        sample_rows = np.nonzero(reaches_end)[0]
+        return HostBatch(
+            req_ids=req_ids, input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
+            query_lens=query_lens, context_lens=context_lens, seq_lens=seq_lens, block_tables=block_tables,
+            sample_rows=np.nonzero(reaches_end)[0],
+        )
 
+    def _device_inputs(self, host: HostBatch) -> ModelInputs:
         dev = self.device
+        cu = np.cumsum(host.query_lens)
         attn = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slot_mapping).to(dev),
+            slot_mapping=torch.from_numpy(host.slot_mapping).to(dev),
             query_start_loc=torch.from_numpy(np.concatenate([[0], cu]).astype(np.int32)).to(dev),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
-            context_lens=torch.from_numpy(context_lens.astype(np.int32)).to(dev),
-            block_tables=torch.from_numpy(block_tables).to(dev),
-            query_lens_cpu=query_lens.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
-            max_query_len=int(query_lens.max()),
-            max_seq_len=int(seq_lens.max()),
+            seq_lens=torch.from_numpy(host.seq_lens.astype(np.int32)).to(dev),
+            context_lens=torch.from_numpy(host.context_lens.astype(np.int32)).to(dev),
+            block_tables=torch.from_numpy(host.block_tables).to(dev),
+            query_lens_cpu=host.query_lens.tolist(),
+            seq_lens_cpu=host.seq_lens.tolist(),
+            max_query_len=int(host.query_lens.max()),
+            max_seq_len=int(host.seq_lens.max()),
             block_size=self.block_size,
         )
         return ModelInputs(
-            input_ids=torch.from_numpy(input_ids).to(dev),
-            positions=torch.from_numpy(positions).to(dev),
+            input_ids=torch.from_numpy(host.input_ids).to(dev),
+            positions=torch.from_numpy(host.positions).to(dev),
             attn=attn,
-            logits_indices=torch.from_numpy(cu[sample_rows] - 1).to(dev),
-            sample_req_ids=[req_ids[i] for i in sample_rows],
+            logits_indices=torch.from_numpy(cu[host.sample_rows] - 1).to(dev),
+            sample_req_ids=[host.req_ids[i] for i in host.sample_rows],
         )
 
     def _sample(self, scheduled: SchedulerOutput, sample_req_ids: list[str], logits: torch.Tensor) -> ModelRunnerOutput:

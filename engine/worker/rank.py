@@ -11,6 +11,9 @@ rank 0 and None elsewhere: the other ranks hold the same tokens and need not shi
 
 With ``PAGODA_TIME_COLLECTIVES=1`` in the environment the rank's group is a ``TimedTPGroup`` and
 ``collective_stats`` returns (and resets) the time spent in each collective (bench/tp.py).
+With ``PAGODA_PROFILE_DIR`` set, each rank runs ``torch.profiler`` over its execute_model calls
+``_PROFILE_STEPS`` and writes the op/kernel table to ``rank<r>.txt`` there (a developer's tool:
+where a tensor-parallel step's time goes, GPU kernels and NCCL included).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class RankHost:
         tp = TimedTPGroup(self.group, device) if os.environ.get("PAGODA_TIME_COLLECTIVES") == "1" else self.group
         self.worker = Worker(spec.config, spec.model_path, spec.eos_token_ids, tp, device)
         self._hang_next_step = False
+        self._profile = _StepProfiler(spec.rank) if os.environ.get("PAGODA_PROFILE_DIR") else None
 
     def call(self, method: str, args: tuple = ()) -> Any:
         """Run one driver call; exceptions propagate to the host, which reports them to the driver."""
@@ -71,7 +75,10 @@ class RankHost:
         if method == "execute_model" and self._hang_next_step:
             while True:
                 time.sleep(3600)
-        result = getattr(self.worker, method)(*args)
+        if method == "execute_model" and self._profile is not None:
+            result = self._profile.run(self.worker.execute_model, *args)
+        else:
+            result = getattr(self.worker, method)(*args)
         if method == "execute_model" and not self.worker.tp.is_first:
             return None
         return result
@@ -86,3 +93,28 @@ def _collective_stats(tp) -> dict:
     stats = tp.stats()
     tp.reset()
     return stats
+
+
+_PROFILE_STEPS = range(40, 60)  # execute_model calls profiled: past start-up and warm-up steps
+
+
+class _StepProfiler:
+    def __init__(self, rank: int) -> None:
+        self.rank, self.calls, self.prof = rank, 0, None
+
+    def run(self, fn, *args):
+        from torch.profiler import ProfilerActivity, profile
+
+        if self.calls == _PROFILE_STEPS.start:
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+        result = fn(*args)
+        self.calls += 1
+        if self.calls == _PROFILE_STEPS.stop and self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
+            out = Path(os.environ["PAGODA_PROFILE_DIR"]) / f"rank{self.rank}.txt"
+            out.write_text(f"{len(_PROFILE_STEPS)} execute_model calls\n{table}\n")
+            self.prof = None
+        return result
+
