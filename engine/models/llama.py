@@ -150,10 +150,30 @@ class LlamaModel(nn.Module):
         kv_caches: list[torch.Tensor],
         attn: AttentionMetadata,
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # (T, hidden)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        return self.forward_layers(input_ids, positions, kv_caches, attn, 0, len(self.layers), None)
+
+    def forward_layers(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn: AttentionMetadata,
+        start: int,
+        end: int,
+        carry: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Layers ``start:end`` of the forward, for graphs captured in pieces. A range from 0 embeds
+        ``input_ids`` first; any other continues from ``carry``, the (hidden, residual) pair the
+        previous range returned. The range that ends at the last layer returns the normed hidden
+        states (T, hidden); the others return (hidden, residual)."""
+        if start == 0:
+            hidden, residual = self.embed_tokens(input_ids), None  # (T, hidden)
+        else:
+            hidden, residual = carry
+        for layer, kv_cache in zip(self.layers[start:end], kv_caches[start:end], strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn)
+        if end < len(self.layers):
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -192,6 +212,14 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions (T,); one KV cache per layer -> hidden states (T, hidden)."""
         return self.model(input_ids, positions, kv_caches, attn)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.layers)
+
+    def forward_layers(self, input_ids, positions, kv_caches, attn, start: int, end: int, carry):
+        """See ``LlamaModel.forward_layers``: the forward in pieces (CUDA graphs capture each piece)."""
+        return self.model.forward_layers(input_ids, positions, kv_caches, attn, start, end, carry)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """(N, hidden) -> (N, vocab) float32 on rank 0 (the sampling rank); None on the other ranks."""

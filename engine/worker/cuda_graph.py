@@ -11,6 +11,12 @@ a step of B sequences pads up to the next bucket:
 
 All buckets share one memory pool, captured largest first.
 
+Each bucket is captured as a few pieces (consecutive ranges of layers), replayed back to back.
+Launching a graph costs host time that grows with its node count, and the GPU waits for the
+launch: with pieces, only the first piece's launch is exposed, the others are launched while
+the GPU runs the earlier ones. The pieces' intermediate (hidden, residual) tensors stay alive,
+so no later capture reuses their memory.
+
 Inputs reach the static buffers from pinned host mirrors with one asynchronous copy per buffer
 (three per step), instead of a pageable copy per tensor plus a device-to-device copy into the
 buffer. The host mirrors are rewritten only after the previous step's sampled ids were read back,
@@ -45,6 +51,7 @@ class DecodeGraphs:
         max_model_len: int,
         max_num_seqs: int,
         device: torch.device,
+        num_pieces: int = 4,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -71,8 +78,13 @@ class DecodeGraphs:
             "block_tables": torch.zeros((max_b, self.max_blocks), dtype=torch.int32, **pinned),
         }
         self.host_np = {name: t.numpy() for name, t in self.host.items()}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        num_layers = model.num_layers
+        pieces = max(1, min(num_pieces, num_layers))
+        bounds = [round(i * num_layers / pieces) for i in range(pieces + 1)]
+        self.layer_ranges = list(zip(bounds[:-1], bounds[1:]))
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self._carries: dict[int, list] = {}  # per bucket, the pieces' intermediate outputs (kept alive)
 
     def _metadata(self, batch: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -88,20 +100,26 @@ class DecodeGraphs:
             block_size=self.block_size,
         )
 
-    def _forward(self, batch: int) -> torch.Tensor:
-        return self.model(self.input_ids[:batch], self.positions[:batch], self.kv_caches, self._metadata(batch))
+    def _forward_piece(self, batch: int, start: int, end: int, carry):
+        return self.model.forward_layers(
+            self.input_ids[:batch], self.positions[:batch], self.kv_caches, self._metadata(batch), start, end, carry
+        )
 
     @torch.inference_mode()
     def capture(self) -> None:
         pool = None
         for batch in reversed(self.batch_sizes):
-            self._forward(batch)  # warm-up: Triton compiles and autotunes outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[batch] = self._forward(batch)
-            pool = graph.pool()
-            self.graphs[batch] = graph
+            self.model(self.input_ids[:batch], self.positions[:batch], self.kv_caches, self._metadata(batch))
+            torch.cuda.synchronize()  # warm-up above: Triton compiles and autotunes outside the capture
+            carry, graphs, carries = None, [], []
+            for start, end in self.layer_ranges:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    carry = self._forward_piece(batch, start, end, carry)
+                pool = graph.pool()
+                graphs.append(graph)
+                carries.append(carry)
+            self.graphs[batch], self._carries[batch], self.outputs[batch] = graphs, carries, carry
         torch.cuda.synchronize()
 
     def fits(self, host: "HostBatch") -> bool:
@@ -122,5 +140,6 @@ class DecodeGraphs:
         self.tokens.copy_(self.host["tokens"], non_blocking=True)
         self.seq_lens.copy_(self.host["seq_lens"], non_blocking=True)
         self.block_tables[:num].copy_(self.host["block_tables"][:num], non_blocking=True)
-        self.graphs[bucket].replay()
+        for graph in self.graphs[bucket]:
+            graph.replay()
         return self.outputs[bucket][:num]

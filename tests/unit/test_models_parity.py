@@ -130,6 +130,24 @@ def test_chunked_prefill_then_batched_decode(pair):
     assert worst < ATOL, worst
 
 
+def test_forward_in_pieces_equals_forward(pair):
+    """Decode CUDA graphs are captured as ranges of layers (``forward_layers``) chained through the
+    (hidden, residual) carry; on the paged cache the chain must give exactly the one-call forward."""
+    _, ours = pair
+    ids = torch.randint(0, 512, (9,), generator=torch.Generator().manual_seed(3))
+    whole_cache, piece_cache = _new_cache(ours), _new_cache(ours)
+    positions, attn = whole_cache.step([("a", 9)])
+    piece_positions, piece_attn = piece_cache.step([("a", 9)])
+    with torch.inference_mode():
+        whole = ours(ids, positions, whole_cache.kv_caches, attn)
+        carry = ours.forward_layers(ids, piece_positions, piece_cache.kv_caches, piece_attn, 0, 1, None)
+        assert isinstance(carry, tuple) and len(carry) == 2  # (hidden, residual) after a middle range
+        pieces = ours.forward_layers(ids, piece_positions, piece_cache.kv_caches, piece_attn, 1, ours.num_layers, carry)
+    assert torch.equal(pieces, whole)
+    for a, b in zip(whole_cache.kv_caches, piece_cache.kv_caches):
+        assert torch.equal(a, b)  # every layer wrote the same K/V
+
+
 def test_weights_are_checked_by_name(pair):
     hf, ours = pair
     state = hf.state_dict()
