@@ -3,13 +3,14 @@
 Two ways in, one config format:
 
 - ``pagoda serve --config pagoda.yaml`` (``cluster.serve_cli``) calls ``deploy(config)``;
-- a KubeRay RayService names the builder in its ``serveConfigV2`` and embeds the same YAML as the
-  application's ``args``::
+- ``build_app(args)`` builds it from the YAML config as a Serve application builder; the API
+  ingress (``cluster.api.ingress:build_app``, which is what KubeRay's ``serveConfigV2`` names)
+  builds this application behind its gRPC and HTTP doors from the same ``args``::
 
       applications:
         - name: pagoda
-          import_path: cluster.app:build_app
-          args: { engine: {...}, deployment: {...}, router: {...}, autoscaling: {...} }
+          import_path: cluster.api.ingress:build_app
+          args: { engine: {...}, deployment: {...}, router: {...}, autoscaling: {...}, api: {...} }
 
 Tensor parallelism: a replica with ``tensor_parallel_size = k > 1`` reserves a STRICT_PACK
 placement group (``cluster.placement``): bundle 0 holds the replica — the engine, CPUs only — and
