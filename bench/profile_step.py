@@ -52,10 +52,11 @@ def _phase_breakdown(engine, params, workload) -> dict:
         t4 = time.perf_counter()
         times = dict(zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)))
         steps += 1
-        is_decode = not scheduled.new_reqs and scheduled.total_num_scheduled_tokens == len(scheduled.num_scheduled_tokens)
+        num_seqs = len(scheduled.num_scheduled_tokens)
+        is_decode = not scheduled.new_reqs and scheduled.total_num_scheduled_tokens == num_seqs
         decode_steps += is_decode
         if not is_decode:
-            other_steps.append({"tokens": scheduled.total_num_scheduled_tokens, "seqs": len(scheduled.num_scheduled_tokens),
+            other_steps.append({"tokens": scheduled.total_num_scheduled_tokens, "seqs": num_seqs,
                                 "new": len(scheduled.new_reqs), "execute_ms": 1e3 * (t2 - t1)})
         for k, v in times.items():
             totals[k] += v
@@ -93,9 +94,28 @@ def _kernel_table(engine, params, workload, num_steps: int, prefill: bool = Fals
         cpu_us = e.self_cpu_time_total
         if gpu_us > 0 or cpu_us > 200 * num_steps:
             rows.append({"name": e.key[:90], "calls_per_step": e.count / num_steps,
-                         "gpu_ms_per_step": gpu_us / 1e3 / num_steps, "self_cpu_ms_per_step": cpu_us / 1e3 / num_steps})
+                         "gpu_ms_per_step": gpu_us / 1e3 / num_steps,
+                         "self_cpu_ms_per_step": cpu_us / 1e3 / num_steps})
     rows.sort(key=lambda r: -(r["gpu_ms_per_step"] + r["self_cpu_ms_per_step"]))
     return rows[:40]
+
+
+KERNEL_COLUMNS = ["name", "calls_per_step", "gpu_ms_per_step", "self_cpu_ms_per_step"]
+
+
+def _report(cold: dict, warm: dict, decode_kernels: list[dict], prefill_kernels: list[dict]) -> str:
+    phase_rows = [
+        {"phase": k, "ms/step (all)": warm["ms_per_step_all"][k], "ms/decode step": warm["ms_per_decode_step"][k]}
+        for k in warm["ms_per_step_all"]
+    ]
+    parts = [
+        markdown_table(phase_rows, ["phase", "ms/step (all)", "ms/decode step"]),
+        "decode steps:\n" + markdown_table(decode_kernels, KERNEL_COLUMNS),
+        "first two steps (prefill):\n" + markdown_table(prefill_kernels, KERNEL_COLUMNS),
+        markdown_table(warm["non_decode_steps"], ["tokens", "seqs", "new", "execute_ms"]),
+        f"cold pass: {cold['seconds_total']:.2f} s, warm pass: {warm['seconds_total']:.2f} s",
+    ]
+    return "\n\n".join(parts)
 
 
 def main() -> None:
@@ -115,34 +135,31 @@ def main() -> None:
     from engine.loader import load_hf_config
 
     path = args.model or make_random_model(args.shape, args.model_dir / args.shape)
-    workload = make_workload("fixed", args.num_requests, args.input_len, args.output_len, load_hf_config(path).vocab_size)
-    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in workload]
-    llm = LLM(model=str(path), dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device, max_num_seqs=max(args.num_requests, 16),
-              max_num_batched_tokens=8192, max_model_len=args.input_len + args.output_len + 16)
     vocab = load_hf_config(path).vocab_size
-    fresh = [make_workload("fixed", args.num_requests, args.input_len, args.output_len, vocab, seed) for seed in (1, 2, 3)]
-    warm = make_workload("fixed", 4, args.input_len, 8, vocab, seed=4)
-    llm.generate([{"prompt_token_ids": p} for p, _ in warm], params[:4], use_tqdm=False)
-    # Each pass gets its own prompts: repeated ones would hit the prefix cache and skip their prefill.
-    cold = _phase_breakdown(llm.engine, params, fresh[0])  # first pass: Triton compiles for new shapes
-    phases = _phase_breakdown(llm.engine, params, workload)
-    prefill_kernels = _kernel_table(llm.engine, params, fresh[1], 2, prefill=True)
-    kernels = _kernel_table(llm.engine, params, fresh[2], args.profile_steps)
+    llm = LLM(model=str(path), dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device,
+              max_num_seqs=max(args.num_requests, 16), max_num_batched_tokens=8192,
+              max_model_len=args.input_len + args.output_len + 16)
+    # Every pass gets its own prompts: repeated ones would hit the prefix cache and skip their prefill.
+    cold_w, warm_w, prefill_w, decode_w, start_w = (
+        make_workload("fixed", args.num_requests, args.input_len, args.output_len, vocab, seed) for seed in range(5)
+    )
+    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in cold_w]
+    llm.generate([{"prompt_token_ids": p} for p, _ in start_w[:4]], params[:4], use_tqdm=False)
+    cold = _phase_breakdown(llm.engine, params, cold_w)  # the first batch a user sends
+    warm = _phase_breakdown(llm.engine, params, warm_w)
+    prefill_kernels = _kernel_table(llm.engine, params, prefill_w, 2, prefill=True)
+    decode_kernels = _kernel_table(llm.engine, params, decode_w, args.profile_steps)
+
     name = f"profile_{args.shape}_{args.num_requests}x{args.input_len}"
-    result = {"benchmark": name, "workload": vars(args) | {"model_dir": None, "out": None, "model": str(args.model) if args.model else None},
-              "environment": environment(), "cold_phases": cold, "phases": phases,
-              "kernels": kernels, "prefill_kernels": prefill_kernels}
+    config = vars(args) | {"model_dir": None, "out": None, "model": str(args.model) if args.model else None}
+    result = {"benchmark": name, "workload": config, "environment": environment(), "cold_phases": cold,
+              "phases": warm, "kernels": decode_kernels, "prefill_kernels": prefill_kernels}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    phase_rows = [{"phase": k, "ms/step (all)": phases["ms_per_step_all"][k], "ms/decode step": phases["ms_per_decode_step"][k]}
-                  for k in phases["ms_per_step_all"]]
-    table = markdown_table(phase_rows, ["phase", "ms/step (all)", "ms/decode step"]) + "\n\n" + markdown_table(
-        kernels, ["name", "calls_per_step", "gpu_ms_per_step", "self_cpu_ms_per_step"]) + "\n\nfirst two steps (prefill):\n" + markdown_table(
-        prefill_kernels, ["name", "calls_per_step", "gpu_ms_per_step", "self_cpu_ms_per_step"]) + "\n\n" + markdown_table(
-        phases["non_decode_steps"], ["tokens", "seqs", "new", "execute_ms"]) + f"\n\ncold pass: {cold['seconds_total']:.2f} s, warm pass: {phases['seconds_total']:.2f} s"
-    (args.out / f"{name}.md").write_text(table + "\n")
-    print(f"{phases['steps']} steps ({phases['decode_steps']} decode), {phases['seconds_total']:.2f} s")
-    print(table)
+    report = _report(cold, warm, decode_kernels, prefill_kernels)
+    (args.out / f"{name}.md").write_text(report + "\n")
+    print(f"{warm['steps']} steps ({warm['decode_steps']} decode), {warm['seconds_total']:.2f} s")
+    print(report)
 
 
 if __name__ == "__main__":

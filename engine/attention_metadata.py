@@ -31,7 +31,9 @@ class AttentionMetadata:
     block_size: int
 
     @classmethod
-    def dummy(cls, query_lens: list[int], context_lens: list[int], block_size: int, device: torch.device) -> "AttentionMetadata":
+    def dummy(
+        cls, query_lens: list[int], context_lens: list[int], block_size: int, device: torch.device
+    ) -> "AttentionMetadata":
         """A batch that writes nothing: every slot is -1 (the cache write skips it) and every block
         table row points at block 0. For memory profiles and kernel warm-up, never for real tokens."""
         i32 = dict(dtype=torch.int32, device=device)

@@ -142,7 +142,9 @@ class ModelRunner:
             attn = AttentionMetadata.dummy(query_lens, context_lens, self.block_size, self.device)
             num_tokens = sum(query_lens)
             ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-            positions = torch.cat([torch.arange(c, c + q, device=self.device) for q, c in zip(query_lens, context_lens)])
+            positions = torch.cat(
+                [torch.arange(c, c + q, device=self.device) for q, c in zip(query_lens, context_lens, strict=True)]
+            )
             hidden = self.model(ids, positions, self.kv_caches, attn)
             logits = self.model.compute_logits(hidden[attn.query_start_loc[1:] - 1])
             if logits is not None:  # None on tensor-parallel ranks other than the first
@@ -179,7 +181,8 @@ class ModelRunner:
             seq_of_token = np.repeat(np.arange(len(req_ids)), query_lens)
             positions = np.arange(cu[-1]) - (cu - query_lens)[seq_of_token] + context_lens[seq_of_token]
             input_ids = np.concatenate(
-                [np.asarray(s.token_ids[c : c + q], dtype=np.int64) for s, c, q in zip(states, context_lens, query_lens)]
+                [np.asarray(s.token_ids[c : c + q], dtype=np.int64)
+                 for s, c, q in zip(states, context_lens, query_lens, strict=True)]
             )
         max_blocks = max(len(s.block_ids) for s in states)
         block_tables = np.zeros((len(req_ids), max_blocks), dtype=np.int32)

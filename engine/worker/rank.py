@@ -112,7 +112,8 @@ class _StepProfiler:
         self.calls += 1
         if self.calls == _PROFILE_STEPS.stop and self.prof is not None:
             self.prof.__exit__(None, None, None)
-            table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
+            averages = self.prof.key_averages()
+            table = averages.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
             out = Path(os.environ["PAGODA_PROFILE_DIR"]) / f"rank{self.rank}.txt"
             out.write_text(f"{len(_PROFILE_STEPS)} execute_model calls\n{table}\n")
             self.prof = None
