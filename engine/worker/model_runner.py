@@ -79,7 +79,6 @@ class ModelInputs:
     positions: torch.Tensor  # (T,) int64
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # (S,) int64: rows of the hidden states to sample from
-    sample_req_ids: list[str]  # (S,) the requests those rows belong to
 
 
 class ModelRunner:
@@ -116,12 +115,15 @@ class ModelRunner:
             return ModelRunnerOutput.empty()
         host = self._host_batch(scheduled)
         if self.graphs is not None and self.graphs.fits(host):
-            hidden = self.graphs.run(host)  # (B, H): a decode step samples every row
-            return self._sample(scheduled, host.req_ids, self.model.compute_logits(hidden))
-        inputs = self._device_inputs(host)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)  # (T, H)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, V) float32
-        return self._sample(scheduled, inputs.sample_req_ids, logits)
+            hidden = self.graphs.run(host)  # (B, H): one token per request
+            if len(host.sample_rows) < len(host.req_ids):  # a one-token chunk mid-prompt samples nothing
+                hidden = hidden[torch.from_numpy(host.sample_rows).to(self.device)]
+        else:
+            inputs = self._device_inputs(host)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)  # (T, H)
+            hidden = hidden[inputs.logits_indices]
+        logits = self.model.compute_logits(hidden)  # (S, V) float32
+        return self._sample(scheduled, [host.req_ids[i] for i in host.sample_rows], logits)
 
     @torch.inference_mode()
     def warm_up(self, max_num_tokens: int, max_num_seqs: int) -> None:
@@ -219,7 +221,6 @@ class ModelRunner:
             positions=torch.from_numpy(host.positions).to(dev),
             attn=attn,
             logits_indices=torch.from_numpy(cu[host.sample_rows] - 1).to(dev),
-            sample_req_ids=[host.req_ids[i] for i in host.sample_rows],
         )
 
     def _sample(self, scheduled: SchedulerOutput, sample_req_ids: list[str], logits: torch.Tensor) -> ModelRunnerOutput:

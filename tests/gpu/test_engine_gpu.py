@@ -136,3 +136,52 @@ def test_llama_8b_sharp_same_greedy_tokens_as_hf(record):
     """Sharpened random weights (bench.random_models.sharpen_): greedy is decisive, so tokens must match."""
     entry = record["llama-3.1-8b sharp"] = _compare("llama-3.1-8b", sharp=True)
     assert entry["same_greedy_prompts"] >= 6, entry
+
+
+def test_one_token_prompt_chunk_beside_decodes_with_cuda_graphs():
+    """A step where every request computes one token can still hold a chunk in the middle of a
+    prompt (3 decodes take 3 of a 4-token budget, the 4th request gets 1 prompt token per step).
+    Such a step replays a decode graph, and the mid-prompt row must sample nothing: greedy tokens
+    equal an eager engine's on the same steps."""
+    from bench.random_models import make_random_model
+    from engine.llm_engine import LLMEngine
+    from engine.loader import load_hf_config
+    from engine.output_processor import OutputKind
+    from engine.sampling_params import SamplingParams
+
+    path = make_random_model("qwen3-0.6b", MODEL_DIR / "qwen3-0.6b")
+    vocab = load_hf_config(path).vocab_size
+    prompts = _prompts(vocab)
+    short, long = prompts[:3], prompts[5]  # 7, 16, 33 tokens; then 200 tokens
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+
+    def run(eager: bool) -> tuple[dict, int]:
+        engine = LLMEngine.from_kwargs(model=str(path), dtype="bfloat16", device="cuda", max_model_len=512,
+                                       max_num_batched_tokens=4, max_num_seqs=4, enforce_eager=eager,
+                                       gpu_memory_utilization=0.5, enable_prefix_caching=False)
+        for i, p in enumerate(short):
+            engine.add_request(f"s{i}", {"prompt_token_ids": p}, params, output_kind=OutputKind.FINAL)
+        while engine.scheduler.num_waiting or any(r.num_output_tokens == 0 for r in engine.scheduler.running):
+            engine.step()  # until the three short prompts decode
+        engine.add_request("long", {"prompt_token_ids": long}, params, output_kind=OutputKind.FINAL)
+        tokens, mid_prompt_steps = {}, 0
+        while engine.has_unfinished_requests():  # LLMEngine.step, with the scheduled batch in view
+            scheduled = engine.scheduler.schedule()
+            one_each = all(n == 1 for n in scheduled.num_scheduled_tokens.values())
+            request = engine.scheduler.requests.get("long")
+            mid_prompt_steps += bool(one_each and request is not None and "long" in scheduled.num_scheduled_tokens
+                                     and request.num_computed_tokens + 1 < request.num_prompt_tokens)
+            result = engine.executor.execute_model(scheduled)
+            outputs = engine._emit(engine.scheduler.update_from_output(scheduled, result))
+            tokens.update({o.request_id: o.outputs[0].token_ids for o in outputs if o.finished})
+        engine.shutdown()
+        del engine
+        torch.cuda.empty_cache()
+        return tokens, mid_prompt_steps
+
+    graph_tokens, mid_prompt_steps = run(eager=False)
+    eager_tokens, _ = run(eager=True)
+    assert mid_prompt_steps > 0, "the scenario never scheduled a one-token chunk in the middle of a prompt"
+    assert graph_tokens == eager_tokens
+    assert sorted(graph_tokens) == ["long", "s0", "s1", "s2"]
+    assert all(len(t) == 48 for t in graph_tokens.values())
