@@ -19,8 +19,8 @@ so no later capture reuses their memory.
 
 Inputs reach the static buffers from pinned host mirrors with one asynchronous copy per buffer
 (three per step), instead of a pageable copy per tensor plus a device-to-device copy into the
-buffer. The host mirrors are rewritten only after the previous step's sampled ids were read back,
-so no copy can still be reading them.
+buffer. The mirrors are rewritten only once the previous step's copies have completed (an event;
+normally long done, since reading the sampled ids already waited for the step).
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ class DecodeGraphs:
             "block_tables": torch.zeros((max_b, self.max_blocks), dtype=torch.int32, **pinned),
         }
         self.host_np = {name: t.numpy() for name, t in self.host.items()}
+        self.copies_done = torch.cuda.Event()  # the last step's host-to-device copies finished
         num_layers = model.num_layers
         pieces = max(1, min(num_pieces, num_layers))
         bounds = [round(i * num_layers / pieces) for i in range(pieces + 1)]
@@ -129,6 +130,7 @@ class DecodeGraphs:
         """Replay the smallest bucket that holds this decode batch; returns hidden (B, H)."""
         num = len(host.req_ids)
         bucket = next(b for b in self.batch_sizes if b >= num)
+        self.copies_done.synchronize()  # a step that sampled nothing never waited for its copies
         tokens, seq_lens = self.host_np["tokens"], self.host_np["seq_lens"]
         tokens[0, :num] = host.input_ids
         tokens[1, :num] = host.positions
@@ -140,6 +142,7 @@ class DecodeGraphs:
         self.tokens.copy_(self.host["tokens"], non_blocking=True)
         self.seq_lens.copy_(self.host["seq_lens"], non_blocking=True)
         self.block_tables[:num].copy_(self.host["block_tables"][:num], non_blocking=True)
+        self.copies_done.record()
         for graph in self.graphs[bucket]:
             graph.replay()
         return self.outputs[bucket][:num]
