@@ -66,7 +66,7 @@ class HostBatch:
     context_lens: np.ndarray  # (B,) int64
     seq_lens: np.ndarray  # (B,) int64
     block_tables: np.ndarray  # (B, max_blocks) int32, padded with 0
-    sample_rows: np.ndarray  # (S,) rows whose chunk reaches the end of their known tokens
+    rows_to_sample: np.ndarray  # (S,) rows whose chunk reaches the end of their known tokens
 
     @property
     def is_decode_only(self) -> bool:
@@ -116,14 +116,14 @@ class ModelRunner:
         host = self._host_batch(scheduled)
         if self.graphs is not None and self.graphs.fits(host):
             hidden = self.graphs.run(host)  # (B, H): one token per request
-            if len(host.sample_rows) < len(host.req_ids):  # a one-token chunk mid-prompt samples nothing
-                hidden = hidden[torch.from_numpy(host.sample_rows).to(self.device)]
+            if len(host.rows_to_sample) < len(host.req_ids):  # a one-token chunk mid-prompt samples nothing
+                hidden = hidden[torch.from_numpy(host.rows_to_sample).to(self.device)]
         else:
             inputs = self._device_inputs(host)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)  # (T, H)
             hidden = hidden[inputs.logits_indices]
         logits = self.model.compute_logits(hidden)  # (S, V) float32
-        return self._sample(scheduled, [host.req_ids[i] for i in host.sample_rows], logits)
+        return self._sample(scheduled, [host.req_ids[i] for i in host.rows_to_sample], logits)
 
     @torch.inference_mode()
     def warm_up(self, max_num_tokens: int, max_num_seqs: int) -> None:
@@ -198,7 +198,7 @@ class ModelRunner:
         return HostBatch(
             req_ids=req_ids, input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
             query_lens=query_lens, context_lens=context_lens, seq_lens=seq_lens, block_tables=block_tables,
-            sample_rows=np.nonzero(reaches_end)[0],
+            rows_to_sample=np.nonzero(reaches_end)[0],
         )
 
     def _device_inputs(self, host: HostBatch) -> ModelInputs:
@@ -220,13 +220,13 @@ class ModelRunner:
             input_ids=torch.from_numpy(host.input_ids).to(dev),
             positions=torch.from_numpy(host.positions).to(dev),
             attn=attn,
-            logits_indices=torch.from_numpy(cu[host.sample_rows] - 1).to(dev),
+            logits_indices=torch.from_numpy(cu[host.rows_to_sample] - 1).to(dev),
         )
 
     def _sample(self, scheduled: SchedulerOutput, sample_req_ids: list[str], logits: torch.Tensor) -> ModelRunnerOutput:
         for req_id, num_tokens in scheduled.num_scheduled_tokens.items():
             self.requests[req_id].num_computed_tokens += num_tokens
-        by_req = self._sample_rows(sample_req_ids, logits) if sample_req_ids else {}
+        by_req = self.sample_rows(sample_req_ids, logits) if sample_req_ids else {}
         req_ids = list(scheduled.num_scheduled_tokens)
         return ModelRunnerOutput(
             req_ids,
@@ -234,8 +234,10 @@ class ModelRunner:
             [by_req[r][1] if r in by_req else None for r in req_ids],
         )
 
-    def _sample_rows(self, sample_req_ids: list[str], logits: torch.Tensor) -> dict:
-        """Sample one token per row; the runner appends it to its own copy of the request."""
+    def sample_rows(self, sample_req_ids: list[str], logits: torch.Tensor) -> dict:
+        """Sample one token per row of ``logits`` (S, V) and append it to the runner's copy of its
+        request; returns {req_id: (token_id, TokenLogprobs | None)}. The extension point for runners
+        that sample differently (``TPModelRunner``: rank 0 samples, the other ranks receive)."""
         states = [self.requests[r] for r in sample_req_ids]
         if all(s.plain_greedy for s in states):  # the common serving case: no per-row tensors to build
             token_ids = logits.argmax(dim=-1).tolist()

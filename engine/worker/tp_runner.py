@@ -7,7 +7,7 @@ the other ranks append those ids to their own copies of the requests, so the nex
 ids agree everywhere. S is the same on every rank because it is derived from the same
 ``SchedulerOutput``, so the broadcast shape needs no negotiation.
 
-Hook used: ``ModelRunner._sample_rows(sample_req_ids, logits) -> {req_id: (token_id, logprobs)}``,
+Extension point: ``ModelRunner.sample_rows(sample_req_ids, logits) -> {req_id: (token_id, logprobs)}``,
 which samples and appends; this class overrides only that.
 """
 
@@ -24,9 +24,9 @@ class TPModelRunner(ModelRunner):
         super().__init__(*args, **kwargs)
         self.tp = tp
 
-    def _sample_rows(self, sample_req_ids: list[str], logits: torch.Tensor | None) -> dict:
+    def sample_rows(self, sample_req_ids: list[str], logits: torch.Tensor | None) -> dict:
         if self.tp.is_first:
-            by_req = super()._sample_rows(sample_req_ids, logits)  # samples and appends
+            by_req = super().sample_rows(sample_req_ids, logits)  # samples and appends
             ids = torch.tensor([by_req[r][0] for r in sample_req_ids], dtype=torch.long, device=self.device)
             self.tp.broadcast(ids, src=0)
             return by_req
