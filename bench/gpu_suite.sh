@@ -2,6 +2,7 @@
 # Everything the GPU issues measure, in one device call:
 #   bash bench/gpu_suite.sh tests   -> GPU tests (engine parity incl. CUDA graphs, kernels) + kernel benchmarks
 #   bash bench/gpu_suite.sh bench   -> offline throughput (Llama-3.1-8B shape, Qwen3-0.6B nano-vllm workload) + latency
+#   bash bench/gpu_suite.sh tp      -> (2+ GPUs) all-reduce by size, TP parity/kill tests, TP 1/2 decode latency
 # Results (JSON + markdown) land in $OUT; copy them to bench/results/ and run `python -m bench.replot` for PNGs.
 set -u
 OUT=${OUT:-/tmp/pagoda-out}
@@ -27,6 +28,14 @@ case "${1:-all}" in
     step python -m bench.offline --shape qwen3-0.6b --workload nano --num-requests 256 --hf-batch-size 0 \
       --hf-batch-requests 16 --out "$OUT"
     step python -m bench.latency --shape llama-3.1-8b --out "$OUT"
+    ;;
+esac
+case "${1:-all}" in
+  tp)  # NVLink multicast stays off on the lent machines (NVLS, symmetric-memory multicast)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    step python -m bench.allreduce --world-size 2 --out "$OUT"
+    step python -m pytest -q -m gpu tests/gpu/test_tp_gpu.py -p no:cacheprovider
+    step python -m bench.tp --tp 1 2 --skip-collectives --compare-custom-all-reduce --repeats 2 --out "$OUT"
     ;;
 esac
 ls -la "$OUT"

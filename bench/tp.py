@@ -64,14 +64,14 @@ def _prompt(n: int, vocab: int, seed: int) -> list[int]:
     return [rng.randrange(10, vocab) for _ in range(n)]
 
 
-def _engine(path: Path, tp: int, args, eager: bool, timed: bool):
+def _engine(path: Path, tp: int, args, eager: bool, timed: bool, custom_all_reduce: bool = False):
     from engine.llm_engine import LLMEngine
 
     os.environ["PAGODA_TIME_COLLECTIVES"] = "1" if timed else "0"  # read by each rank at start
     return LLMEngine.from_kwargs(
         model=str(path), tensor_parallel_size=tp, device=args.device, dtype=args.dtype, max_num_seqs=args.batch,
         max_num_batched_tokens=max(args.prompt * 2, 512), max_model_len=args.prompt + args.tokens + 16,
-        enable_prefix_caching=False, enforce_eager=eager,
+        enable_prefix_caching=False, enforce_eager=eager, custom_all_reduce=custom_all_reduce,
     )
 
 
@@ -100,12 +100,13 @@ def _run(engine, prompts: list[list[int]], tokens: int, after_first_step=None) -
     return stamps
 
 
-def measure(path: Path, tp: int, args, vocab: int) -> dict:
-    """Latency and throughput on the default engine; the collectives' share on an eager one."""
+def measure(path: Path, tp: int, args, vocab: int, custom_all_reduce: bool = False) -> dict:
+    """Latency and throughput on the default engine; the collectives' share on an eager one.
+    ``custom_all_reduce``: the one-shot symmetric-memory all-reduce instead of NCCL (GPU, TP > 1)."""
     prompt = _prompt(args.prompt, vocab, 7)
     on_cuda = args.device == "cuda"
     batch = [_prompt(args.prompt, vocab, 100 + i) for i in range(args.batch)]
-    engine = _engine(path, tp, args, eager=False, timed=not on_cuda)
+    engine = _engine(path, tp, args, eager=False, timed=not on_cuda, custom_all_reduce=custom_all_reduce)
     _run(engine, [_prompt(32, vocab, 0)], 8)  # warm-up, single and batched
     _run(engine, batch, 4)
     per_token, seconds = [], []
@@ -115,7 +116,8 @@ def measure(path: Path, tp: int, args, vocab: int) -> dict:
         begin = time.perf_counter()
         _run(engine, batch, args.tokens)
         seconds.append(time.perf_counter() - begin)
-    row = {"tp": tp, "decode_ms_per_token": 1000 * statistics.median(per_token),
+    label = "-" if tp == 1 else "symm-mem one-shot" if custom_all_reduce else "nccl" if on_cuda else "gloo"
+    row = {"tp": tp, "all_reduce": label, "decode_ms_per_token": 1000 * statistics.median(per_token),
            "throughput_tok_s": args.batch * args.tokens / statistics.median(seconds)}
     if on_cuda and args.skip_collectives:
         _release(engine)
@@ -125,7 +127,7 @@ def measure(path: Path, tp: int, args, vocab: int) -> dict:
         engine = None  # the last reference: its GPU memory must be gone before the next engine sizes its cache
         gc.collect()
         torch.cuda.empty_cache()
-        engine = _engine(path, tp, args, eager=True, timed=True)
+        engine = _engine(path, tp, args, eager=True, timed=True, custom_all_reduce=custom_all_reduce)
         _run(engine, [_prompt(32, vocab, 0)], 8)
     row.update(_collective_share(engine, prompt, args.tokens, tp))
     _release(engine)
@@ -153,7 +155,8 @@ def plot(result: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    labels = [f"TP={r['tp']}" for r in rows]
+    labels = [f"TP={r['tp']}" + (" symm" if r.get("all_reduce", "").startswith("symm") else "")
+              + (" no-spin" if r.get("spin_wait_ms") == 0 else "") for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     left.bar(labels, [r["decode_ms_per_token"] for r in rows], label="decode step")
     coll = [r.get("all_reduce_ms_per_step") or 0.0 for r in rows]
@@ -179,6 +182,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="latency and throughput runs; medians are reported")
     ap.add_argument("--skip-collectives", action="store_true",
                     help="skip the eager engine that measures the collectives' share (GPU: saves a model load per TP size)")
+    ap.add_argument("--compare-custom-all-reduce", action="store_true",
+                    help="GPU: for each TP > 1 also a row with the symmetric-memory all-reduce (custom_all_reduce)")
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/pagoda-models"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
@@ -194,7 +199,16 @@ def main() -> None:
 
     path = resolve(args.model, args.model_dir)
     vocab = load_hf_config(path).vocab_size
-    rows = [measure(path, tp, args, vocab) for tp in args.tp]
+    rows: list[dict] = []
+    for tp in args.tp:  # the report is rewritten after every row: a run cut short keeps what it measured
+        rows.append(measure(path, tp, args, vocab))
+        _report(args, rows)
+        if tp > 1 and cuda and args.compare_custom_all_reduce:
+            rows.append(measure(path, tp, args, vocab, custom_all_reduce=True))
+            _report(args, rows)
+
+
+def _report(args, rows: list[dict]) -> None:
     base = rows[0]
     for r in rows:
         r["latency_speedup"] = base["decode_ms_per_token"] / r["decode_ms_per_token"]
@@ -204,10 +218,9 @@ def main() -> None:
     name = f"tp_{Path(args.model).name}_{args.device}" + ("_latency" if args.skip_collectives else "")
     result = {"benchmark": name, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "environment": environment(), "rows": rows}
-    columns = ["tp", "decode_ms_per_token", "latency_speedup", "throughput_tok_s", "throughput_speedup",
+    columns = ["tp", "all_reduce", "decode_ms_per_token", "latency_speedup", "throughput_tok_s", "throughput_speedup",
                "eager_decode_ms_per_token", "all_reduce_ms_per_step", "collective_share_pct"]
     write_report(args.out, name, result, markdown_table(rows, columns), lambda png: plot(result, png))
-
 
 if __name__ == "__main__":
     main()

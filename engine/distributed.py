@@ -6,7 +6,10 @@ layers, never looked up from a global. Two implementations:
 - ``SingleRankGroup``: TP=1, every collective is the identity, nothing is imported or started.
 - ``TorchTPGroup``: k ranks over ``torch.distributed`` — NCCL on CUDA, gloo on CPU — with a
   timeout on every collective (set when the group is created), so a dead or hung peer turns
-  into an exception on the survivors instead of a wait forever.
+  into an exception on the survivors instead of a wait forever. On GPUs of one host, all-reduces
+  up to 8 MiB can go through a symmetric-memory one-shot kernel instead of NCCL (opt-in,
+  ``ParallelConfig.custom_all_reduce``; engine/custom_all_reduce.py); it has no timeout of its own
+  (a dead peer leaves it spinning), so the executor's step deadline is what catches a hung rank.
 
 Every collective must be called by every rank of the group, in the same order, with tensors of
 the same shape; the model code guarantees this because all ranks run the same forward on the
@@ -101,15 +104,36 @@ class TorchTPGroup(TPGroup):
         self._dist = dist
         self.rank, self.world_size, self.device = rank, world_size, device
         self.group = dist.group.WORLD
+        self.custom_all_reduce = None  # a SymmMemAllReduce once enabled
+
+    def enable_custom_all_reduce(self, dtype: torch.dtype, max_bytes: int | None = None) -> str | None:
+        """Route all-reduces of ``dtype`` up to ``max_bytes`` through symmetric memory; a collective.
+
+        Returns why not (and changes nothing) when this host cannot, the same answer on every rank
+        of one host."""
+        from engine.custom_all_reduce import DEFAULT_MAX_BYTES, SymmMemAllReduce, custom_all_reduce_unavailable
+
+        reason = custom_all_reduce_unavailable(self.world_size, self.device)
+        if reason is None:
+            self.custom_all_reduce = SymmMemAllReduce(self.group, self.device, dtype, max_bytes or DEFAULT_MAX_BYTES)
+        return reason
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        fast = self.custom_all_reduce
+        if fast is not None and fast.fits(tensor):
+            return fast.all_reduce(tensor)
         self._dist.all_reduce(tensor, group=self.group)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
         tensor = tensor.contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        self._dist.all_gather(parts, tensor, group=self.group)
+        if self.device.type == "cuda":  # one output tensor: no list of buffers, capturable in a CUDA graph
+            out = tensor.new_empty((self.world_size, *tensor.shape))
+            self._dist.all_gather_into_tensor(out, tensor, group=self.group)
+            parts = out.unbind(0)
+        else:
+            parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+            self._dist.all_gather(parts, tensor, group=self.group)
         return torch.cat(parts, dim=dim)
 
     def gather(self, tensor: torch.Tensor, dim: int = -1, dst: int = 0) -> torch.Tensor | None:
@@ -133,6 +157,7 @@ class TorchTPGroup(TPGroup):
         self.all_reduce(torch.zeros(1, device=self.device))
 
     def destroy(self) -> None:
+        self.custom_all_reduce = None  # its buffer before the group it was mapped with
         if self._dist.is_initialized():
             self._dist.destroy_process_group()
 

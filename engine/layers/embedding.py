@@ -6,6 +6,10 @@ so any vocabulary size works. The embedding looks up the ids in its range (other
 and all-reduces; the head computes the logits of its range and gathers them to rank 0, the
 sampling rank (other ranks get None). With one rank they are a plain ``nn.Embedding`` and a
 bias-free linear.
+
+Greedy rows need no logits anywhere: ``ParallelLMHead.greedy`` takes each rank's best id of its
+own range and all-gathers one (value, id) pair per row, so every rank gets the argmax of the full
+vocabulary from N * 2 numbers instead of N * V logits (and no broadcast of the sampled ids).
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         tp: TPGroup | None = None,
     ):
         super().__init__(num_embeddings, embedding_dim, tp)
+        if self.tp_size > 1 and num_embeddings >= 2**24:
+            raise ValueError(f"vocabulary size ({num_embeddings}) must be < 2**24 for the tensor-parallel greedy head")
         if tie_to is not None:
             self.weight = tie_to.weight  # one Parameter: loading the embedding fills the head
 
@@ -75,3 +81,22 @@ class ParallelLMHead(VocabParallelEmbedding):
             return logits.new_empty(0, self.num_embeddings) if self.tp.is_first else None
         full = self.tp.gather(logits, dim=-1, dst=0)  # (N, tp * rows_per_rank) on rank 0
         return full[:, : self.num_embeddings] if full is not None else None
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N,) int64: the argmax of the full-vocabulary logits, on every rank.
+
+        Ties go to the lowest id, as ``torch.argmax`` over the gathered logits would: each rank
+        keeps its first maximum, and across ranks the first rank holding the maximum wins.
+        """
+        logits = F.linear(hidden, self.weight).float()  # (N, rows_per_rank), as compute_logits sees them
+        if self.tp_size == 1:
+            return logits.argmax(dim=-1)
+        valid = self.vocab_end - self.vocab_start
+        if valid < self.rows_per_rank:  # padding rows of the last rank can never win
+            logits[:, valid:] = float("-inf")
+        best, local_id = logits.max(dim=-1)  # (N,), (N,)
+        # ids < 2**24 are exact in float32, so one float32 tensor carries both halves of the pair
+        pair = torch.stack([best, (local_id + self.vocab_start).float()], dim=-1)  # (N, 2)
+        pairs = self.tp.all_gather(pair.unsqueeze(0), dim=0)  # (tp, N, 2)
+        winner = pairs[..., 0].argmax(dim=0, keepdim=True)  # (1, N): first rank with the maximum
+        return pairs[..., 1].gather(0, winner).squeeze(0).long()  # (N,)

@@ -226,6 +226,10 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head(hidden)
         return None if logits is None else logits.float()
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N,) int64 argmax of the logits, on every rank (``ParallelLMHead.greedy``)."""
+        return self.lm_head.greedy(hidden)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill every parameter from HF-named tensors; raise on unknown or missing names."""
         load_weights(self, weights)

@@ -14,17 +14,22 @@ All buckets share one memory pool, captured largest first.
 Each bucket is captured as a few pieces (consecutive ranges of layers), replayed back to back.
 Launching a graph costs host time that grows with its node count, and the GPU waits for the
 launch: with pieces, only the first piece's launch is exposed, the others are launched while
-the GPU runs the earlier ones. The pieces' intermediate (hidden, residual) tensors stay alive,
+the GPU runs the earlier ones; so the first piece is a single layer (``piece_ranges``). The pieces' intermediate (hidden, residual) tensors stay alive,
 so no later capture reuses their memory.
 
 Inputs reach the static buffers from pinned host mirrors with one asynchronous copy per buffer
 (three per step), instead of a pageable copy per tensor plus a device-to-device copy into the
 buffer. The mirrors are rewritten only once the previous step's copies have completed (an event;
 normally long done, since reading the sampled ids already waited for the step).
+
+A last piece per bucket, the greedy head (``model.greedy_tokens``: LM head, argmax, and under
+tensor parallelism the all-gather of each rank's best (value, id)), is replayed only for steps
+whose rows are all plain greedy; other steps take the hidden states to the eager sampler.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,6 +45,16 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 16 up to max_num_seqs (and max_num_seqs itself)."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs, 16))
     return sorted(set(sizes + [max_num_seqs]))
+
+
+def piece_ranges(num_layers: int, num_pieces: int) -> list[tuple[int, int]]:
+    """Layer ranges of the pieces: the first is one layer (its launch is the one the GPU waits
+    for, and launch time grows with node count), the rest split the other layers evenly."""
+    if num_pieces <= 1 or num_layers <= 1:
+        return [(0, num_layers)]
+    rest = min(num_pieces - 1, num_layers - 1)
+    bounds = [0] + [1 + round(i * (num_layers - 1) / rest) for i in range(rest + 1)]
+    return list(itertools.pairwise(bounds))
 
 
 class DecodeGraphs:
@@ -80,11 +95,11 @@ class DecodeGraphs:
         self.host_np = {name: t.numpy() for name, t in self.host.items()}
         self.copies_done = torch.cuda.Event()  # the last step's host-to-device copies finished
         num_layers = model.num_layers
-        pieces = max(1, min(num_pieces, num_layers))
-        bounds = [round(i * num_layers / pieces) for i in range(pieces + 1)]
-        self.layer_ranges = list(zip(bounds[:-1], bounds[1:]))
+        self.layer_ranges = piece_ranges(num_layers, num_pieces)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.head_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.greedy_outputs: dict[int, torch.Tensor] = {}  # per bucket, (bucket,) int64 argmax ids
         self._carries: dict[int, list] = {}  # per bucket, the pieces' intermediate outputs (kept alive)
 
     def _metadata(self, batch: int) -> AttentionMetadata:
@@ -121,13 +136,19 @@ class DecodeGraphs:
                 graphs.append(graph)
                 carries.append(carry)
             self.graphs[batch], self._carries[batch], self.outputs[batch] = graphs, carries, carry
+            self.model.greedy_tokens(carry)  # outside the capture first, like the layers above
+            head = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(head, pool=pool):
+                self.greedy_outputs[batch] = self.model.greedy_tokens(carry)
+            self.head_graphs[batch] = head
         torch.cuda.synchronize()
 
     def fits(self, host: "HostBatch") -> bool:
         return host.is_decode_only and len(host.req_ids) <= self.batch_sizes[-1] and bool(self.graphs)
 
-    def run(self, host: "HostBatch") -> torch.Tensor:
-        """Replay the smallest bucket that holds this decode batch; returns hidden (B, H)."""
+    def run(self, host: "HostBatch", greedy_head: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Replay the smallest bucket that holds this decode batch; returns hidden (B, H) and, with
+        ``greedy_head``, each row's argmax id (B,) (else None)."""
         num = len(host.req_ids)
         bucket = next(b for b in self.batch_sizes if b >= num)
         self.copies_done.synchronize()  # a step that sampled nothing never waited for its copies
@@ -145,4 +166,7 @@ class DecodeGraphs:
         self.copies_done.record()
         for graph in self.graphs[bucket]:
             graph.replay()
-        return self.outputs[bucket][:num]
+        if not greedy_head:
+            return self.outputs[bucket][:num], None
+        self.head_graphs[bucket].replay()
+        return self.outputs[bucket][:num], self.greedy_outputs[bucket][:num]

@@ -114,16 +114,23 @@ class ModelRunner:
         if scheduled.is_empty:
             return ModelRunnerOutput.empty()
         host = self._host_batch(scheduled)
+        sample_req_ids = [host.req_ids[i] for i in host.rows_to_sample]
+        greedy = bool(sample_req_ids) and all(self.requests[r].plain_greedy for r in sample_req_ids)
         if self.graphs is not None and self.graphs.fits(host):
-            hidden = self.graphs.run(host)  # (B, H): one token per request
-            if len(host.rows_to_sample) < len(host.req_ids):  # a one-token chunk mid-prompt samples nothing
+            every_row = len(host.rows_to_sample) == len(host.req_ids)  # else a one-token chunk mid-prompt
+            # hidden (B, H): one token per request; ids (B,): the greedy head replayed too, else None
+            hidden, ids = self.graphs.run(host, greedy_head=greedy and every_row)
+            if ids is not None:
+                return self._sample(scheduled, sample_req_ids, greedy_ids=ids)
+            if not every_row:
                 hidden = hidden[torch.from_numpy(host.rows_to_sample).to(self.device)]
         else:
             inputs = self._device_inputs(host)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)  # (T, H)
             hidden = hidden[inputs.logits_indices]
-        logits = self.model.compute_logits(hidden)  # (S, V) float32
-        return self._sample(scheduled, [host.req_ids[i] for i in host.rows_to_sample], logits)
+        if greedy:
+            return self._sample(scheduled, sample_req_ids, greedy_ids=self.model.greedy_tokens(hidden))
+        return self._sample(scheduled, sample_req_ids, logits=self.model.compute_logits(hidden))  # (S, V) float32
 
     @torch.inference_mode()
     def warm_up(self, max_num_tokens: int, max_num_seqs: int) -> None:
@@ -148,7 +155,9 @@ class ModelRunner:
                 [torch.arange(c, c + q, device=self.device) for q, c in zip(query_lens, context_lens, strict=True)]
             )
             hidden = self.model(ids, positions, self.kv_caches, attn)
-            logits = self.model.compute_logits(hidden[attn.query_start_loc[1:] - 1])
+            last = hidden[attn.query_start_loc[1:] - 1]
+            self.model.greedy_tokens(last)
+            logits = self.model.compute_logits(last)
             if logits is not None:  # None on tensor-parallel ranks other than the first
                 logits.argmax(dim=-1)
         if self.device.type == "cuda":
@@ -223,10 +232,24 @@ class ModelRunner:
             logits_indices=torch.from_numpy(cu[host.rows_to_sample] - 1).to(dev),
         )
 
-    def _sample(self, scheduled: SchedulerOutput, sample_req_ids: list[str], logits: torch.Tensor) -> ModelRunnerOutput:
+    def _sample(
+        self,
+        scheduled: SchedulerOutput,
+        sample_req_ids: list[str],
+        logits: torch.Tensor | None = None,
+        greedy_ids: torch.Tensor | None = None,
+    ) -> ModelRunnerOutput:
+        """Sample from ``logits`` (S, V) — or take ``greedy_ids`` (S,), the argmax every rank already
+        has when all S rows are plain greedy — and append the tokens to the runner's requests."""
         for req_id, num_tokens in scheduled.num_scheduled_tokens.items():
             self.requests[req_id].num_computed_tokens += num_tokens
-        by_req = self.sample_rows(sample_req_ids, logits) if sample_req_ids else {}
+        if greedy_ids is not None:
+            by_req = {}
+            for req_id, token_id in zip(sample_req_ids, greedy_ids.tolist(), strict=True):
+                self.requests[req_id].append(token_id)
+                by_req[req_id] = (token_id, None)
+        else:
+            by_req = self.sample_rows(sample_req_ids, logits) if sample_req_ids else {}
         req_ids = list(scheduled.num_scheduled_tokens)
         return ModelRunnerOutput(
             req_ids,
@@ -239,11 +262,6 @@ class ModelRunner:
         request; returns {req_id: (token_id, TokenLogprobs | None)}. The extension point for runners
         that sample differently (``TPModelRunner``: rank 0 samples, the other ranks receive)."""
         states = [self.requests[r] for r in sample_req_ids]
-        if all(s.plain_greedy for s in states):  # the common serving case: no per-row tensors to build
-            token_ids = logits.argmax(dim=-1).tolist()
-            for state, token_id in zip(states, token_ids):
-                state.append(token_id)
-            return {r: (t, None) for r, t in zip(sample_req_ids, token_ids)}
         batch = SamplingBatch.build(
             [s.sampling_params for s in states],
             [s.prompt_token_ids for s in states],

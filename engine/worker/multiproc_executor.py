@@ -6,7 +6,8 @@ Why every rank, rank 0 included, lives in its own process (and the driver in non
 - after a failure the driver kills every rank and starts a fresh group; nothing CUDA or
   ``torch.distributed`` ever lived in the engine's process, so nothing there is left poisoned;
 - a Ray actor hosts a rank the same way (the driver outside the group), so one Worker serves both.
-The price is one pickle + pipe hop per step (tens of microseconds against milliseconds of forward).
+The price is one pickle + pipe hop per step (tens of microseconds against milliseconds of forward;
+on GPUs both ends busy-wait briefly before blocking, engine/worker/spin_wait.py).
 
 Each step the driver pickles the SchedulerOutput once and writes it to every rank; every rank runs
 the forward, rank 0 samples and broadcasts the ids (``TPModelRunner``), every rank replies, and
@@ -43,6 +44,7 @@ from engine.config import EngineConfig
 from engine.errors import EngineDeadError
 from engine.executor import Executor, RankTimeouts
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from engine.worker.spin_wait import spin_until_readable, spin_wait_s
 
 _HEALTH_TIMEOUT_S = 5.0
 _SHUTDOWN_GRACE_S = 5.0
@@ -65,6 +67,10 @@ class MultiprocExecutor(Executor):
         timeouts = RankTimeouts.resolve(step_timeout_s, init_timeout_s)
         self.step_timeout_s, self.init_timeout_s = timeouts.step_s, timeouts.init_s
         self.collective_timeout_s = timeouts.collective_s
+        device = config.model.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.spin_s = spin_wait_s(device)  # busy-wait this long for replies before blocking
         self.procs: list = []
         self.conns: list[Connection] = []
         self._store_box: list = []  # holds the rendezvous TCPStore; emptied to free its port
@@ -165,6 +171,7 @@ class MultiprocExecutor(Executor):
         """One reply from each of ``ranks``; raises EngineDeadError on death, error or deadline."""
         deadline = time.monotonic() + timeout_s
         pending = {self.conns[r]: r for r in ranks}
+        spin_until_readable(list(pending), min(self.spin_s, timeout_s))
         sentinels = {self.procs[r].sentinel: r for r in range(self.world_size)}
         results: dict[int, object] = {}
         while pending:

@@ -12,12 +12,13 @@ rank 0 and None elsewhere: the other ranks hold the same tokens and need not shi
 With ``PAGODA_TIME_COLLECTIVES=1`` in the environment the rank's group is a ``TimedTPGroup`` and
 ``collective_stats`` returns (and resets) the time spent in each collective (bench/tp.py).
 With ``PAGODA_PROFILE_DIR`` set, each rank runs ``torch.profiler`` over its execute_model calls
-``_PROFILE_STEPS`` and writes the op/kernel table to ``rank<r>.txt`` there (a developer's tool:
-where a tensor-parallel step's time goes, GPU kernels and NCCL included).
+``PAGODA_PROFILE_STEPS`` (default 40:60) and writes the op/kernel table and a Chrome trace there (``_StepProfiler``; a
+developer's tool: where a tensor-parallel step's time goes, GPU kernels and NCCL included).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ import torch
 
 from engine.config import EngineConfig
 from engine.distributed import TimedTPGroup, TorchTPGroup, init_tp_group
-from engine.worker.worker import Worker, resolve_device
+from engine.worker.worker import Worker, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class RankSpec:
 class RankHost:
     def __init__(self, spec: RankSpec) -> None:
         """Pick the device, join the group (blocks until every rank has), build the Worker."""
-        device = resolve_device(spec.config.model.device, local_rank=spec.local_rank)
+        device = self.device = resolve_device(spec.config.model.device, local_rank=spec.local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         else:  # oversubscribed cores make every rank slower
@@ -58,10 +61,15 @@ class RankHost:
         self.group: TorchTPGroup = init_tp_group(
             spec.rank, spec.world_size, spec.store_host, spec.store_port, device, spec.collective_timeout_s
         )
+        if device.type == "cuda" and spec.config.parallel.custom_all_reduce:
+            why_not = self.group.enable_custom_all_reduce(resolve_dtype(spec.config.model.dtype, device))
+            if why_not:
+                logger.info("rank %d: all-reduces stay on NCCL: %s", spec.rank, why_not)
         tp = TimedTPGroup(self.group, device) if os.environ.get("PAGODA_TIME_COLLECTIVES") == "1" else self.group
         self.worker = Worker(spec.config, spec.model_path, spec.eos_token_ids, tp, device)
         self._hang_next_step = False
-        self._profile = _StepProfiler(spec.rank) if os.environ.get("PAGODA_PROFILE_DIR") else None
+        tag = "oneshot" if self.group.custom_all_reduce is not None else "nccl"
+        self._profile = _StepProfiler(spec.rank, tag) if os.environ.get("PAGODA_PROFILE_DIR") else None
 
     def call(self, method: str, args: tuple = ()) -> Any:
         """Run one driver call; exceptions propagate to the host, which reports them to the driver."""
@@ -95,27 +103,54 @@ def _collective_stats(tp) -> dict:
     return stats
 
 
-_PROFILE_STEPS = range(40, 60)  # execute_model calls profiled: past start-up and warm-up steps
+
+
+def _profile_steps() -> range:
+    """The execute_model calls profiled: ``PAGODA_PROFILE_STEPS=start:stop``, default 40:60 (past
+    start-up and warm-up steps)."""
+    start, stop = os.environ.get("PAGODA_PROFILE_STEPS", "40:60").split(":")
+    return range(int(start), int(stop))
 
 
 class _StepProfiler:
-    def __init__(self, rank: int) -> None:
-        self.rank, self.calls, self.prof = rank, 0, None
+    """``torch.profiler`` over execute_model calls ``_profile_steps()``; writes ``rank<r>-<tag>.txt``
+    (op/kernel table, the wall time of each call and the idle gap before it) and the Chrome trace
+    ``rank<r>-<tag>.json.gz``. The tag names the all-reduce path, so two engines of one run keep
+    their files apart."""
+
+    def __init__(self, rank: int, tag: str) -> None:
+        self.rank, self.tag, self.calls, self.prof = rank, tag, 0, None
+        self.steps = _profile_steps()
+        self.walls: list[float] = []
+        self.gaps: list[float] = []
+        self._last_end: float | None = None
 
     def run(self, fn, *args):
         from torch.profiler import ProfilerActivity, profile
 
-        if self.calls == _PROFILE_STEPS.start:
+        if self.calls == self.steps.start:
             self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
             self.prof.__enter__()
+        begin = time.perf_counter()
         result = fn(*args)
+        end = time.perf_counter()
+        if self.prof is not None:
+            self.walls.append(end - begin)
+            if self._last_end is not None:
+                self.gaps.append(begin - self._last_end)
+        self._last_end = end
         self.calls += 1
-        if self.calls == _PROFILE_STEPS.stop and self.prof is not None:
+        if self.calls == self.steps.stop and self.prof is not None:
             self.prof.__exit__(None, None, None)
-            averages = self.prof.key_averages()
-            table = averages.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
-            out = Path(os.environ["PAGODA_PROFILE_DIR"]) / f"rank{self.rank}.txt"
-            out.write_text(f"{len(_PROFILE_STEPS)} execute_model calls\n{table}\n")
+            table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
+            out = Path(os.environ["PAGODA_PROFILE_DIR"])
+            summary = (f"{len(self.steps)} execute_model calls: wall {_mean_ms(self.walls):.3f} ms each, "
+                       f"idle before each {_mean_ms(self.gaps):.3f} ms")
+            (out / f"rank{self.rank}-{self.tag}.txt").write_text(f"{summary}\n{table}\n")
+            self.prof.export_chrome_trace(str(out / f"rank{self.rank}-{self.tag}.json.gz"))
             self.prof = None
         return result
 
+
+def _mean_ms(seconds: list[float]) -> float:
+    return 1000 * sum(seconds) / max(1, len(seconds))

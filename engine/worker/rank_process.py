@@ -7,6 +7,7 @@ Protocol over one duplex pipe to the driver (``MultiprocExecutor``):
     rank -> driver   ("ok", result) | ("error", traceback text)
 
 The first message a rank sends is ("ok", None) once it has joined the group (or ("error", ...)).
+GPU ranks spin briefly before each blocking read (engine/worker/spin_wait.py).
 
 A rank never outlives its driver: it exits when the pipe reaches EOF, and a watchdog thread exits
 the process when the parent pid changes (the driver died while the rank was inside a step or a
@@ -23,6 +24,7 @@ import traceback
 from multiprocessing.connection import Connection
 
 from engine.worker.rank import RankHost, RankSpec
+from engine.worker.spin_wait import spin_until_readable, spin_wait_s
 
 _PARENT_POLL_S = 1.0
 
@@ -37,13 +39,14 @@ def rank_main(spec: RankSpec, conn: Connection) -> None:
         return
     _send(conn, ("ok", None))
     try:
-        _serve(host, conn)
+        _serve(host, conn, spin_wait_s(host.device.type))
     finally:
         host.close()
 
 
-def _serve(host: RankHost, conn: Connection) -> None:
+def _serve(host: RankHost, conn: Connection, spin_s: float) -> None:
     while True:
+        spin_until_readable([conn], spin_s)  # the next step's message comes within a step's time
         try:
             method, args = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):  # the driver is gone

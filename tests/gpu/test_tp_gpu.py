@@ -111,8 +111,71 @@ def test_tp_matches_tp1(tp, model_path, prompts, reference, record):
     assert result["max_logprob_diff"] <= LOGPROB_ATOL, result
 
 
+@pytest.mark.parametrize("custom_all_reduce", [False, True])
+def test_tp2_plain_greedy_matches_tp1(custom_all_reduce, model_path, prompts, reference, record):
+    """No logprobs asked: every step takes the greedy head (vocab-parallel argmax + all-gather,
+    replayed in the decode graphs) instead of gathering logits to rank 0; with NCCL all-reduces
+    and with the symmetric-memory one-shot ones."""
+    from engine import LLM, SamplingParams
+
+    llm = LLM(model=str(model_path), tensor_parallel_size=2, dtype="bfloat16", device="cuda", max_model_len=1024,
+              max_num_seqs=8, gpu_memory_utilization=0.8, custom_all_reduce=custom_all_reduce)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    same = sum(o.outputs[0].token_ids == r.token_ids for o, r in zip(outs, reference))
+    key = "tp2 plain greedy" + (", symm-mem all-reduce" if custom_all_reduce else "")
+    record[key] = {"same_greedy_prompts": same, "of": len(prompts)}
+    assert same >= 6, record[key]
+
+
 def test_tp2_eager_matches_tp1(model_path, prompts, reference, record):
     """Without CUDA graphs: tells a capture problem with NCCL collectives from a sharding problem."""
     result = record["tp2 eager"] = compare(reference, run_engine(model_path, 2, prompts, enforce_eager=True))
     assert result["same_greedy_prompts"] >= 6, result
     assert result["max_logprob_diff"] <= LOGPROB_ATOL, result
+
+
+def test_killed_rank_with_one_shot_all_reduce_surfaces_and_gpus_are_reusable(record):
+    """Kill rank 1 while its peer may sit in a one-shot all-reduce kernel (which has no timeout):
+    the engine raises within 30 s, and a new TP=2 engine on the same GPUs generates."""
+    import signal
+    import time
+
+    from engine import LLM, SamplingParams
+    from engine.errors import EngineDeadError
+
+    path = make_random_model("qwen3-0.6b", MODEL_DIR / "qwen3-0.6b")
+    params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+
+    def start() -> LLM:
+        return LLM(model=str(path), tensor_parallel_size=2, dtype="bfloat16", device="cuda", max_model_len=2048,
+                   max_num_seqs=8, gpu_memory_utilization=0.5, custom_all_reduce=True)
+
+    llm = start()
+    for i in range(4):
+        llm.engine.add_request(f"r{i}", {"prompt_token_ids": list(range(100, 140))}, params)
+    for _ in range(20):
+        llm.engine.step()
+    os.kill(llm.engine.executor.rank_pids[1], signal.SIGKILL)
+    killed = time.monotonic()
+    with pytest.raises(EngineDeadError, match="rank 1"):
+        while True:
+            llm.engine.step()
+    record["kill rank 1"] = {"detected_after_s": time.monotonic() - killed}
+    assert time.monotonic() - killed < 30
+    llm.engine.shutdown()
+    del llm
+    gc.collect()
+    llm = start()
+    try:
+        out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0.0, max_tokens=8),
+                           use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 8
+    finally:
+        llm.engine.shutdown()

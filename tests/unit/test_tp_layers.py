@@ -115,6 +115,27 @@ def _check_vocab(tp) -> None:
     assert tied.weight is emb.weight
     empty = head(h[:0])  # no row to sample this step: no collective, the same on every rank
     assert (empty.shape == (0, vocab)) if tp.rank == 0 else empty is None
+    _check_greedy_head(tp, head, table, h)
+
+
+def _check_greedy_head(tp, head, table, h) -> None:
+    """The vocab-parallel argmax equals argmax of the full logits on every rank, ties included."""
+    assert torch.equal(head.greedy(h), (h @ table.T).argmax(dim=-1))
+    # Rows 0-1: a tie between ids 3 (rank 0) and 25 (rank 2) -> 3; a tie inside rank 1's range
+    # (ids 12 and 15) -> 12. Row 2: the maximum on the last rank (id 36), beside its padding rows.
+    hidden = 4
+    tied = torch.zeros(37, hidden)
+    tied[3, 0] = tied[25, 0] = 1.0
+    tied[12, 1] = tied[15, 1] = 1.0
+    tied[36, 2] = 1.0
+    # Row 3: every real logit negative, the best (-0.5) at id 33; the last rank's padding rows
+    # would give 0 and must not win.
+    tied[:, 3] = -1.0
+    tied[33, 3] = -0.5
+    head = ParallelLMHead(37, hidden, tp=tp)
+    _load(head, {"weight": (tied, None)})
+    queries = torch.eye(hidden)
+    assert head.greedy(queries).tolist() == [3, 12, 36, 33] == (queries @ tied.T).argmax(dim=-1).tolist()
 
 
 def _rank_body(rank: int, port: int, errors) -> None:
@@ -203,3 +224,11 @@ def test_devices_are_checked_before_anything_starts():
     with pytest.raises(ValueError, match=r"tensor_parallel_size \(16\) on CPU must be <= 8"):
         check_parallel_config(config, _Cfg(heads=16, kv=16))
     check_parallel_config(EngineConfig.from_kwargs(model="x", device="cpu", tensor_parallel_size=4), cfg)
+
+
+def test_custom_all_reduce_is_refused_where_it_cannot_run():
+    from engine.custom_all_reduce import custom_all_reduce_unavailable
+
+    assert "not cuda" in custom_all_reduce_unavailable(2, torch.device("cpu"))
+    if torch.cuda.is_available():
+        assert "world size 3" in custom_all_reduce_unavailable(3, torch.device("cuda", 0))
