@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 _MODULE_OF = {"kernels": "bench.kernels", "offline_cpu": "bench.offline_cpu", "latency": "bench.latency",
-              "offline": "bench.offline", "tp": "bench.tp", "allreduce": "bench.allreduce", "router": "bench.router", "serving": "bench.serving"}
+              "offline": "bench.offline", "tp": "bench.tp", "allreduce": "bench.allreduce", "router": "bench.router",
+              "serving": "bench.serving"}
 
 
 def main() -> None:

@@ -106,10 +106,11 @@ class ParallelConfig:
     # TP > 1 only: "mp" spawns a local process per rank; "ray" runs each rank as a Ray actor in a
     # placement group (cluster/ray_executor.py). TP = 1 always runs in the engine's own process.
     distributed_executor_backend: Literal["mp", "ray"] = "mp"
-    # CUDA, TP > 1: all-reduces up to 8 MiB go through a one-shot symmetric-memory kernel instead of
-    # NCCL, where every rank's process sees all the group's GPUs with peer access
-    # (engine/custom_all_reduce.py). Off by default: on 2 x H100 it made batch-1 decode 1-5% slower
-    # (its kernel waits longer than NCCL's LL kernel at 8 KiB) and batch-64 throughput 1-16% faster.
+    # CUDA, TP > 1: small all-reduces (<= 8 MiB at 2 ranks, 1 MiB at 4) go through a one-shot
+    # symmetric-memory kernel instead of NCCL, where every rank's process sees all the group's GPUs
+    # with peer access (engine/custom_all_reduce.py). Off by default: on 2 x H100 it made batch-1
+    # decode 1-5% slower (its kernel waits longer than NCCL's LL kernel at 8 KiB) and batch-64
+    # throughput 1-16% faster.
     custom_all_reduce: bool = False
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ kernel at 6.6 us. End to end over three runs: batch-1 decode 1-5% slower, batch-
 (prefill-heavy, eager steps) 1-16% faster.
 
 Limits, checked by ``fits`` (anything else goes to NCCL):
-- the buffer's dtype (the model's), contiguous, at most ``max_bytes``;
+- the buffer's dtype (the model's), contiguous, at most ``max_bytes`` (``MAX_BYTES`` by world size);
 - storage offset 0 and a size that is a multiple of 16 bytes: the kernel moves 16-byte vectors
   and requires the same alignment for the local tensor and the buffer;
 - world size 2, 4 or 8 (the kernel's specialisations), all on this host with peer access.
@@ -32,7 +32,10 @@ import warnings
 import torch
 
 SUPPORTED_WORLD_SIZES = (2, 4, 8)
-DEFAULT_MAX_BYTES = 8 * 2**20  # above this (long prefills) NCCL's ring is as fast or faster: bench/allreduce.py
+# Largest message per world size; above it (long prefills) NCCL's ring is as fast or faster
+# (bench/results/allreduce_tp{2,4}_cuda.*, H100): at 2 ranks the two meet at 8 MiB, at 4 ranks the
+# one-shot kernel wins at 512 KiB and loses at 4 MiB. 8 ranks is not measured: kept small.
+MAX_BYTES = {2: 8 * 2**20, 4: 2**20, 8: 256 * 2**10}
 
 
 def custom_all_reduce_unavailable(world_size: int, device: torch.device) -> str | None:
@@ -55,11 +58,13 @@ def custom_all_reduce_unavailable(world_size: int, device: torch.device) -> str 
 class SymmMemAllReduce:
     """One rank's handle on the group's symmetric buffer. Creating it is a collective."""
 
-    def __init__(self, process_group, device: torch.device, dtype: torch.dtype, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, process_group, device: torch.device, dtype: torch.dtype, max_bytes: int | None = None):
+        """``max_bytes`` defaults to ``MAX_BYTES`` of the group's size."""
         from torch.distributed import _symmetric_memory as symm_mem
 
         self.dtype = dtype
         self.group_name = process_group.group_name
+        max_bytes = max_bytes or MAX_BYTES[process_group.size()]
         self.max_numel = max_bytes // torch.empty((), dtype=dtype).element_size()
         with warnings.catch_warnings():  # needed on torch 2.11, deprecated (a no-op) later
             warnings.simplefilter("ignore", FutureWarning)

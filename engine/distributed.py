@@ -6,10 +6,11 @@ layers, never looked up from a global. Two implementations:
 - ``SingleRankGroup``: TP=1, every collective is the identity, nothing is imported or started.
 - ``TorchTPGroup``: k ranks over ``torch.distributed`` — NCCL on CUDA, gloo on CPU — with a
   timeout on every collective (set when the group is created), so a dead or hung peer turns
-  into an exception on the survivors instead of a wait forever. On GPUs of one host, all-reduces
-  up to 8 MiB can go through a symmetric-memory one-shot kernel instead of NCCL (opt-in,
-  ``ParallelConfig.custom_all_reduce``; engine/custom_all_reduce.py); it has no timeout of its own
-  (a dead peer leaves it spinning), so the executor's step deadline is what catches a hung rank.
+  into an exception on the survivors instead of a wait forever. On GPUs of one host, small
+  all-reduces (up to 8 MiB at 2 ranks, 1 MiB at 4) can go through a symmetric-memory one-shot
+  kernel instead of NCCL (opt-in, ``ParallelConfig.custom_all_reduce``;
+  engine/custom_all_reduce.py); it has no timeout of its own (a dead peer leaves it spinning), so
+  the executor's step deadline is what catches a hung rank.
 
 Every collective must be called by every rank of the group, in the same order, with tensors of
 the same shape; the model code guarantees this because all ranks run the same forward on the
@@ -107,15 +108,16 @@ class TorchTPGroup(TPGroup):
         self.custom_all_reduce = None  # a SymmMemAllReduce once enabled
 
     def enable_custom_all_reduce(self, dtype: torch.dtype, max_bytes: int | None = None) -> str | None:
-        """Route all-reduces of ``dtype`` up to ``max_bytes`` through symmetric memory; a collective.
+        """Route all-reduces of ``dtype`` up to ``max_bytes`` (default by world size) through symmetric
+        memory; a collective.
 
         Returns why not (and changes nothing) when this host cannot, the same answer on every rank
         of one host."""
-        from engine.custom_all_reduce import DEFAULT_MAX_BYTES, SymmMemAllReduce, custom_all_reduce_unavailable
+        from engine.custom_all_reduce import SymmMemAllReduce, custom_all_reduce_unavailable
 
         reason = custom_all_reduce_unavailable(self.world_size, self.device)
         if reason is None:
-            self.custom_all_reduce = SymmMemAllReduce(self.group, self.device, dtype, max_bytes or DEFAULT_MAX_BYTES)
+            self.custom_all_reduce = SymmMemAllReduce(self.group, self.device, dtype, max_bytes)
         return reason
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ All buckets share one memory pool, captured largest first.
 Each bucket is captured as a few pieces (consecutive ranges of layers), replayed back to back.
 Launching a graph costs host time that grows with its node count, and the GPU waits for the
 launch: with pieces, only the first piece's launch is exposed, the others are launched while
-the GPU runs the earlier ones; so the first piece is a single layer (``piece_ranges``). The pieces' intermediate (hidden, residual) tensors stay alive,
-so no later capture reuses their memory.
+the GPU runs the earlier ones; so the first piece is a single layer (``piece_ranges``). The
+pieces' intermediate (hidden, residual) tensors stay alive, so no later capture reuses their memory.
 
 Inputs reach the static buffers from pinned host mirrors with one asynchronous copy per buffer
 (three per step), instead of a pageable copy per tensor plus a device-to-device copy into the

@@ -10,8 +10,9 @@ The price is one pickle + pipe hop per step (tens of microseconds against millis
 on GPUs both ends busy-wait briefly before blocking, engine/worker/spin_wait.py).
 
 Each step the driver pickles the SchedulerOutput once and writes it to every rank; every rank runs
-the forward, rank 0 samples and broadcasts the ids (``TPModelRunner``), every rank replies, and
-rank 0's reply is the step's output. Replies from all ranks (not only rank 0) let a rank's Python
+the forward and ends up with the sampled ids (an all-gather of per-shard argmaxes for greedy steps,
+otherwise rank 0 samples and broadcasts: ``TPModelRunner``), every rank replies, and rank 0's reply
+is the step's output. Replies from all ranks (not only rank 0) let a rank's Python
 exception surface at once instead of as a collective timeout on its peers.
 
 Failure detection, all surfacing as ``EngineDeadError`` from ``execute_model``:

@@ -12,8 +12,9 @@ rank 0 and None elsewhere: the other ranks hold the same tokens and need not shi
 With ``PAGODA_TIME_COLLECTIVES=1`` in the environment the rank's group is a ``TimedTPGroup`` and
 ``collective_stats`` returns (and resets) the time spent in each collective (bench/tp.py).
 With ``PAGODA_PROFILE_DIR`` set, each rank runs ``torch.profiler`` over its execute_model calls
-``PAGODA_PROFILE_STEPS`` (default 40:60) and writes the op/kernel table and a Chrome trace there (``_StepProfiler``; a
-developer's tool: where a tensor-parallel step's time goes, GPU kernels and NCCL included).
+``PAGODA_PROFILE_STEPS`` (default 40:60) and writes the op/kernel table and a Chrome trace there
+(``_StepProfiler``; a developer's tool: where a tensor-parallel step's time goes, GPU kernels and
+NCCL included).
 """
 
 from __future__ import annotations
@@ -103,8 +104,6 @@ def _collective_stats(tp) -> dict:
     return stats
 
 
-
-
 def _profile_steps() -> range:
     """The execute_model calls profiled: ``PAGODA_PROFILE_STEPS=start:stop``, default 40:60 (past
     start-up and warm-up steps)."""
@@ -142,7 +141,8 @@ class _StepProfiler:
         self.calls += 1
         if self.calls == self.steps.stop and self.prof is not None:
             self.prof.__exit__(None, None, None)
-            table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
+            averages = self.prof.key_averages()
+            table = averages.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
             out = Path(os.environ["PAGODA_PROFILE_DIR"])
             summary = (f"{len(self.steps)} execute_model calls: wall {_mean_ms(self.walls):.3f} ms each, "
                        f"idle before each {_mean_ms(self.gaps):.3f} ms")
