@@ -232,3 +232,22 @@ def test_custom_all_reduce_is_refused_where_it_cannot_run():
     assert "not cuda" in custom_all_reduce_unavailable(2, torch.device("cpu"))
     if torch.cuda.is_available():
         assert "world size 3" in custom_all_reduce_unavailable(3, torch.device("cuda", 0))
+
+
+def test_custom_all_reduce_takes_only_tensors_its_kernel_can_move():
+    """``SymmMemAllReduce.fits`` is a pure predicate (the kernel itself needs GPUs: bench/allreduce.py)."""
+    from engine.custom_all_reduce import SymmMemAllReduce
+
+    fast = SymmMemAllReduce.__new__(SymmMemAllReduce)  # no group: only the predicate is exercised
+    fast.dtype, fast.max_numel = torch.bfloat16, 4096
+    ok = torch.zeros(2, 1024, dtype=torch.bfloat16)
+    assert not fast.fits(ok)  # a CPU tensor
+    if not torch.cuda.is_available():
+        return
+    ok = ok.cuda()
+    assert fast.fits(ok)
+    assert not fast.fits(ok.float())  # another dtype than the buffer's
+    assert not fast.fits(torch.zeros(8, 1024, dtype=torch.bfloat16, device="cuda"))  # larger than the buffer
+    assert not fast.fits(ok[:, :1000].contiguous()[:, :-1])  # not contiguous
+    assert not fast.fits(ok.view(-1)[8:16])  # a storage offset
+    assert not fast.fits(ok.view(-1)[:3])  # not a multiple of 16 bytes
