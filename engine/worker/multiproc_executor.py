@@ -46,6 +46,7 @@ from engine.errors import EngineDeadError
 from engine.executor import Executor, RankTimeouts
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine.worker.spin_wait import spin_until_readable, spin_wait_s
+from engine.worker.worker import resolve_device
 
 _HEALTH_TIMEOUT_S = 5.0
 _SHUTDOWN_GRACE_S = 5.0
@@ -68,10 +69,7 @@ class MultiprocExecutor(Executor):
         timeouts = RankTimeouts.resolve(step_timeout_s, init_timeout_s)
         self.step_timeout_s, self.init_timeout_s = timeouts.step_s, timeouts.init_s
         self.collective_timeout_s = timeouts.collective_s
-        device = config.model.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.spin_s = spin_wait_s(device)  # busy-wait this long for replies before blocking
+        self.spin_s = spin_wait_s(resolve_device(config.model.device).type)  # busy-wait for replies before blocking
         self.procs: list = []
         self.conns: list[Connection] = []
         self._store_box: list = []  # holds the rendezvous TCPStore; emptied to free its port
