@@ -1,4 +1,6 @@
-"""All-reduce latency by message size: NCCL against the symmetric-memory one-shot kernel.
+"""All-reduce latency by message size: NCCL against the symmetric-memory one-shot kernel; and the
+all-reduce + residual add + RMSNorm after each row-parallel layer: NCCL then the fused add+norm
+kernel, against the one fused symmetric-memory kernel (kernels/allreduce_rmsnorm.py).
 
 One process per GPU joins a group exactly as an engine rank does (``engine.distributed``), then
 for each size (bf16, the shape of ``tokens x hidden``) measures, on the same group in the same run:
@@ -6,7 +8,12 @@ for each size (bf16, the shape of ``tokens x hidden``) measures, on the same gro
   replayed ``--replays`` times, GPU time per all-reduce from CUDA events;
 - eager (how prefill steps run): wall time per all-reduce over a loop, host overhead included;
 and checks both results against the fp32 sum on random data (``_error``; the one-shot one must be
-no worse than NCCL's or than world_size units).
+no worse than NCCL's or than world_size units). For ``--norm-tokens`` rows (decode batches) it times
+``all_reduce`` + ``kernels.fused_add_rms_norm`` against ``all_reduce_rms_norm`` the same way in a
+graph, after checking the fused kernel on every rank over consecutive calls (both buffer parities)
+against ``kernels.all_reduce_rms_norm_ref`` of all ranks' inputs: the residual stream bitwise, the
+normed output to ``norm_max_err`` (``_error``'s units: 2 is one bf16 ulp, the rstd being summed in
+another order than torch's), and the outputs bitwise equal on every rank.
 
     python -m bench.allreduce --world-size 2          # on a 2-GPU machine
 
@@ -29,6 +36,7 @@ import torch
 from bench.report import environment, markdown_table, write_report
 
 HIDDEN = 4096  # Llama-3.1-8B
+EPS = 1e-5
 
 
 def _time_graph(fn, x: torch.Tensor, per_graph: int, replays: int) -> float:
@@ -106,11 +114,65 @@ def _rank(rank: int, world: int, port: int, args, results) -> None:
                 row["oneshot_eager_us"] = _time_eager(fast.all_reduce, x.clone(), args.iters)
             row["graph_speedup"] = row["nccl_graph_us"] / row["oneshot_graph_us"]
             rows.append(row)
+        norm_rows = [_norm_row(fast, tokens, rank, world, args) for tokens in args.norm_tokens]
         fast = None
         tp.destroy()
-        results.put((rank, rows if rank == 0 else None))
+        results.put((rank, (rows, norm_rows) if rank == 0 else None))
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, traceback.format_exc()))
+
+
+def _norm_check(fast, tokens: int, rank: int, world: int, residual, weight, calls: int = 4) -> dict:
+    """The fused kernel against the reference over ``calls`` consecutive calls, on every rank."""
+    import torch.distributed as dist
+
+    from kernels import all_reduce_rms_norm_ref
+
+    bad, worst = torch.zeros(2, device=residual.device), 0.0  # [residual mismatches, rank disagreements]
+    for call in range(calls):
+        torch.manual_seed(rank * 1000 + tokens * 10 + call)
+        x = torch.randn(tokens, HIDDEN, device=residual.device, dtype=torch.bfloat16)
+        out, new_residual = fast.all_reduce_rms_norm(x, residual, weight, EPS)
+        partials = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(partials, x)
+        ref_out, ref_residual = all_reduce_rms_norm_ref(list(partials.unbind(0)), residual, weight, EPS)
+        bad[0] += not torch.equal(new_residual, ref_residual)
+        worst = max(worst, _error(out, ref_out.float(), ref_out.float().abs()))
+        outs = torch.empty((world, *out.shape), dtype=out.dtype, device=out.device)
+        dist.all_gather_into_tensor(outs, out)
+        bad[1] += not all(torch.equal(o, outs[0]) for o in outs.unbind(0))
+    dist.all_reduce(bad)
+    err = torch.tensor([worst], device=bad.device)
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    return {"norm_residual_exact": bad[0].item() == 0, "norm_max_err": err.item(), "ranks_equal": bad[1].item() == 0}
+
+
+def _norm_row(fast, tokens: int, rank: int, world: int, args) -> dict:
+    """NCCL all-reduce then the fused add+norm kernel, against one all_reduce_rms_norm, in a graph."""
+    import torch.distributed as dist
+
+    from kernels import fused_add_rms_norm
+
+    device = torch.device("cuda", rank)
+    torch.manual_seed(tokens)  # residual and weight: the same on every rank, as in the model
+    residual = torch.randn(tokens, HIDDEN, device=device, dtype=torch.bfloat16)
+    weight = (1 + 0.1 * torch.randn(HIDDEN, device=device)).to(torch.bfloat16)
+    check = _norm_check(fast, tokens, rank, world, residual, weight)
+    row = {"tokens": tokens, "kib": tokens * HIDDEN * 2 / 1024, **check}
+
+    def nccl_then_norm(x):
+        dist.all_reduce(x)  # in place, as the model reduces a fresh partial sum (values grow; times don't)
+        return fused_add_rms_norm(x, residual, weight, EPS)
+
+    def fused(x):
+        return fast.all_reduce_rms_norm(x, residual, weight, EPS)
+
+    x = torch.randn(tokens, HIDDEN, device=device, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        row["nccl_norm_graph_us"] = _time_graph(nccl_then_norm, x.clone(), args.per_graph, args.replays)
+        row["fused_norm_graph_us"] = _time_graph(fused, x.clone(), args.per_graph, args.replays)
+    row["norm_graph_speedup"] = row["nccl_norm_graph_us"] / row["fused_norm_graph_us"]
+    return row
 
 
 def plot(result: dict, png: Path) -> None:
@@ -137,6 +199,8 @@ def main() -> None:
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 512, 1024, 2048],
                     help="rows of 4096 bf16 (1 row = 8 KiB)")
+    ap.add_argument("--norm-tokens", type=int, nargs="*", default=[1, 8, 64],
+                    help="rows of 4096 bf16 for the all-reduce + RMSNorm rows (decode batches)")
     ap.add_argument("--per-graph", type=int, default=64, help="all-reduces per captured graph (~ a decode step)")
     ap.add_argument("--replays", type=int, default=50)
     ap.add_argument("--iters", type=int, default=200, help="eager calls timed per size")
@@ -145,6 +209,10 @@ def main() -> None:
     if torch.cuda.device_count() < args.world_size:
         found = torch.cuda.device_count()
         raise SystemExit(f"--world-size {args.world_size} needs that many CUDA GPUs; torch sees {found}")
+    from engine.custom_all_reduce import NORM_MAX_BYTES
+
+    if args.norm_tokens and max(args.norm_tokens) * HIDDEN * 2 > NORM_MAX_BYTES:
+        raise SystemExit(f"--norm-tokens: at most {NORM_MAX_BYTES // (HIDDEN * 2)} rows (NORM_MAX_BYTES)")
     from torch.distributed import TCPStore
 
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=120))
@@ -161,11 +229,17 @@ def main() -> None:
     if errors:
         raise SystemExit("\n".join(f"rank {r}:\n{e}" for r, e in errors.items()))
     name = f"allreduce_tp{args.world_size}_cuda"
+    rows, norm_rows = got[0]
     result = {"benchmark": name, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "environment": environment(), "rows": got[0]}
+              "environment": environment(), "rows": rows, "norm_rows": norm_rows}
     columns = ["tokens", "kib", "nccl_graph_us", "oneshot_graph_us", "graph_speedup", "nccl_eager_us",
                "oneshot_eager_us", "oneshot_max_err", "nccl_max_err", "matches_nccl"]
-    write_report(args.out, name, result, markdown_table(result["rows"], columns), lambda png: plot(result, png))
+    norm_columns = ["tokens", "kib", "nccl_norm_graph_us", "fused_norm_graph_us", "norm_graph_speedup",
+                    "norm_residual_exact", "norm_max_err", "ranks_equal"]
+    table = markdown_table(rows, columns)
+    if norm_rows:
+        table += "\n\nall-reduce + residual add + RMSNorm, in a graph:\n\n" + markdown_table(norm_rows, norm_columns)
+    write_report(args.out, name, result, table, lambda png: plot(result, png))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ layers, never looked up from a global. Two implementations:
   all-reduces (up to 8 MiB at 2 ranks, 1 MiB at 4) can go through a symmetric-memory one-shot
   kernel instead of NCCL (opt-in, ``ParallelConfig.custom_all_reduce``;
   engine/custom_all_reduce.py); it has no timeout of its own (a dead peer leaves it spinning), so
-  the executor's step deadline is what catches a hung rank.
+  the executor's step deadline is what catches a hung rank. The same opt-in fuses the all-reduce
+  of a row-parallel layer's output with the RMSNorm after it (``all_reduce_rms_norm``: one
+  symmetric-memory Triton kernel, kernels/allreduce_rmsnorm.py) for decode-sized messages.
 
 Every collective must be called by every rank of the group, in the same order, with tensors of
 the same shape; the model code guarantees this because all ranks run the same forward on the
@@ -41,6 +43,18 @@ class TPGroup(abc.ABC):
     @abc.abstractmethod
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of ``tensor`` over the ranks, same shape; may reuse ``tensor``'s storage."""
+
+    def all_reduce_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm (weight (H,), eps) of the sum of ``x`` (T, H) over the ranks; with ``residual``:
+        ``s = sum + residual`` and returns ``(norm(s), s)``, like ``RMSNorm.forward``. May reuse x's storage.
+
+        Here: ``all_reduce`` then the norm; a group may fuse the two.
+        """
+        from engine.layers.layernorm import rms_norm  # imported here: the layers import this module
+
+        return rms_norm(self.all_reduce(x), residual, weight, eps)
 
     @abc.abstractmethod
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -109,7 +123,7 @@ class TorchTPGroup(TPGroup):
 
     def enable_custom_all_reduce(self, dtype: torch.dtype, max_bytes: int | None = None) -> str | None:
         """Route all-reduces of ``dtype`` up to ``max_bytes`` (default by world size) through symmetric
-        memory; a collective.
+        memory, and fuse decode-sized ``all_reduce_rms_norm`` calls into one kernel; a collective.
 
         Returns why not (and changes nothing) when this host cannot, the same answer on every rank
         of one host."""
@@ -126,6 +140,12 @@ class TorchTPGroup(TPGroup):
             return fast.all_reduce(tensor)
         self._dist.all_reduce(tensor, group=self.group)
         return tensor
+
+    def all_reduce_rms_norm(self, x, residual, weight, eps):
+        fast = self.custom_all_reduce
+        if fast is not None and fast.fits_norm(x):  # shape and dtype only: every rank chooses alike
+            return fast.all_reduce_rms_norm(x, residual, weight, eps)
+        return super().all_reduce_rms_norm(x, residual, weight, eps)
 
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
         tensor = tensor.contiguous()
@@ -241,6 +261,9 @@ class TimedTPGroup(TPGroup):
 
     def all_reduce(self, tensor):
         return self._timed("all_reduce", self.inner.all_reduce, tensor)
+
+    def all_reduce_rms_norm(self, x, residual, weight, eps):  # counted as an all-reduce, the norm included
+        return self._timed("all_reduce", self.inner.all_reduce_rms_norm, x, residual, weight, eps)
 
     def all_gather(self, tensor, dim=-1):
         return self._timed("all_gather", self.inner.all_gather, tensor, dim)

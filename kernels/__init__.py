@@ -6,6 +6,7 @@ triton and run on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the 
 
 from kernels._triton import HAS_TRITON
 from kernels.activation import silu_and_mul, silu_and_mul_ref
+from kernels.allreduce_rmsnorm import SymmetricWorkspace, all_reduce_rms_norm, all_reduce_rms_norm_ref
 from kernels.attention import paged_attention, paged_attention_ref
 from kernels.paged_decode import paged_decode, paged_decode_ref
 from kernels.paged_prefill import paged_prefill, paged_prefill_ref
@@ -15,6 +16,9 @@ from kernels.rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin_cache
 
 __all__ = [
     "HAS_TRITON",
+    "SymmetricWorkspace",
+    "all_reduce_rms_norm",
+    "all_reduce_rms_norm_ref",
     "apply_rotary",
     "apply_rotary_ref",
     "fused_add_rms_norm",

@@ -8,7 +8,9 @@ Invariants:
   the FULL checkpoint tensor. Fusing HF's separate q/k/v (or gate/up) tensors into one matrix and
   cutting out this rank's slice happen there and nowhere else.
 - Column-parallel outputs stay split (the next row-parallel layer consumes them split); a
-  row-parallel layer all-reduces its partial sums and adds its bias once, after the reduce.
+  row-parallel layer all-reduces its partial sums and adds its bias once, after the reduce, or,
+  built with ``reduce_results=False``, returns this rank's partial sum for the caller to reduce
+  (the decoders fuse that all-reduce into the next RMSNorm).
 - ``tp`` is the layer's ``TPGroup``; None means a single rank (every collective a no-op).
 """
 
@@ -97,15 +99,25 @@ class RowParallelLinear(LinearBase):
     """Input features split across ranks (dim 1 of the weight); partial outputs are summed.
 
     The bias is not split: it is added once, after the all-reduce (adding it on every rank would
-    count it tp times).
+    count it tp times). With ``reduce_results=False`` the layer returns this rank's partial sum,
+    with the bias added on rank 0 only, and the CALLER must all-reduce it (every rank, same shapes)
+    before the output means anything: the decoders hand it to ``RMSNorm(..., partial=True)``.
     """
 
     tp_dim = 1
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, tp: TPGroup | None = None):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        tp: TPGroup | None = None,
+        reduce_results: bool = True,
+    ):
         tp = tp or SINGLE_RANK
         local_in = divide(input_size, tp.world_size, "input_size")
         super().__init__(input_size, output_size, bias, tp, local_in=local_in)
+        self.reduce_results = reduce_results
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         if shard_id is not None:
@@ -116,6 +128,8 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return F.linear(x, self.weight, self.bias)
+        if not self.reduce_results:  # (T, out): this rank's partial product; the sum adds the bias once
+            return F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         y = self.tp.all_reduce(F.linear(x, self.weight))  # (T, out): sum of the ranks' partial products
         return y if self.bias is None else y + self.bias
 

@@ -9,6 +9,10 @@ Both are Llama-shaped and reuse its attention and MLP with three differences:
 GLM-4 adds two more RMSNorms per layer (a "sandwich"): ``post_self_attn_layernorm`` on the attention
 output and ``post_mlp_layernorm`` on the MLP output, each before its residual add. The older GLM has
 only the usual two; that is the ``sandwich_norms`` flag.
+
+Under tensor parallelism the sandwich norms are where the attention and MLP partial sums get
+reduced (see llama.py), so a GLM-4 layer's output is already reduced (``output_is_partial`` False)
+and the next input_layernorm only adds and normalises; the older GLM layer is like Llama's.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, _che
 
 class Glm4DecoderLayer(nn.Module):
     sandwich_norms = True
+    output_is_partial = False  # post_mlp_layernorm reduced the MLP's partial sum
 
     def __init__(self, hf_config, tp: TPGroup = SINGLE_RANK):
         super().__init__()
@@ -33,11 +38,11 @@ class Glm4DecoderLayer(nn.Module):
             hf_config, qkv_bias=getattr(hf_config, "attention_bias", False), o_bias=False, is_neox_style=False, tp=tp
         )
         self.mlp = LlamaMLP(hidden_size, hf_config.intermediate_size, tp=tp)
-        self.input_layernorm = RMSNorm(hidden_size, eps=eps)
-        self.post_attention_layernorm = RMSNorm(hidden_size, eps=eps)
+        self.input_layernorm = RMSNorm(hidden_size, eps=eps, tp=tp)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps=eps, tp=tp)
         if self.sandwich_norms:
-            self.post_self_attn_layernorm = RMSNorm(hidden_size, eps=eps)
-            self.post_mlp_layernorm = RMSNorm(hidden_size, eps=eps)
+            self.post_self_attn_layernorm = RMSNorm(hidden_size, eps=eps, tp=tp)
+            self.post_mlp_layernorm = RMSNorm(hidden_size, eps=eps, tp=tp)
 
     def forward(
         self,
@@ -47,22 +52,23 @@ class Glm4DecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
+        if residual is None:  # the first layer: hidden is the (reduced) embedding
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, attn)
+            hidden, residual = self.input_layernorm(hidden, residual, partial=self.output_is_partial)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn)  # partial
         if self.sandwich_norms:
-            hidden = self.post_self_attn_layernorm(hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        hidden = self.mlp(hidden)
+            hidden = self.post_self_attn_layernorm(hidden, partial=True)  # reduced from here on
+        hidden, residual = self.post_attention_layernorm(hidden, residual, partial=not self.sandwich_norms)
+        hidden = self.mlp(hidden)  # partial
         if self.sandwich_norms:
-            hidden = self.post_mlp_layernorm(hidden)
+            hidden = self.post_mlp_layernorm(hidden, partial=True)
         return hidden, residual
 
 
 class GlmDecoderLayer(Glm4DecoderLayer):
     sandwich_norms = False
+    output_is_partial = True  # the MLP's partial sum, as in Llama
 
 
 class Glm4ForCausalLM(LlamaForCausalLM):

@@ -9,6 +9,12 @@ Sliding-window attention (Mistral v0.1, Qwen with ``use_sliding_window``) is not
 model is exact while sequences stay within the window.
 
 The layer classes take their options as arguments so that ``glm4.py`` reuses them.
+
+Tensor parallelism: o_proj and down_proj return this rank's partial sums (``reduce_results=False``)
+and the RMSNorm that follows each reduces them (``partial=True``), fused into one kernel where the
+group can (``TPGroup.all_reduce_rms_norm``). So a decoder layer returns a partial hidden state
+when its class says ``output_is_partial``, and whatever normalises it next (the next layer's
+input_layernorm, the model's final norm) reduces it. The embedding is reduced on its own.
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden_size, bias=o_bias, tp=tp)
+        self.o_proj = RowParallelLinear(
+            total_heads * self.head_dim, hidden_size, bias=o_bias, tp=tp, reduce_results=False
+        )
         self.rotary_emb = get_rope(hf_config, self.head_dim, is_neox_style=is_neox_style)
         self.attn = PagedAttention(self.num_heads, self.head_dim, self.num_kv_heads, scale=self.head_dim**-0.5)
         if qk_norm:
@@ -76,16 +84,17 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v, kv_cache, attn)  # (T, Hq*D)
-        return self.o_proj(out)  # (T, hidden)
+        return self.o_proj(out)  # (T, hidden): this rank's partial sum
 
 
 class LlamaMLP(nn.Module):
-    """gate/up split by output (each rank I/tp of each), down split by input, one all-reduce."""
+    """gate/up split by output (each rank I/tp of each), down split by input; returns this rank's
+    partial sum (the caller's next norm reduces it)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, tp: TPGroup = SINGLE_RANK):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias, tp=tp)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, tp=tp)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, tp=tp, reduce_results=False)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +109,11 @@ def _check_act(hf_config) -> None:
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block; the residual stream travels next to the hidden states so each add fuses into a norm."""
+
+    # forward returns the MLP's partial sum (rank-local under TP) next to the reduced residual; the
+    # next layer's input_layernorm or the model's norm reduces it. Layers of one model share a class,
+    # so a layer's input (when it comes with a residual) is partial exactly when its output is.
+    output_is_partial: ClassVar[bool] = True
 
     def __init__(self, hf_config, tp: TPGroup = SINGLE_RANK):
         super().__init__()
@@ -116,8 +130,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(
             hf_config.hidden_size, hf_config.intermediate_size, getattr(hf_config, "mlp_bias", False), tp=tp
         )
-        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps, tp=tp)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps, tp=tp)
 
     def forward(
         self,
@@ -127,13 +141,13 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
+        if residual is None:  # the first layer: hidden is the (reduced) embedding
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, attn)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+            hidden, residual = self.input_layernorm(hidden, residual, partial=self.output_is_partial)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn)  # partial
+        hidden, residual = self.post_attention_layernorm(hidden, residual, partial=True)
+        return self.mlp(hidden), residual  # partial
 
 
 class LlamaModel(nn.Module):
@@ -141,7 +155,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size, tp=tp)
         self.layers = nn.ModuleList([layer_cls(hf_config, tp) for _ in range(hf_config.num_hidden_layers)])
-        self.norm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+        self.norm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps, tp=tp)
+        self.layer_cls = layer_cls  # its output_is_partial says whether the final norm reduces
 
     def forward(
         self,
@@ -164,8 +179,9 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Layers ``start:end`` of the forward, for graphs captured in pieces. A range from 0 embeds
         ``input_ids`` first; any other continues from ``carry``, the (hidden, residual) pair the
-        previous range returned. The range that ends at the last layer returns the normed hidden
-        states (T, hidden); the others return (hidden, residual)."""
+        previous range returned (under TP, hidden is this rank's partial sum when the layers'
+        ``output_is_partial``: only the next norm reduces it). The range that ends at the last layer
+        returns the normed, reduced hidden states (T, hidden); the others return (hidden, residual)."""
         if start == 0:
             hidden, residual = self.embed_tokens(input_ids), None  # (T, hidden)
         else:
@@ -174,7 +190,7 @@ class LlamaModel(nn.Module):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn)
         if end < len(self.layers):
             return hidden, residual
-        hidden, _ = self.norm(hidden, residual)
+        hidden, _ = self.norm(hidden, residual, partial=self.layer_cls.output_is_partial)
         return hidden
 
 

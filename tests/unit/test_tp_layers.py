@@ -1,4 +1,5 @@
-"""Tensor-parallel layers and collectives on 4 real gloo ranks, against the unsharded computation.
+"""Tensor-parallel layers and collectives on 4 real gloo ranks, against the unsharded computation;
+and whole tiny decoders, whose row-parallel outputs are reduced inside the next norm, against one rank.
 
 Every rank builds the same full weights (same seed), loads them through the layers' weight
 loaders (which cut out its part), and checks its outputs against the full layer computed
@@ -16,16 +17,19 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import EngineConfig
-from engine.distributed import SINGLE_RANK, init_tp_group
+from engine.distributed import SINGLE_RANK, TimedTPGroup, init_tp_group
 from engine.executor import check_parallel_config
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.layernorm import RMSNorm
 from engine.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
-from engine.models.registry import check_tensor_parallel, kv_cache_spec
+from engine.models.registry import build_model, check_tensor_parallel, kv_cache_spec
+from kernels import rms_norm_ref
+from tests.unit.paged_helpers import PagedKV
 
 WORLD = 4
 
@@ -70,6 +74,70 @@ def _check_linears(tp) -> None:
     g_out, u_out = merged(x).chunk(2, dim=-1)
     assert torch.allclose(tp.all_gather(g_out), x @ gate.T, atol=1e-5)
     assert torch.allclose(tp.all_gather(u_out), x @ up.T, atol=1e-5)
+
+
+def _check_partial_norm(tp) -> None:
+    """A row-parallel layer left unreduced, then RMSNorm(partial=True): the norm of the full layer's
+    output (plus the residual), the bias counted once, the same through a TimedTPGroup."""
+    torch.manual_seed(3)
+    w_row, b_row, weight = torch.randn(16, 24), torch.randn(16), torch.randn(16)
+    x24, residual = torch.randn(5, 24), torch.randn(5, 16)
+    row = RowParallelLinear(24, 16, bias=True, tp=tp, reduce_results=False)
+    _load(row, {"weight": (w_row, None), "bias": (b_row, None)})
+    x_split = x24.chunk(WORLD, dim=-1)[tp.rank]
+    full = F.linear(x24, w_row, b_row)
+    assert torch.allclose(tp.all_reduce(row(x_split)), full, atol=1e-5)  # a partial sum, bias on rank 0 only
+    norm = RMSNorm(16, eps=1e-5, tp=tp)
+    norm.weight.data.copy_(weight)
+    assert torch.allclose(norm(row(x_split), partial=True), rms_norm_ref(full, weight, 1e-5), atol=1e-5)
+    timed = TimedTPGroup(tp, torch.device("cpu"))
+    for group in (tp, timed):
+        norm.tp = group
+        out, new_residual = norm(row(x_split), residual, partial=True)
+        assert torch.allclose(new_residual, full + residual, atol=1e-5)
+        assert torch.allclose(out, rms_norm_ref(full + residual, weight, 1e-5), atol=1e-5)
+    assert timed.stats()["all_reduce"]["calls"] == 1
+    assert torch.equal(norm(residual), rms_norm_ref(residual, weight, 1e-5))  # not partial: no collective
+
+
+def _tiny_decoder_configs():
+    """Llama with an o_proj bias (added on one rank only), GLM-4 (sandwich norms reduce inside the
+    layer) and GLM (reduced by the next layer's input norm)."""
+    from transformers import Glm4Config, GlmConfig, LlamaConfig
+
+    common = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": 0}  # fmt: skip
+    glm = {"head_dim": 16, "partial_rotary_factor": 0.5, "attention_bias": True}
+    return [
+        LlamaConfig(**common, attention_bias=True, architectures=["LlamaForCausalLM"]),
+        Glm4Config(**common, **glm, architectures=["Glm4ForCausalLM"]),
+        GlmConfig(**common, **glm, architectures=["GlmForCausalLM"]),
+    ]
+
+
+def _check_decoders_in_pieces(tp) -> None:
+    """Whole models whose row-parallel outputs are reduced inside the next norm, run in two pieces
+    (``forward_layers``, as decode graphs run them): the hidden states of the same model on one rank."""
+    from transformers import AutoModelForCausalLM
+
+    for config in _tiny_decoder_configs():
+        torch.manual_seed(5)  # the same weights on every rank
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        for p in hf.parameters():
+            if p.dim() == 1:  # random norm weights and biases, not ones and zeros
+                p.data.normal_(1.0, 0.2)
+        models = [build_model(config, torch.float32, "cpu", group) for group in (SINGLE_RANK, tp)]
+        hidden = []
+        for model, size in zip(models, (1, WORLD), strict=True):
+            model.load_weights(hf.state_dict().items())
+            spec = kv_cache_spec(config, size)
+            cache = PagedKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, num_blocks=8, block_size=4)
+            ids = torch.arange(7) * 11 % 128
+            positions, attn = cache.step([("a", 7)])
+            with torch.inference_mode():
+                carry = model.forward_layers(ids, positions, cache.kv_caches, attn, 0, 2, None)
+                hidden.append(model.forward_layers(None, positions, cache.kv_caches, attn, 2, 3, carry))
+        assert torch.allclose(hidden[1], hidden[0], atol=1e-5), config.model_type
 
 
 def _check_qkv_replicated_kv(tp) -> None:
@@ -142,7 +210,9 @@ def _rank_body(rank: int, port: int, errors) -> None:
     try:
         tp = init_tp_group(rank, WORLD, "127.0.0.1", port, torch.device("cpu"), timeout_s=60)
         torch.set_num_threads(1)
-        for check in (_check_collectives, _check_linears, _check_qkv_replicated_kv, _check_vocab):
+        checks = (_check_collectives, _check_linears, _check_partial_norm, _check_qkv_replicated_kv, _check_vocab,
+                  _check_decoders_in_pieces)  # fmt: skip
+        for check in checks:
             check(tp)
         tp.barrier()
         tp.destroy()
@@ -251,3 +321,24 @@ def test_custom_all_reduce_takes_only_tensors_its_kernel_can_move():
     assert not fast.fits(ok[:, :1000].contiguous()[:, :-1])  # not contiguous
     assert not fast.fits(ok.view(-1)[8:16])  # a storage offset
     assert not fast.fits(ok.view(-1)[:3])  # not a multiple of 16 bytes
+
+
+def test_fused_norm_takes_only_what_its_workspace_holds():
+    """``SymmMemAllReduce.fits_norm`` is a pure predicate of shape and dtype (the kernel needs GPUs)."""
+    from types import SimpleNamespace
+
+    from engine.custom_all_reduce import SymmMemAllReduce
+
+    fast = SymmMemAllReduce.__new__(SymmMemAllReduce)  # no group: only the predicate is exercised
+    fast.dtype, fast.norm_workspace = torch.bfloat16, SimpleNamespace(max_rows=lambda hidden, dtype: 2**16 // hidden)
+    ok = torch.zeros(2, 1024, dtype=torch.bfloat16)
+    assert not fast.fits_norm(ok)  # a CPU tensor
+    if not torch.cuda.is_available():
+        return
+    ok = ok.cuda()
+    assert fast.fits_norm(ok)
+    assert not fast.fits_norm(ok.float())  # another dtype than the model's
+    assert not fast.fits_norm(ok.new_zeros(65, 1024))  # more rows than the workspace holds at this hidden size
+    assert not fast.fits_norm(ok[:0])  # no rows: nothing to launch
+    assert not fast.fits_norm(ok.view(2, 2, 512))  # not (T, H)
+    assert fast.fits_norm(ok.new_zeros(64, 64)) and not fast.fits_norm(ok.new_zeros(64, 64).t())  # not contiguous
