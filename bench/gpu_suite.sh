@@ -2,7 +2,10 @@
 # Everything the GPU issues measure, in one device call:
 #   bash bench/gpu_suite.sh tests   -> GPU tests (engine parity incl. CUDA graphs, kernels) + kernel benchmarks
 #   bash bench/gpu_suite.sh bench   -> offline throughput (Llama-3.1-8B shape, Qwen3-0.6B nano-vllm workload) + latency
-#   bash bench/gpu_suite.sh tp      -> (2+ GPUs) all-reduce by size, TP parity/kill tests, TP 1/2 decode latency
+#   bash bench/gpu_suite.sh tp      -> (2+ GPUs) tpcheck then tpbench:
+#   bash bench/gpu_suite.sh tpcheck -> all-reduce (+ fused RMSNorm) by size, TP parity/kill tests, async-scheduling parity
+#   bash bench/gpu_suite.sh tpbench -> TP 1/2 decode latency: sync/async scheduling x NCCL/symmetric-memory all-reduce
+#   bash bench/gpu_suite.sh tp4     -> (4 GPUs) TP 2/4 parity tests, TP 1/2/4 table of the default engine
 # Results (JSON + markdown) land in $OUT; copy them to bench/results/ and run `python -m bench.replot` for PNGs.
 set -u
 OUT=${OUT:-/tmp/pagoda-out}
@@ -30,12 +33,25 @@ case "${1:-all}" in
     step python -m bench.latency --shape llama-3.1-8b --out "$OUT"
     ;;
 esac
+# NVLink multicast stays off on the lent machines (NVLS, symmetric-memory multicast)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 case "${1:-all}" in
-  tp)  # NVLink multicast stays off on the lent machines (NVLS, symmetric-memory multicast)
-    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  tp|tpcheck)
     step python -m bench.allreduce --world-size 2 --out "$OUT"
-    step python -m pytest -q -m gpu tests/gpu/test_tp_gpu.py -p no:cacheprovider
-    step python -m bench.tp --tp 1 2 --skip-collectives --compare-custom-all-reduce --repeats 2 --out "$OUT"
+    step python -m pytest -q -m gpu tests/gpu/test_tp_gpu.py -p no:cacheprovider -k "not 4"
+    step python -m pytest -q -m gpu tests/gpu/test_engine_gpu.py -p no:cacheprovider -k async_scheduling
+    ;;
+esac
+case "${1:-all}" in
+  tp|tpbench)
+    step python -m bench.tp --tp 1 2 --skip-collectives --compare-custom-all-reduce --scheduling sync async \
+      --repeats 3 --out "$OUT"
+    ;;
+esac
+case "${1:-all}" in
+  tp4)
+    step python -m pytest -q -m gpu tests/gpu/test_tp_gpu.py -p no:cacheprovider -k "test_tp_matches_tp1 or 4-True"
+    step python -m bench.tp --tp 1 2 4 --repeats 1 --out "$OUT"
     ;;
 esac
 ls -la "$OUT"

@@ -91,11 +91,12 @@ class SimReplica:
         """Plan one step; returns its duration and what to apply when it ends."""
         scheduled = self.scheduler.schedule()
         ids, sampled, context = [], [], 0
-        for req_id, n in scheduled.num_scheduled_tokens.items():
+        for req_id in scheduled.num_scheduled_tokens:
             request = self.scheduler.requests[req_id]
-            context += request.num_computed_tokens + n
+            context += request.num_computed_tokens  # schedule() counted this step's tokens as computed
             ids.append(req_id)
-            sampled.append([_OUTPUT_TOKEN] if request.num_computed_tokens + n == request.num_tokens else [])
+            reaches_end = request.num_computed_tokens + 1 == request.num_tokens + request.num_pending_outputs
+            sampled.append([_OUTPUT_TOKEN] if reaches_end else [])
         return self.model.step_s(scheduled, context), scheduled, ModelRunnerOutput(ids, sampled, [None] * len(ids))
 
     def finish_step(self, scheduled: SchedulerOutput, result: ModelRunnerOutput) -> tuple[list[str], list[str]]:

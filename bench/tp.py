@@ -3,8 +3,8 @@
 For each TP size, in one run (TP=1 is the baseline):
 - batch-1 decode ms/token after a ``--prompt``-token prompt (CUDA graphs on, the default engine);
 - throughput: ``--batch`` requests of ``--prompt`` tokens, ``--tokens`` output tokens each;
-- the collectives' share of a decode step, measured in an eager engine (graph replays hide the
-  collectives from any Python-side timer): each rank's group is a ``TimedTPGroup``
+- the collectives' share of a decode step, measured in an eager engine with synchronous steps
+  (graph replays hide the collectives from any Python-side timer): each rank's group is a ``TimedTPGroup``
   (``PAGODA_TIME_COLLECTIVES=1``) that brackets every all-reduce / gather / broadcast with CUDA
   events (wall clock on CPU); rank 0's total over the decode steps / the steps' wall time.
 
@@ -64,7 +64,8 @@ def _prompt(n: int, vocab: int, seed: int) -> list[int]:
     return [rng.randrange(10, vocab) for _ in range(n)]
 
 
-def _engine(path: Path, tp: int, args, eager: bool, timed: bool, custom_all_reduce: bool = False):
+def _engine(path: Path, tp: int, args, eager: bool, timed: bool, custom_all_reduce: bool = False,
+            async_scheduling: bool = False):
     from engine.llm_engine import LLMEngine
 
     os.environ["PAGODA_TIME_COLLECTIVES"] = "1" if timed else "0"  # read by each rank at start
@@ -72,6 +73,7 @@ def _engine(path: Path, tp: int, args, eager: bool, timed: bool, custom_all_redu
         model=str(path), tensor_parallel_size=tp, device=args.device, dtype=args.dtype, max_num_seqs=args.batch,
         max_num_batched_tokens=max(args.prompt * 2, 512), max_model_len=args.prompt + args.tokens + 16,
         enable_prefix_caching=False, enforce_eager=eager, custom_all_reduce=custom_all_reduce,
+        async_scheduling=async_scheduling,
     )
 
 
@@ -84,29 +86,33 @@ def _release(engine) -> None:
 
 
 def _run(engine, prompts: list[list[int]], tokens: int, after_first_step=None) -> list[float]:
-    """Generate; wall-clock stamps of every step that emitted output, from the first step's end."""
+    """Generate; wall-clock stamps of every step that emitted output, from the first such step
+    (the first tokens: the prefill is done). With async scheduling a step emits the tokens of the
+    step before it, so stamps of emitting steps, not of all steps, time the decode in both modes."""
     from engine import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"{time.perf_counter()}-{i}", {"prompt_token_ids": p}, params)
-    engine.step()  # prefill (and the first token)
-    if after_first_step:
-        after_first_step()
-    start, stamps = time.perf_counter(), [0.0]
+    stamps: list[float] = []
     while engine.has_unfinished_requests():
-        engine.step()
-        stamps.append(time.perf_counter() - start)
-    return stamps
+        if engine.step():
+            stamps.append(time.perf_counter())
+            if len(stamps) == 1 and after_first_step:
+                after_first_step()
+    return [t - stamps[0] for t in stamps]
 
 
-def measure(path: Path, tp: int, args, vocab: int, custom_all_reduce: bool = False) -> dict:
+def measure(path: Path, tp: int, args, vocab: int, custom_all_reduce: bool = False,
+            async_scheduling: bool = False) -> dict:
     """Latency and throughput on the default engine; the collectives' share on an eager one.
-    ``custom_all_reduce``: the one-shot symmetric-memory all-reduce instead of NCCL (GPU, TP > 1)."""
+    ``custom_all_reduce``: the symmetric-memory all-reduce kernels instead of NCCL (GPU, TP > 1);
+    ``async_scheduling``: step n+1 scheduled while step n runs."""
     prompt = _prompt(args.prompt, vocab, 7)
     on_cuda = args.device == "cuda"
     batch = [_prompt(args.prompt, vocab, 100 + i) for i in range(args.batch)]
-    engine = _engine(path, tp, args, eager=False, timed=not on_cuda, custom_all_reduce=custom_all_reduce)
+    engine = _engine(path, tp, args, eager=False, timed=not on_cuda, custom_all_reduce=custom_all_reduce,
+                     async_scheduling=async_scheduling)
     _run(engine, [_prompt(32, vocab, 0)], 8)  # warm-up, single and batched
     _run(engine, batch, 4)
     per_token, seconds = [], []
@@ -116,18 +122,22 @@ def measure(path: Path, tp: int, args, vocab: int, custom_all_reduce: bool = Fal
         begin = time.perf_counter()
         _run(engine, batch, args.tokens)
         seconds.append(time.perf_counter() - begin)
-    label = "-" if tp == 1 else "symm-mem one-shot" if custom_all_reduce else "nccl" if on_cuda else "gloo"
-    row = {"tp": tp, "all_reduce": label, "decode_ms_per_token": 1000 * statistics.median(per_token),
+    label = "-" if tp == 1 else "gloo" if not on_cuda else "symm-mem" if custom_all_reduce else "nccl"
+    row = {"tp": tp, "all_reduce": label, "scheduling": "async" if async_scheduling else "sync",
+           "decode_ms_per_token": 1000 * statistics.median(per_token),
            "throughput_tok_s": args.batch * args.tokens / statistics.median(seconds)}
     if on_cuda and args.skip_collectives:
         _release(engine)
         return row
-    if on_cuda:  # graphs hid the collectives: measure them in an eager engine
+    if on_cuda or async_scheduling:
+        # Graphs hide the collectives from the timer: measure them in an eager engine. Always with
+        # synchronous steps, so that the counted collectives belong to the timed steps.
         _release(engine)
         engine = None  # the last reference: its GPU memory must be gone before the next engine sizes its cache
         gc.collect()
-        torch.cuda.empty_cache()
-        engine = _engine(path, tp, args, eager=True, timed=True, custom_all_reduce=custom_all_reduce)
+        if on_cuda:
+            torch.cuda.empty_cache()
+        engine = _engine(path, tp, args, eager=on_cuda, timed=True, custom_all_reduce=custom_all_reduce)
         _run(engine, [_prompt(32, vocab, 0)], 8)
     row.update(_collective_share(engine, prompt, args.tokens, tp))
     _release(engine)
@@ -156,6 +166,7 @@ def plot(result: dict, png: Path) -> None:
 
     rows = result["rows"]
     labels = [f"TP={r['tp']}" + (" symm" if r.get("all_reduce", "").startswith("symm") else "")
+              + (" async" if r.get("scheduling") == "async" else "")
               + (" no-spin" if r.get("spin_wait_ms") == 0 else "") for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     left.bar(labels, [r["decode_ms_per_token"] for r in rows], label="decode step")
@@ -182,8 +193,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="latency and throughput runs; medians are reported")
     ap.add_argument("--skip-collectives", action="store_true",
                     help="skip the eager engine that measures the collectives' share (GPU: saves a model load per TP size)")
-    ap.add_argument("--compare-custom-all-reduce", action="store_true",
-                    help="GPU: for each TP > 1 also a row with the symmetric-memory all-reduce (custom_all_reduce)")
+    ap.add_argument("--all-reduce", nargs="+", default=["symm"], choices=["nccl", "symm"],
+                    help="GPU, TP > 1: rows with NCCL and/or the symmetric-memory kernels (custom_all_reduce, "
+                         "the engine's default)")
+    ap.add_argument("--compare-custom-all-reduce", action="store_true", help="the same as --all-reduce nccl symm")
+    ap.add_argument("--scheduling", nargs="+", default=["async"], choices=["sync", "async"],
+                    help="rows per TP size: synchronous steps and/or async scheduling (SchedulerConfig.async_scheduling, "
+                         "the engine's default)")
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/pagoda-models"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
@@ -201,24 +217,27 @@ def main() -> None:
     vocab = load_hf_config(path).vocab_size
     rows: list[dict] = []
     for tp in args.tp:  # the report is rewritten after every row: a run cut short keeps what it measured
-        rows.append(measure(path, tp, args, vocab))
-        _report(args, rows)
-        if tp > 1 and cuda and args.compare_custom_all_reduce:
-            rows.append(measure(path, tp, args, vocab, custom_all_reduce=True))
-            _report(args, rows)
+        kinds = ["nccl", "symm"] if args.compare_custom_all_reduce else args.all_reduce
+        kinds = kinds if tp > 1 and cuda else kinds[:1]  # TP=1 has no all-reduce; CPU has no symmetric memory
+        for mode in args.scheduling:
+            for kind in kinds:
+                rows.append(measure(path, tp, args, vocab, custom_all_reduce=kind == "symm",
+                                    async_scheduling=mode == "async"))
+                _report(args, rows)
 
 
 def _report(args, rows: list[dict]) -> None:
-    base = rows[0]
-    for r in rows:
+    for r in rows:  # each row against TP=1 with the same scheduling (the first row where there is none)
+        base = next((b for b in rows if b["tp"] == 1 and b.get("scheduling") == r.get("scheduling")), rows[0])
         r["latency_speedup"] = base["decode_ms_per_token"] / r["decode_ms_per_token"]
+        r["latency_ratio"] = r["decode_ms_per_token"] / base["decode_ms_per_token"]
         r["throughput_speedup"] = r["throughput_tok_s"] / base["throughput_tok_s"]
         if "collective_share" in r:
             r["collective_share_pct"] = 100 * r["collective_share"]
     name = f"tp_{Path(args.model).name}_{args.device}" + ("_latency" if args.skip_collectives else "")
     result = {"benchmark": name, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "environment": environment(), "rows": rows}
-    columns = ["tp", "all_reduce", "decode_ms_per_token", "latency_speedup", "throughput_tok_s", "throughput_speedup",
+    columns = ["tp", "all_reduce", "scheduling", "decode_ms_per_token", "latency_ratio", "latency_speedup", "throughput_tok_s", "throughput_speedup",
                "eager_decode_ms_per_token", "all_reduce_ms_per_step", "collective_share_pct"]
     write_report(args.out, name, result, markdown_table(rows, columns), lambda png: plot(result, png))
 

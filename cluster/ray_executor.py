@@ -62,6 +62,7 @@ class RayExecutor(Executor):
         init_timeout_s: float | None = None,
     ) -> None:
         """Nothing starts here; ``initialize`` places and starts the ranks. The config must be validated."""
+        super().__init__()
         self.config = config
         self.model_path = model_path
         self.eos_token_ids = eos_token_ids

@@ -2,14 +2,22 @@
 
 The interface is what the engine sees, whoever runs the ranks: in-process for TP=1 here, local
 processes for TP>1 (``engine/worker/multiproc_executor.py``), and Ray actors
-(``cluster/ray_executor.py``, ``distributed_executor_backend="ray"``) — all with the same four
-methods. A failed rank surfaces from ``execute_model`` as ``EngineDeadError``.
+(``cluster/ray_executor.py``, ``distributed_executor_backend="ray"``) — all with the same
+methods. A failed rank surfaces from ``execute_model`` (or ``submit``/``take_output``) as
+``EngineDeadError``.
+
+Async scheduling uses ``submit(step)`` then ``take_output()``, which returns the results in
+submission order. The engine keeps at most two steps submitted: it submits step n+1 before
+taking step n, so step n+1 is queued on the device while the host handles step n. The base
+class runs each submitted step to completion (no overlap); the in-process and local multi-process
+executors queue it instead (``ModelRunner.launch``/``finish``).
 """
 
 from __future__ import annotations
 
 import abc
 import os
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +28,9 @@ from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 
 class Executor(abc.ABC):
+    def __init__(self) -> None:
+        self._done: deque[ModelRunnerOutput] = deque()  # results of submitted steps (the base class's submit)
+
     @abc.abstractmethod
     def initialize(self) -> int:
         """Load the model on every rank, size the KV cache; returns the number of KV blocks (equal on all ranks)."""
@@ -27,6 +38,14 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every rank; rank 0's sampled tokens come back."""
+
+    def submit(self, scheduled: SchedulerOutput) -> None:
+        """Start a step; its result comes from a later ``take_output``. Here: run it now."""
+        self._done.append(self.execute_model(scheduled))
+
+    def take_output(self) -> ModelRunnerOutput:
+        """The result of the oldest submitted step not taken yet."""
+        return self._done.popleft()
 
     def check_health(self) -> None:
         """Raise if a rank is dead or hung."""
@@ -41,7 +60,9 @@ class UniProcExecutor(Executor):
     def __init__(self, config: EngineConfig, model_path: Path, eos_token_ids: tuple[int, ...]) -> None:
         from engine.worker.worker import Worker
 
+        super().__init__()
         self.worker = Worker(config, model_path, eos_token_ids)
+        self._launched: deque = deque()  # StepHandles submitted, not taken
 
     def initialize(self) -> int:
         self.worker.load_model()
@@ -51,6 +72,12 @@ class UniProcExecutor(Executor):
 
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduled)
+
+    def submit(self, scheduled: SchedulerOutput) -> None:
+        self._launched.append(self.worker.launch(scheduled))  # queued on the device, not waited for
+
+    def take_output(self) -> ModelRunnerOutput:
+        return self.worker.finish(self._launched.popleft())
 
     def shutdown(self) -> None:
         self.worker = None  # model, KV cache and graphs go with the last reference

@@ -2,6 +2,10 @@
 
     step = schedule → execute on the ranks → update requests → detokenize and emit
 
+With ``async_scheduling`` a step keeps one step in flight: it schedules and submits step n+1,
+then takes step n's result (which the ranks send once step n+1 is queued behind it on the
+device), so everything the host does between two forwards overlaps the device's work.
+
 The engine is synchronous and single-threaded; ``AsyncLLMEngine`` drives it from one thread and
 ``LLM`` drives it in a loop. Values resolved at start-up (context length, KV block count) live in
 a resolved copy of the config, never by mutating the one passed in.
@@ -10,6 +14,7 @@ a resolved copy of the config, never by mutating the one passed in.
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,6 +28,7 @@ from engine.output_processor import OutputKind, OutputProcessor, child_ids
 from engine.request import Request, RequestOutput, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.scheduler_output import SchedulerOutput
 from engine.tokenizer import eos_token_ids, load_tokenizer
 
 
@@ -61,6 +67,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.scheduler, self.kv, self.max_model_len)
         self.inputs = InputProcessor(self.tokenizer, self.hf_config.vocab_size, self.max_model_len)
         self.outputs = OutputProcessor(self.tokenizer)
+        self._in_flight: deque[SchedulerOutput] = deque()  # submitted, result not taken yet (async scheduling)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "LLMEngine":
@@ -101,20 +108,33 @@ class LLMEngine:
                 self.scheduler.finish_request(child, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Requests to serve, or a submitted step whose result is not taken yet."""
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
         if self._dead is not None:
             raise EngineDeadError(str(self._dead))
         scheduled = self.scheduler.schedule()
+        if not self.config.scheduler.async_scheduling:
+            result = self._guarded(self.executor.execute_model, scheduled)
+            return self._emit(self.scheduler.update_from_output(scheduled, result))
+        self._guarded(self.executor.submit, scheduled)
+        self._in_flight.append(scheduled)
+        keep = 0 if scheduled.is_empty else 1  # nothing new to overlap with: drain
+        outputs: list[RequestOutput] = []
+        while len(self._in_flight) > keep:
+            done = self._in_flight.popleft()
+            result = self._guarded(self.executor.take_output)
+            outputs += self._emit(self.scheduler.update_from_output(done, result))
+        return outputs
+
+    def _guarded(self, call, *args):
         try:
-            result = self.executor.execute_model(scheduled)
+            return call(*args)
         except EngineDeadError as exc:  # the scheduler already counted this step: its state is now unusable
             self._dead = exc
             raise
-        updated = self.scheduler.update_from_output(scheduled, result)
-        return self._emit(updated)
 
     def _emit(self, updated: list[Request]) -> list[RequestOutput]:
         outputs, stopped = self.outputs.process(updated)

@@ -7,8 +7,11 @@ State machine::
        └──── PREEMPTED ◄─────┘  (blocks freed; recomputed from its tokens when rescheduled)
     any state ──abort──► FINISHED_ABORTED
 
-Invariant: ``num_computed_tokens <= num_tokens``; the KV of the first ``num_computed_tokens``
-tokens is in the request's blocks while it is RUNNING.
+Invariant: ``num_computed_tokens <= num_tokens + num_pending_outputs``; the KV of the first
+``num_computed_tokens`` tokens is in the request's blocks, or being written by a scheduled step,
+while it is RUNNING. ``num_pending_outputs`` counts tokens that scheduled steps will sample but
+whose ids the engine has not seen yet (at most 2: with async scheduling a step is scheduled
+while the previous one runs).
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list = field(default_factory=list)  # one entry per output token when logprobs were asked
-    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache or scheduled to be written
+    num_pending_outputs: int = 0  # tokens scheduled steps will sample, not yet known here
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 until then
     num_preemptions: int = 0
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
@@ -89,6 +93,15 @@ class Request:
             self.output_logprobs.append(logprobs)
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
+
+    def ends_with_pending_outputs(self, max_model_len: int) -> bool:
+        """Whether the tokens already being sampled take it to max_tokens or the context end, so a
+        further step would be wasted (async scheduling: nothing more is scheduled for it)."""
+        pending = self.num_pending_outputs
+        return pending > 0 and (
+            self.num_output_tokens + pending >= self.sampling_params.max_tokens
+            or self.num_tokens + pending >= max_model_len
+        )
 
     def check_token_stop(self, max_model_len: int) -> RequestStatus | None:
         """Token-level stops after the newest token: EOS, stop_token_ids, max_tokens, context end."""

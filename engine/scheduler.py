@@ -12,11 +12,21 @@ been scheduled this step is preempted (blocks freed, recomputed later); if there
 request itself is. Admission stops for the step once anything was preempted, so a request is
 never preempted and readmitted in the same step.
 
+A step's tokens count as computed once it is scheduled (``num_computed_tokens`` advances in
+``schedule``), and a row that reaches the end of its known tokens adds one pending output until
+``update_from_output`` delivers the sampled id. That is what lets the engine schedule step n+1
+while step n still runs (``SchedulerConfig.async_scheduling``): a decode is scheduled on its
+pending token, whose id only the ranks know yet. Results must come back in scheduling order;
+each is applied to the Request objects that were scheduled, so a request that finished, was
+aborted or whose id was reused in between gets nothing.
+
 The scheduler owns the KV cache manager: every block a request holds is granted here and
 returned here (finish, abort, preemption), which ``check_invariants`` lets tests verify.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 from engine.config import SchedulerConfig
 from engine.kv_cache.manager import KVCacheManager
@@ -36,6 +46,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._enqueued_at: dict[str, int] = {}  # step at which a waiting request (re)entered the queue
         self._dropped: set[str] = set()  # runners must drop these at the next step
+        self._in_flight: deque[dict[str, Request]] = deque()  # per scheduled step, its requests, until its result
         self.step_count = 0
         self.num_preemptions = 0
 
@@ -85,12 +96,16 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if request.ends_with_pending_outputs(self.max_model_len):
+                continue  # its last token is being sampled
             num_new = self._num_new_tokens(request, budget, request.num_computed_tokens)
             if num_new == 0:
                 continue
             if not self._make_room(request, num_new, plan):
                 continue
-            new_block_ids = self.kv.append(request.request_id, request.all_token_ids, num_new)
+            new_block_ids = self.kv.append(
+                request.request_id, request.all_token_ids, num_new, request.num_pending_outputs
+            )
             cached_reqs.append(CachedRequestData(request.request_id, new_block_ids, request.num_computed_tokens))
             plan[request.request_id] = num_new
             budget -= num_new
@@ -98,18 +113,24 @@ class Scheduler:
         if self.num_preemptions == preemptions_before:
             budget = self._admit_waiting(budget, plan, new_reqs)
 
+        scheduled = {req_id: self.requests[req_id] for req_id in plan}
+        for request in scheduled.values():
+            request.num_computed_tokens += plan[request.request_id]
+            if request.num_computed_tokens == request.num_tokens + request.num_pending_outputs:
+                request.num_pending_outputs += 1  # the chunk reaches the end: this step samples a token
+        self._in_flight.append(scheduled)
         dropped, self._dropped = frozenset(self._dropped), set()
         return SchedulerOutput(new_reqs, cached_reqs, plan, sum(plan.values()), dropped)
 
     def _running_in_order(self) -> list[Request]:
         """Decodes first, then chunked-prefill continuations; each group in policy order."""
         ordered = sorted(self.running, key=lambda r: self.policy.key(r, 0))
-        decodes = [r for r in ordered if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in ordered if r.num_tokens - r.num_computed_tokens > 1]
+        decodes = [r for r in ordered if _num_unscheduled(r) == 1]
+        prefills = [r for r in ordered if _num_unscheduled(r) > 1]
         return decodes + prefills
 
     def _num_new_tokens(self, request: Request, budget: int, num_computed: int) -> int:
-        remaining = request.num_tokens - num_computed
+        remaining = request.num_tokens + request.num_pending_outputs - num_computed
         if remaining > budget and not self.config.enable_chunked_prefill:
             return 0  # the whole prompt must fit in one step
         return min(remaining, budget)
@@ -137,6 +158,8 @@ class Scheduler:
     def _admit_waiting(self, budget: int, plan: dict[str, int], new_reqs: list[NewRequestData]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = min(self.waiting, key=self._waiting_key)
+            if request.num_pending_outputs:
+                break  # preempted while its last step ran: readmitted once that step's token is known
             tokens = request.all_token_ids
             hit = self.kv.get_prefix_hit(tokens)
             num_new = self._num_new_tokens(request, budget, hit.num_tokens)
@@ -170,18 +193,23 @@ class Scheduler:
 
     # ------------------------------------------------------------------ results of a step
     def update_from_output(self, scheduled: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
-        """Advance computed tokens, append sampled tokens, apply token-level stops.
+        """Append the sampled tokens of the oldest step not yet updated (``scheduled``), apply
+        token-level stops.
 
         Returns the requests that got new tokens (finished ones included, with their final status).
+        A request preempted after this step was scheduled still gets its token (it is waiting now).
         """
+        step_requests = self._in_flight.popleft()
+        if list(step_requests) != list(scheduled.num_scheduled_tokens):
+            raise ValueError("update_from_output must get the steps' results in the order they were scheduled")
         sampled = dict(zip(result.req_ids, zip(result.sampled_token_ids, result.logprobs)))
         updated: list[Request] = []
-        for req_id, num_tokens in scheduled.num_scheduled_tokens.items():
-            request = self.requests.get(req_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            request.num_computed_tokens += num_tokens
+        for req_id, request in step_requests.items():
+            if self.requests.get(req_id) is not request:
+                continue  # finished or aborted while the step ran
             token_ids, logprobs = sampled.get(req_id, ([], None))
+            if token_ids:
+                request.num_pending_outputs -= 1
             for token_id in token_ids:
                 request.append_output_token(token_id, logprobs)
                 status = request.check_token_stop(self.max_model_len)
@@ -191,3 +219,8 @@ class Scheduler:
             if token_ids:
                 updated.append(request)
         return updated
+
+
+def _num_unscheduled(request: Request) -> int:
+    """Tokens (known or pending) whose KV no scheduled step computes yet."""
+    return request.num_tokens + request.num_pending_outputs - request.num_computed_tokens

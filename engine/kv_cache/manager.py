@@ -14,7 +14,9 @@ Invariants (``check_invariants`` verifies them all, on top of the pool's):
 - only full blocks are shared or cached, so a request writes new KV only into blocks it alone
   holds (a hit always ends on a block boundary; appended blocks are fresh);
 - with prefix caching on, a table knows the chain key of each of its full blocks, whether or not
-  that block is the one registered under it (a concurrent duplicate stays unregistered).
+  that block is the one registered under it (a concurrent duplicate stays unregistered) — except
+  a last full block that ends in a token still being sampled (async scheduling): its key comes
+  with the next ``append``.
 
 A block is registered when the tokens that fill it are *scheduled*, not after the forward pass:
 a request scheduled in the same step may hit it, which is safe because every layer writes the
@@ -121,15 +123,16 @@ class KVCacheManager:
         self._hit_tokens += hit.num_tokens
         return [b.block_id for b in table.blocks]
 
-    def append(self, req_id: str, token_ids: Sequence[int], num_new_tokens: int) -> list[int]:
+    def append(self, req_id: str, token_ids: Sequence[int], num_new_tokens: int, num_pending: int = 0) -> list[int]:
         """Grow ``req_id``'s table to cover ``num_new_tokens`` more tokens.
 
-        ``token_ids`` is the request's token list, covering at least the new total. Newly full
-        blocks are registered in the prefix cache. Returns only the appended block ids.
+        ``token_ids`` is the request's token list; with the ``num_pending`` tokens still being
+        sampled after it, it covers at least the new total. Newly full blocks whose tokens are all
+        known are registered in the prefix cache. Returns only the appended block ids.
         """
         table = self._table(req_id)
         num_tokens = table.num_tokens + num_new_tokens
-        self._check_token_count(req_id, token_ids, num_tokens, num_new_tokens)
+        self._check_token_count(req_id, token_ids, num_tokens - num_pending, num_new_tokens)
         if not self.can_append(req_id, num_new_tokens):
             raise ValueError(f"not enough free blocks for request {req_id!r}; call can_append first")
         new_blocks = self.pool.get_new_blocks(self._blocks_needed(num_tokens, len(table.blocks)))
@@ -196,7 +199,8 @@ class KVCacheManager:
             if self.enable_prefix_caching:
                 full = table.num_tokens // self.block_size
                 _check(
-                    len(table.hashes) == full, f"request {req_id!r}: {len(table.hashes)} keys for {full} full blocks"
+                    full - 1 <= len(table.hashes) <= full,
+                    f"request {req_id!r}: {len(table.hashes)} keys for {full} full blocks",
                 )
             holders.update(ids)
         for block in self.pool.blocks:
@@ -247,7 +251,7 @@ class KVCacheManager:
             return
         bs = self.block_size
         parent = table.hashes[-1] if table.hashes else None
-        for i in range(len(table.hashes), table.num_tokens // bs):
+        for i in range(len(table.hashes), min(table.num_tokens, len(token_ids)) // bs):
             parent = hash_block_tokens(parent, token_ids[i * bs : (i + 1) * bs])
             self.pool.cache_full_block(table.blocks[i], parent)  # False for a concurrent duplicate: fine
             table.hashes.append(parent)

@@ -20,11 +20,14 @@ pieces' intermediate (hidden, residual) tensors stay alive, so no later capture 
 Inputs reach the static buffers from pinned host mirrors with one asynchronous copy per buffer
 (three per step), instead of a pageable copy per tensor plus a device-to-device copy into the
 buffer. The mirrors are rewritten only once the previous step's copies have completed (an event;
-normally long done, since reading the sampled ids already waited for the step).
+normally long done: the step before the previous one has finished by then).
 
 A last piece per bucket, the greedy head (``model.greedy_tokens``: LM head, argmax, and under
 tensor parallelism the all-gather of each rank's best (value, id)), is replayed only for steps
-whose rows are all plain greedy; other steps take the hidden states to the eager sampler.
+whose rows are all plain greedy; other steps take the hidden states to the eager sampler. The
+head also writes its ids into ``last_ids``, and the first piece starts with a gather
+(``input_ids = id_pool[gather]``, where ``id_pool`` is ``last_ids`` followed by the host's ids), so a
+step launched before the previous step's ids reached the host reads them on the device.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -76,10 +80,13 @@ class DecodeGraphs:
         max_b = self.batch_sizes[-1]
         self.max_blocks = -(-max_model_len // block_size)
         i32 = dict(dtype=torch.int32, device=device)
-        # rows: input ids, positions, slot mapping; one buffer so one copy fills all three
-        self.tokens = torch.zeros((3, max_b), dtype=torch.long, device=device)  # (3, maxB)
-        self.tokens[2].fill_(-1)
-        self.input_ids, self.positions, self.slot_mapping = self.tokens.unbind(0)  # (maxB,) views
+        # rows: the last greedy ids, then what the host fills with one copy: input ids, positions,
+        # slot mapping, and each row's index into id_pool (rows 0-1): maxB + row for its host id
+        self.tokens = torch.zeros((5, max_b), dtype=torch.long, device=device)  # (5, maxB)
+        self.last_ids, self.host_ids, self.positions, self.slot_mapping, self.gather = self.tokens.unbind(0)
+        self.slot_mapping.fill_(-1)
+        self.gather.copy_(torch.arange(max_b, 2 * max_b, device=device))
+        self.id_pool = self.tokens[:2].reshape(-1)  # (2 maxB,) a view: last_ids then host_ids
         self.seq_lens = torch.zeros(max_b, **i32)  # (maxB,)
         self.context_lens = torch.zeros(max_b, **i32)  # (maxB,) unused by decode, kept for the contract
         self.query_start_loc = torch.arange(max_b + 1, **i32)  # (maxB + 1,) one token each
@@ -88,11 +95,12 @@ class DecodeGraphs:
         # rows so that every copy is contiguous; stale entries past a row's blocks are never read.
         pinned = dict(device="cpu", pin_memory=True)
         self.host = {
-            "tokens": torch.zeros((3, max_b), dtype=torch.long, **pinned),
+            "tokens": torch.zeros((4, max_b), dtype=torch.long, **pinned),
             "seq_lens": torch.zeros(max_b, dtype=torch.int32, **pinned),
             "block_tables": torch.zeros((max_b, self.max_blocks), dtype=torch.int32, **pinned),
         }
         self.host_np = {name: t.numpy() for name, t in self.host.items()}
+        self._host_rows = np.arange(max_b, 2 * max_b)  # gather indices of the host's ids
         self.copies_done = torch.cuda.Event()  # the last step's host-to-device copies finished
         num_layers = model.num_layers
         self.layer_ranges = piece_ranges(num_layers, num_pieces)
@@ -117,15 +125,16 @@ class DecodeGraphs:
         )
 
     def _forward_piece(self, batch: int, start: int, end: int, carry):
+        input_ids = self.id_pool.index_select(0, self.gather[:batch]) if start == 0 else None
         return self.model.forward_layers(
-            self.input_ids[:batch], self.positions[:batch], self.kv_caches, self._metadata(batch), start, end, carry
+            input_ids, self.positions[:batch], self.kv_caches, self._metadata(batch), start, end, carry
         )
 
     @torch.inference_mode()
     def capture(self) -> None:
         pool = None
         for batch in reversed(self.batch_sizes):
-            self.model(self.input_ids[:batch], self.positions[:batch], self.kv_caches, self._metadata(batch))
+            self.model(self.host_ids[:batch], self.positions[:batch], self.kv_caches, self._metadata(batch))
             torch.cuda.synchronize()  # warm-up above: Triton compiles and autotunes outside the capture
             carry, graphs, carries = None, [], []
             for start, end in self.layer_ranges:
@@ -140,6 +149,7 @@ class DecodeGraphs:
             head = torch.cuda.CUDAGraph()
             with torch.cuda.graph(head, pool=pool):
                 self.greedy_outputs[batch] = self.model.greedy_tokens(carry)
+                self.last_ids[:batch].copy_(self.greedy_outputs[batch])
             self.head_graphs[batch] = head
         torch.cuda.synchronize()
 
@@ -157,10 +167,14 @@ class DecodeGraphs:
         tokens[1, :num] = host.positions
         tokens[2, :num] = host.slot_mapping
         tokens[2, num:bucket] = -1  # padded rows write no KV ...
+        tokens[3, :bucket] = self._host_rows[:bucket]
+        if host.pending_src is not None:  # tokens the previous step sampled, still only on the device
+            rows = np.nonzero(host.pending_src >= 0)[0]
+            tokens[3, rows] = host.pending_src[rows]
         seq_lens[:num] = host.seq_lens
         seq_lens[num:bucket] = 0  # ... and attend to nothing
         self.host_np["block_tables"][:num, : host.block_tables.shape[1]] = host.block_tables
-        self.tokens.copy_(self.host["tokens"], non_blocking=True)
+        self.tokens[1:].copy_(self.host["tokens"], non_blocking=True)
         self.seq_lens.copy_(self.host["seq_lens"], non_blocking=True)
         self.block_tables[:num].copy_(self.host["block_tables"][:num], non_blocking=True)
         self.copies_done.record()

@@ -8,10 +8,18 @@ the same runner run on every tensor-parallel rank in another process.
 Batch layout: the scheduled requests are concatenated in ``num_scheduled_tokens`` order into T
 tokens; logits are computed only for the last token of each request whose scheduled chunk
 reaches the end of its known tokens (a mid-prompt chunk samples nothing).
+
+A step is ``launch``ed, then ``finish``ed (``execute`` does both). A step whose sampled rows are
+all plain greedy leaves its ids on the device (and on their way to pinned host memory), so the
+next step can be launched before they reach the host: a request whose next input is such a
+pending token gathers it from the device (``last_ids``) instead of the host list. The tokens are
+appended to the runner's requests, in step order, when the step is finished; a launch first
+finishes whatever it cannot run ahead of (a sampler step needs the tokens on the host).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +43,7 @@ class CachedRequestState:
     prompt_token_ids: list[int] = field(init=False)  # views the sampler reads every step, kept
     output_token_ids: list[int] = field(init=False)  # in step with token_ids instead of sliced per step
     plain_greedy: bool = field(init=False)  # argmax of the raw logits is all its sampling needs
+    pending: tuple[StepHandle, int] | None = None  # its newest token, not on the host yet: (step, row in last_ids)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = self.token_ids[: self.num_prompt_tokens]
@@ -67,10 +76,39 @@ class HostBatch:
     seq_lens: np.ndarray  # (B,) int64
     block_tables: np.ndarray  # (B, max_blocks) int32, padded with 0
     rows_to_sample: np.ndarray  # (S,) rows whose chunk reaches the end of their known tokens
+    pending_src: np.ndarray | None  # (T,) int64: index into the last step's device ids, -1 for host ids; None if none
 
     @property
     def is_decode_only(self) -> bool:
         return len(self.input_ids) == len(self.req_ids)
+
+
+class _IdsToHost:
+    """Sampled ids (S,) on their way to the host: on CUDA an asynchronous copy into pinned memory
+    and an event; elsewhere the tensor itself."""
+
+    def __init__(self, ids: torch.Tensor, pinned: torch.Tensor | None) -> None:
+        self.ids, self.pinned, self.event = ids, pinned, None
+        if pinned is not None:
+            pinned[: len(ids)].copy_(ids, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def tolist(self) -> list[int]:
+        if self.event is None:
+            return self.ids.tolist()
+        self.event.synchronize()
+        return self.pinned[: len(self.ids)].tolist()
+
+
+@dataclass(eq=False)
+class StepHandle:
+    """A launched step: its result, or the greedy ids it waits for (``ModelRunner.finish``)."""
+
+    scheduled: SchedulerOutput
+    sample_req_ids: list[str]
+    output: ModelRunnerOutput | None = None  # set once the tokens are on the host
+    ids: _IdsToHost | None = None  # greedy ids still on their way
 
 
 @dataclass(frozen=True)
@@ -103,34 +141,100 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
+        self._unresolved: deque[StepHandle] = deque()  # launched greedy steps whose ids are not on the host
+        self._last_ids: torch.Tensor | None = None  # without graphs: the newest greedy step's ids
+        self._pinned: list[torch.Tensor | None] = [None, None]
+        self._pinned_flip = 0
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and cuda_graph_max_seqs > 0:
             self.graphs = DecodeGraphs(model, kv_caches, block_size, max_model_len, cuda_graph_max_seqs, device)
             self.graphs.capture()
 
-    @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        return self.finish(self.launch(scheduled))
+
+    @torch.inference_mode()
+    def launch(self, scheduled: SchedulerOutput) -> StepHandle:
+        """Queue one step's work on the device. Plain greedy steps return before their ids reach
+        the host; any other step samples here (and so waits for the device)."""
+        while len(self._unresolved) > 1 or (self._unresolved and not self._runs_ahead(scheduled)):
+            self._resolve(self._unresolved[0])
         self._update_states(scheduled)
         if scheduled.is_empty:
-            return ModelRunnerOutput.empty()
+            return StepHandle(scheduled, [], ModelRunnerOutput.empty())
         host = self._host_batch(scheduled)
         sample_req_ids = [host.req_ids[i] for i in host.rows_to_sample]
         greedy = bool(sample_req_ids) and all(self.requests[r].plain_greedy for r in sample_req_ids)
+        ids = None
         if self.graphs is not None and self.graphs.fits(host):
             every_row = len(host.rows_to_sample) == len(host.req_ids)  # else a one-token chunk mid-prompt
             # hidden (B, H): one token per request; ids (B,): the greedy head replayed too, else None
             hidden, ids = self.graphs.run(host, greedy_head=greedy and every_row)
-            if ids is not None:
-                return self._sample(scheduled, sample_req_ids, greedy_ids=ids)
-            if not every_row:
+            if ids is None and not every_row:
                 hidden = hidden[torch.from_numpy(host.rows_to_sample).to(self.device)]
         else:
             inputs = self._device_inputs(host)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)  # (T, H)
             hidden = hidden[inputs.logits_indices]
-        if greedy:
-            return self._sample(scheduled, sample_req_ids, greedy_ids=self.model.greedy_tokens(hidden))
-        return self._sample(scheduled, sample_req_ids, logits=self.model.compute_logits(hidden))  # (S, V) float32
+        for req_id, num_tokens in scheduled.num_scheduled_tokens.items():
+            self.requests[req_id].num_computed_tokens += num_tokens
+        if not greedy:  # the sampler (rank 0 under TP), now; or nothing to sample
+            logits = self.model.compute_logits(hidden) if sample_req_ids else None  # (S, V) float32
+            by_req = self.sample_rows(sample_req_ids, logits) if sample_req_ids else {}
+            return StepHandle(scheduled, sample_req_ids, self._output(scheduled, by_req))
+        if ids is None:
+            ids = self.model.greedy_tokens(hidden)  # (S,)
+            if self.graphs is not None:
+                self.graphs.last_ids[: len(ids)].copy_(ids)  # where the next step's graphs look
+        handle = StepHandle(scheduled, sample_req_ids, ids=_IdsToHost(ids, self._pinned_ids(len(ids))))
+        for row, req_id in enumerate(sample_req_ids):
+            self.requests[req_id].pending = (handle, row)
+        self._last_ids = ids
+        self._unresolved.append(handle)
+        return handle
+
+    def finish(self, handle: StepHandle) -> ModelRunnerOutput:
+        """The step's sampled tokens (waiting for the device if they are still there); steps are
+        finished in launch order."""
+        while handle.output is None:
+            self._resolve(self._unresolved[0])
+        return handle.output
+
+    def _runs_ahead(self, scheduled: SchedulerOutput) -> bool:
+        """Whether ``scheduled`` can launch before the unresolved step's tokens reach the host: only
+        plain greedy requests (the sampler reads every row's output tokens on the host)."""
+        return all(_is_plain_greedy(new.sampling_params) for new in scheduled.new_reqs) and all(
+            self.requests[d.req_id].plain_greedy for d in scheduled.cached_reqs if d.req_id in self.requests
+        )
+
+    def _resolve(self, handle: StepHandle) -> None:
+        """Bring the oldest unresolved step's ids to the host and append them to its requests."""
+        self._unresolved.popleft()
+        by_req = {}
+        for req_id, token_id in zip(handle.sample_req_ids, handle.ids.tolist(), strict=True):
+            by_req[req_id] = (token_id, None)
+            state = self.requests.get(req_id)
+            if state is None:  # dropped since (finished, aborted, preempted): nothing to keep
+                continue
+            state.append(token_id)
+            if state.pending is not None and state.pending[0] is handle:
+                state.pending = None
+        handle.output, handle.ids = self._output(handle.scheduled, by_req), None
+
+    def _pinned_ids(self, num: int) -> torch.Tensor | None:
+        """One of two pinned buffers, alternately: at most two steps are unresolved at once."""
+        if self.device.type != "cuda":
+            return None
+        self._pinned_flip ^= 1
+        buf = self._pinned[self._pinned_flip]
+        if buf is None or len(buf) < num:
+            buf = self._pinned[self._pinned_flip] = torch.empty(max(num, 64), dtype=torch.long, pin_memory=True)
+        return buf
+
+    @property
+    def last_ids(self) -> torch.Tensor | None:
+        """The newest greedy step's ids on the device, indexed by ``CachedRequestState.pending``."""
+        return self.graphs.last_ids if self.graphs is not None else self._last_ids
 
     @torch.inference_mode()
     def warm_up(self, max_num_tokens: int, max_num_seqs: int) -> None:
@@ -183,18 +287,29 @@ class ModelRunner:
         context_lens = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
         seq_lens = context_lens + query_lens
         cu = np.cumsum(query_lens)
+        # A pending token (a running-ahead step's sample) is a request's last and only scheduled token,
+        # at position len(token_ids); its id is gathered on the device (pending_src), 0 stands in here.
+        pending_rows = [row for row, s in enumerate(states) if s.pending is not None]
         if int(cu[-1]) == len(req_ids):  # pure decode: one token per request, at position context_len
             seq_of_token = np.arange(len(req_ids))
             positions = context_lens
-            input_ids = np.array([s.token_ids[c] for s, c in zip(states, context_lens.tolist())], dtype=np.int64)
+            input_ids = np.array(
+                [s.token_ids[c] if c < len(s.token_ids) else 0 for s, c in zip(states, context_lens.tolist())],
+                dtype=np.int64,
+            )
         else:
             # positions: for each request, context_len .. context_len + query_len - 1, flattened.  # (T,)
             seq_of_token = np.repeat(np.arange(len(req_ids)), query_lens)
             positions = np.arange(cu[-1]) - (cu - query_lens)[seq_of_token] + context_lens[seq_of_token]
             input_ids = np.concatenate(
-                [np.asarray(s.token_ids[c : c + q], dtype=np.int64)
-                 for s, c, q in zip(states, context_lens, query_lens, strict=True)]
+                [np.asarray(s.token_ids[c : c + q] or [0], dtype=np.int64)
+                 for s, c, q in zip(states, context_lens.tolist(), query_lens.tolist(), strict=True)]
             )
+        pending_src = None
+        if pending_rows:
+            pending_src = np.full(len(input_ids), -1, dtype=np.int64)
+            for row in pending_rows:
+                pending_src[cu[row] - 1] = states[row].pending[1]
         max_blocks = max(len(s.block_ids) for s in states)
         block_tables = np.zeros((len(req_ids), max_blocks), dtype=np.int32)
         for row, state in enumerate(states):
@@ -203,11 +318,11 @@ class ModelRunner:
             block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size
             + positions % self.block_size
         )
-        reaches_end = seq_lens == np.array([len(s.token_ids) for s in states])
+        known = np.array([len(s.token_ids) + (s.pending is not None) for s in states])
         return HostBatch(
             req_ids=req_ids, input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
             query_lens=query_lens, context_lens=context_lens, seq_lens=seq_lens, block_tables=block_tables,
-            rows_to_sample=np.nonzero(reaches_end)[0],
+            rows_to_sample=np.nonzero(seq_lens == known)[0], pending_src=pending_src,
         )
 
     def _device_inputs(self, host: HostBatch) -> ModelInputs:
@@ -225,31 +340,19 @@ class ModelRunner:
             max_seq_len=int(host.seq_lens.max()),
             block_size=self.block_size,
         )
+        input_ids = torch.from_numpy(host.input_ids).to(dev)
+        if host.pending_src is not None:  # the previous step's samples, still on the device
+            rows = np.nonzero(host.pending_src >= 0)[0]
+            input_ids[torch.from_numpy(rows).to(dev)] = self.last_ids[torch.from_numpy(host.pending_src[rows]).to(dev)]
         return ModelInputs(
-            input_ids=torch.from_numpy(host.input_ids).to(dev),
+            input_ids=input_ids,
             positions=torch.from_numpy(host.positions).to(dev),
             attn=attn,
             logits_indices=torch.from_numpy(cu[host.rows_to_sample] - 1).to(dev),
         )
 
-    def _sample(
-        self,
-        scheduled: SchedulerOutput,
-        sample_req_ids: list[str],
-        logits: torch.Tensor | None = None,
-        greedy_ids: torch.Tensor | None = None,
-    ) -> ModelRunnerOutput:
-        """Sample from ``logits`` (S, V) — or take ``greedy_ids`` (S,), the argmax every rank already
-        has when all S rows are plain greedy — and append the tokens to the runner's requests."""
-        for req_id, num_tokens in scheduled.num_scheduled_tokens.items():
-            self.requests[req_id].num_computed_tokens += num_tokens
-        if greedy_ids is not None:
-            by_req = {}
-            for req_id, token_id in zip(sample_req_ids, greedy_ids.tolist(), strict=True):
-                self.requests[req_id].append(token_id)
-                by_req[req_id] = (token_id, None)
-        else:
-            by_req = self.sample_rows(sample_req_ids, logits) if sample_req_ids else {}
+    def _output(self, scheduled: SchedulerOutput, by_req: dict) -> ModelRunnerOutput:
+        """The step's result from {req_id: (token_id, logprobs)} of its sampled rows."""
         req_ids = list(scheduled.num_scheduled_tokens)
         return ModelRunnerOutput(
             req_ids,

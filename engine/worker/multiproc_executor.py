@@ -13,9 +13,11 @@ Each step the driver pickles the SchedulerOutput once and writes it to every ran
 the forward and ends up with the sampled ids (an all-gather of per-shard argmaxes for greedy steps,
 otherwise rank 0 samples and broadcasts: ``TPModelRunner``), every rank replies, and rank 0's reply
 is the step's output. Replies from all ranks (not only rank 0) let a rank's Python
-exception surface at once instead of as a collective timeout on its peers.
+exception surface at once instead of as a collective timeout on its peers. With async scheduling
+the driver sends ``launch`` instead and a rank's reply to step n+1 carries step n's output, sent
+once step n+1 is queued on its device (``RankHost``); ``flush`` asks for the last one.
 
-Failure detection, all surfacing as ``EngineDeadError`` from ``execute_model``:
+Failure detection, all surfacing as ``EngineDeadError`` from ``execute_model`` / ``take_output``:
 - a rank process exits (killed, crashed): its sentinel wakes the wait at once;
 - a rank replies with an exception: its traceback is in the message;
 - no reply within ``step_timeout_s`` (a hung rank; its peers are then stuck in a collective).
@@ -62,6 +64,7 @@ class MultiprocExecutor(Executor):
         init_timeout_s: float | None = None,
     ) -> None:
         """Nothing starts here; ``initialize`` spawns the ranks. The config must already be validated."""
+        super().__init__()
         self.config = config
         self.model_path = model_path
         self.eos_token_ids = eos_token_ids
@@ -74,6 +77,7 @@ class MultiprocExecutor(Executor):
         self.conns: list[Connection] = []
         self._store_box: list = []  # holds the rendezvous TCPStore; emptied to free its port
         self._dead: str | None = None  # why the group is gone; None while it works
+        self._submitted = 0  # steps submitted whose output was not taken (async scheduling)
         self._finalizer = weakref.finalize(self, _stop_ranks, self.procs, self.conns, self._store_box, _SHUTDOWN_GRACE_S)
 
     # ------------------------------------------------------------------ life cycle
@@ -132,6 +136,20 @@ class MultiprocExecutor(Executor):
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         return self._call_all("execute_model", (scheduled,), self.step_timeout_s)[0]
 
+    def submit(self, scheduled: SchedulerOutput) -> None:
+        """Send the step; each rank queues it behind its previous step, then replies with that one's output."""
+        self._send_all("launch", (scheduled,))
+        self._submitted += 1
+
+    def take_output(self) -> ModelRunnerOutput:
+        """The oldest submitted step's output: its reply is on the way if a later step was submitted
+        after it; else the ranks are asked to flush."""
+        if self._submitted == 1:
+            self._send_all("flush", ())
+        output = self._wait_all(self.step_timeout_s, "execute_model")[0]
+        self._submitted -= 1
+        return output
+
     def check_health(self) -> None:
         for rank, proc in enumerate(self.procs):
             if self._dead is None and not proc.is_alive():
@@ -150,12 +168,15 @@ class MultiprocExecutor(Executor):
     # ------------------------------------------------------------------ plumbing
     def _call_all(self, method: str, args: tuple, timeout_s: float) -> list:
         """Run ``method(*args)`` on every rank; the ranks' results in rank order."""
+        self._send_all(method, args)
+        return self._wait_all(timeout_s, method)
+
+    def _send_all(self, method: str, args: tuple) -> None:
         if self._dead is not None:
             raise EngineDeadError(f"tensor-parallel group is down: {self._dead}")
         payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)  # once, not per rank
         for rank in range(self.world_size):
             self._send(rank, payload)
-        return self._wait_all(timeout_s, method)
 
     def _send(self, rank: int, payload: bytes) -> None:
         try:

@@ -9,6 +9,11 @@ Calls (``RankHost.call(method, args)``): any ``Worker`` method (``load_model``,
 and the test hook ``_test_hang_next_step``. ``execute_model`` returns the ModelRunnerOutput on
 rank 0 and None elsewhere: the other ranks hold the same tokens and need not ship them back.
 
+Async scheduling adds two calls that keep one step queued on the device: ``launch(step)``
+queues the step, then finishes the step launched before it and returns that one's output (or
+``NO_REPLY`` when there was none: the host sends nothing back); ``flush`` finishes the last
+launched step and returns its output.
+
 With ``PAGODA_TIME_COLLECTIVES=1`` in the environment the rank's group is a ``TimedTPGroup`` and
 ``collective_stats`` returns (and resets) the time spent in each collective (bench/tp.py).
 With ``PAGODA_PROFILE_DIR`` set, each rank runs ``torch.profiler`` over its execute_model calls
@@ -33,6 +38,9 @@ from engine.distributed import TimedTPGroup, TorchTPGroup, init_tp_group
 from engine.worker.worker import Worker, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
+
+NO_REPLY = object()  # a call whose host sends no reply (a launch with no earlier step to finish)
+_STEP_CALLS = ("execute_model", "launch")
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class RankHost:
         tp = TimedTPGroup(self.group, device) if os.environ.get("PAGODA_TIME_COLLECTIVES") == "1" else self.group
         self.worker = Worker(spec.config, spec.model_path, spec.eos_token_ids, tp, device)
         self._hang_next_step = False
+        self._launched = None  # the StepHandle of the last ``launch``, until a later call finishes it
         tag = "oneshot" if self.group.custom_all_reduce is not None else "nccl"
         self._profile = _StepProfiler(spec.rank, tag) if os.environ.get("PAGODA_PROFILE_DIR") else None
 
@@ -81,16 +90,31 @@ class RankHost:
         if method == "_test_hang_next_step":  # test hook: simulate a rank stuck inside a step
             self._hang_next_step = True
             return None
-        if method == "execute_model" and self._hang_next_step:
+        if method in _STEP_CALLS and self._hang_next_step:
             while True:
                 time.sleep(3600)
-        if method == "execute_model" and self._profile is not None:
+        if method == "launch":
+            result = self._launch(*args)
+        elif method == "flush":
+            result = self._finish_launched()
+        elif method == "execute_model" and self._profile is not None:
             result = self._profile.run(self.worker.execute_model, *args)
         else:
             result = getattr(self.worker, method)(*args)
-        if method == "execute_model" and not self.worker.tp.is_first:
+        if method in (*_STEP_CALLS, "flush") and result is not NO_REPLY and not self.worker.tp.is_first:
             return None
         return result
+
+    def _launch(self, scheduled):
+        """Queue ``scheduled`` behind the last launched step, then finish that one."""
+        launch = self.worker.launch if self._profile is None else lambda s: self._profile.run(self.worker.launch, s)
+        handle = launch(scheduled)
+        previous, self._launched = self._finish_launched(), handle
+        return previous
+
+    def _finish_launched(self):
+        handle, self._launched = self._launched, None
+        return NO_REPLY if handle is None else self.worker.finish(handle)
 
     def close(self) -> None:
         self.group.destroy()

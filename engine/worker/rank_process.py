@@ -5,6 +5,7 @@ Protocol over one duplex pipe to the driver (``MultiprocExecutor``):
     driver -> rank   pickle((method, args))        method is a ``RankHost.call`` method
                                                    (engine/worker/rank.py) or "shutdown"
     rank -> driver   ("ok", result) | ("error", traceback text)
+                     (nothing for a "launch" that had no earlier step to finish: ``NO_REPLY``)
 
 The first message a rank sends is ("ok", None) once it has joined the group (or ("error", ...)).
 GPU ranks spin briefly before each blocking read (engine/worker/spin_wait.py).
@@ -23,7 +24,7 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
-from engine.worker.rank import RankHost, RankSpec
+from engine.worker.rank import NO_REPLY, RankHost, RankSpec
 from engine.worker.spin_wait import spin_until_readable, spin_wait_s
 
 _PARENT_POLL_S = 1.0
@@ -55,7 +56,10 @@ def _serve(host: RankHost, conn: Connection, spin_s: float) -> None:
             _send(conn, ("ok", None))
             return
         try:
-            reply = ("ok", host.call(method, args))
+            result = host.call(method, args)
+            if result is NO_REPLY:
+                continue
+            reply = ("ok", result)
         except Exception:  # noqa: BLE001 - the driver decides; the traceback travels as text
             reply = ("error", traceback.format_exc())
         if not _send(conn, reply):

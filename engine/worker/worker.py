@@ -1,7 +1,9 @@
 """One rank: a device, the model (this rank's shard of it), its KV cache, and the model runner.
 
 Life cycle, driven by an executor: ``load_model`` → ``determine_num_blocks`` (a memory profile on
-CUDA, a configured budget on CPU) → ``initialize_cache(num_blocks)`` → ``execute_model`` per step.
+CUDA, a configured budget on CPU) → ``initialize_cache(num_blocks)`` → ``execute_model`` per step
+(or, with async scheduling, ``launch`` then ``finish``).
+
 The block count is returned, never written into the config: the driver takes the minimum over
 ranks and tells every rank the same number.
 
@@ -21,7 +23,7 @@ from engine.distributed import SINGLE_RANK, TPGroup
 from engine.loader import load_hf_config, load_model
 from engine.models.registry import kv_cache_spec
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from engine.worker.model_runner import ModelRunner
+from engine.worker.model_runner import ModelRunner, StepHandle
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -123,3 +125,10 @@ class Worker:
 
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduled)
+
+    def launch(self, scheduled: SchedulerOutput) -> StepHandle:
+        """Queue the step (async scheduling); ``finish`` returns its result."""
+        return self.runner.launch(scheduled)
+
+    def finish(self, handle: StepHandle) -> ModelRunnerOutput:
+        return self.runner.finish(handle)

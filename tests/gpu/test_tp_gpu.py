@@ -111,15 +111,20 @@ def test_tp_matches_tp1(tp, model_path, prompts, reference, record):
     assert result["max_logprob_diff"] <= LOGPROB_ATOL, result
 
 
-@pytest.mark.parametrize("custom_all_reduce", [False, True])
-def test_tp2_plain_greedy_matches_tp1(custom_all_reduce, model_path, prompts, reference, record):
+@pytest.mark.parametrize(("tp", "custom_all_reduce", "async_scheduling"),
+                         [(2, False, False), (2, True, False), (2, True, True), (4, True, True)])
+def test_plain_greedy_matches_tp1(tp, custom_all_reduce, async_scheduling, model_path, prompts, reference, record):
     """No logprobs asked: every step takes the greedy head (vocab-parallel argmax + all-gather,
-    replayed in the decode graphs) instead of gathering logits to rank 0; with NCCL all-reduces
-    and with the symmetric-memory one-shot ones."""
+    replayed in the decode graphs) instead of gathering logits to rank 0; with NCCL all-reduces,
+    with the symmetric-memory ones (fused with the RMSNorms), and with async scheduling (each step
+    launched before the previous step's ids reached the host: they are gathered on the device)."""
     from engine import LLM, SamplingParams
 
-    llm = LLM(model=str(model_path), tensor_parallel_size=2, dtype="bfloat16", device="cuda", max_model_len=1024,
-              max_num_seqs=8, gpu_memory_utilization=0.8, custom_all_reduce=custom_all_reduce)
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} CUDA GPUs")
+    llm = LLM(model=str(model_path), tensor_parallel_size=tp, dtype="bfloat16", device="cuda", max_model_len=1024,
+              max_num_seqs=8, gpu_memory_utilization=0.8, custom_all_reduce=custom_all_reduce,
+              async_scheduling=async_scheduling)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -129,7 +134,8 @@ def test_tp2_plain_greedy_matches_tp1(custom_all_reduce, model_path, prompts, re
         gc.collect()
         torch.cuda.empty_cache()
     same = sum(o.outputs[0].token_ids == r.token_ids for o, r in zip(outs, reference))
-    key = "tp2 plain greedy" + (", symm-mem all-reduce" if custom_all_reduce else "")
+    key = (f"tp{tp} plain greedy" + (", symm-mem all-reduce" if custom_all_reduce else "")
+           + (", async scheduling" if async_scheduling else ""))
     record[key] = {"same_greedy_prompts": same, "of": len(prompts)}
     assert same >= 6, record[key]
 
@@ -142,8 +148,9 @@ def test_tp2_eager_matches_tp1(model_path, prompts, reference, record):
 
 
 def test_killed_rank_with_one_shot_all_reduce_surfaces_and_gpus_are_reusable(record):
-    """Kill rank 1 while its peer may sit in a one-shot all-reduce kernel (which has no timeout):
-    the engine raises within 30 s, and a new TP=2 engine on the same GPUs generates."""
+    """Kill rank 1 while its peer may sit in a symmetric-memory all-reduce kernel (which has no
+    timeout), with async scheduling (a step queued behind the running one): the engine raises
+    within 30 s, and a new TP=2 engine on the same GPUs generates."""
     import signal
     import time
 
@@ -155,7 +162,7 @@ def test_killed_rank_with_one_shot_all_reduce_surfaces_and_gpus_are_reusable(rec
 
     def start() -> LLM:
         return LLM(model=str(path), tensor_parallel_size=2, dtype="bfloat16", device="cuda", max_model_len=2048,
-                   max_num_seqs=8, gpu_memory_utilization=0.5, custom_all_reduce=True)
+                   max_num_seqs=8, gpu_memory_utilization=0.5, custom_all_reduce=True, async_scheduling=True)
 
     llm = start()
     for i in range(4):

@@ -1,9 +1,11 @@
 """A scheduler with a real KV manager and a fake model: enough to test batching, preemption and
-policies in pure Python, fast."""
+policies in pure Python, fast. ``async_depth=1`` applies each step's result only after the next
+step was scheduled, as the engine does with async scheduling."""
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
 
 from engine.config import SchedulerConfig
 from engine.kv_cache.manager import KVCacheManager
@@ -15,17 +17,21 @@ from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 EOS = 0
 
 
-def fake_token(request: Request) -> int:
-    """Deterministic 'model': the next token depends only on the tokens so far (never EOS)."""
-    return 1 + (sum(request.all_token_ids) * 31 + request.num_tokens) % 97
+def fake_token(request: Request, index: int) -> int:
+    """Deterministic 'model': output ``index`` of a request depends only on its prompt (never EOS),
+    so results do not depend on when they are applied."""
+    return 1 + (sum(request.prompt_token_ids) * 31 + index) % 97
 
 
 class Harness:
-    def __init__(self, num_blocks: int = 64, block_size: int = 4, max_model_len: int = 256, **sched) -> None:
+    def __init__(self, num_blocks: int = 64, block_size: int = 4, max_model_len: int = 256, async_depth: int = 0,
+                 **sched) -> None:
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=sched.pop("prefix", True))
         self.scheduler = Scheduler(SchedulerConfig(**sched), self.kv, max_model_len)
         self._ids = itertools.count()
         self.outputs: list[SchedulerOutput] = []
+        self.async_depth = async_depth
+        self._in_flight: deque[tuple[SchedulerOutput, ModelRunnerOutput]] = deque()
 
     def add(self, prompt_len: int = 8, max_tokens: int = 4, priority: int = 0, prompt: list[int] | None = None,
             arrival: float | None = None) -> Request:
@@ -41,18 +47,22 @@ class Harness:
         self.outputs.append(scheduled)
         requests = self.scheduler.requests
         req_ids, tokens = [], []
-        for req_id, n in scheduled.num_scheduled_tokens.items():
+        for req_id in scheduled.num_scheduled_tokens:
             request = requests[req_id]
-            reaches_end = request.num_computed_tokens + n == request.num_tokens
+            pending = request.num_pending_outputs
+            reaches_end = request.num_computed_tokens + 1 == request.num_tokens + pending  # this step samples
             req_ids.append(req_id)
-            tokens.append([fake_token(request)] if reaches_end else [])
-        self.scheduler.update_from_output(scheduled, ModelRunnerOutput(req_ids, tokens, [None] * len(req_ids)))
+            tokens.append([fake_token(request, request.num_output_tokens + pending - 1)] if reaches_end else [])
+        self._in_flight.append((scheduled, ModelRunnerOutput(req_ids, tokens, [None] * len(req_ids))))
+        keep = self.async_depth if not scheduled.is_empty else 0
+        while len(self._in_flight) > keep:
+            self.scheduler.update_from_output(*self._in_flight.popleft())
         self.kv.check_invariants()
         return scheduled
 
     def run_until_done(self, max_steps: int = 10_000) -> int:
         steps = 0
-        while self.scheduler.has_unfinished_requests():
+        while self.scheduler.has_unfinished_requests() or self._in_flight:
             self.step()
             steps += 1
             assert steps < max_steps, "scheduler made no progress"

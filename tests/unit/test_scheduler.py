@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -72,6 +73,32 @@ def test_preemption_by_recompute_keeps_outputs_and_frees_everything():
     assert [r.output_token_ids for r in reqs_a] == [r.output_token_ids for r in reqs_b]
     assert all(r.status is RequestStatus.FINISHED_LENGTH for r in reqs_b)
     assert tight.kv.usage() == 0 and tight.kv.num_free_blocks == 14
+
+
+@pytest.mark.parametrize("num_blocks", [256, 14])
+def test_async_scheduling_gives_the_same_outputs_in_fewer_waits(num_blocks):
+    """One step in flight: every request gets the same tokens as with synchronous steps, a decode
+    is scheduled on its pending token, no step runs past max_tokens, nothing leaks."""
+
+    def run(async_depth):
+        h = Harness(num_blocks=num_blocks, block_size=4, max_model_len=64, max_num_batched_tokens=64,
+                    async_depth=async_depth)
+        reqs = [h.add(prompt_len=10 + 3 * i, max_tokens=1 + 3 * i) for i in range(6)]
+        h.run_until_done()
+        return h, reqs
+
+    sync, reqs_a = run(0)
+    pipelined, reqs_b = run(1)
+    assert [r.output_token_ids for r in reqs_a] == [r.output_token_ids for r in reqs_b]
+    assert all(r.status is RequestStatus.FINISHED_LENGTH and r.num_pending_outputs == 0 for r in reqs_b)
+    for r in reqs_b:  # tokens computed for a request: its prompt and all but its last output, never more
+        assert sum(out.num_scheduled_tokens.get(r.request_id, 0) for out in pipelined.outputs) <= (
+            r.num_tokens - 1 + r.num_preemptions * 64)
+    assert pipelined.kv.usage() == 0 and pipelined.kv.num_free_blocks == num_blocks
+    if num_blocks == 256:  # no preemption: exactly the tokens needed, and decodes overlap their previous step
+        assert all(sum(o.num_scheduled_tokens.get(r.request_id, 0) for o in pipelined.outputs)
+                   == r.num_tokens - 1 - r.num_cached_tokens for r in reqs_b)
+        assert len(pipelined.outputs) <= len(sync.outputs) + 1
 
 
 def test_preempted_request_is_sent_in_full_again():
@@ -165,10 +192,13 @@ def test_policy_keys_are_pure_functions():
     chunked=st.booleans(),
     prefix=st.booleans(),
 )
-def test_random_traffic_keeps_invariants_and_leaks_nothing(ops, num_blocks, budget, max_seqs, policy, chunked, prefix):
+@pytest.mark.parametrize("async_depth", [0, 1])
+def test_random_traffic_keeps_invariants_and_leaks_nothing(ops, num_blocks, budget, max_seqs, policy, chunked, prefix,
+                                                           async_depth):
     max_model_len = min(48, num_blocks * 4)
     h = Harness(num_blocks=num_blocks, block_size=4, max_model_len=max_model_len, max_num_batched_tokens=max(budget, 48 if not chunked else 1),
-                max_num_seqs=max_seqs, policy=policy, aging_steps=3, enable_chunked_prefill=chunked, prefix=prefix)
+                max_num_seqs=max_seqs, policy=policy, aging_steps=3, enable_chunked_prefill=chunked, prefix=prefix,
+                async_depth=async_depth)
     rng = random.Random(len(ops))
     shared_prefix = [3] * 16
     live = []
