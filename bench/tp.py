@@ -200,6 +200,7 @@ def main() -> None:
     ap.add_argument("--scheduling", nargs="+", default=["async"], choices=["sync", "async"],
                     help="rows per TP size: synchronous steps and/or async scheduling (SchedulerConfig.async_scheduling, "
                          "the engine's default)")
+    ap.add_argument("--suffix", default="", help="appended to the report's name (keeps runs of one setup apart)")
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/pagoda-models"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
@@ -234,7 +235,7 @@ def _report(args, rows: list[dict]) -> None:
         r["throughput_speedup"] = r["throughput_tok_s"] / base["throughput_tok_s"]
         if "collective_share" in r:
             r["collective_share_pct"] = 100 * r["collective_share"]
-    name = f"tp_{Path(args.model).name}_{args.device}" + ("_latency" if args.skip_collectives else "")
+    name = f"tp_{Path(args.model).name}_{args.device}" + ("_latency" if args.skip_collectives else "") + args.suffix
     result = {"benchmark": name, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "environment": environment(), "rows": rows}
     columns = ["tp", "all_reduce", "scheduling", "decode_ms_per_token", "latency_ratio", "latency_speedup", "throughput_tok_s", "throughput_speedup",

@@ -168,6 +168,8 @@ class MultiprocExecutor(Executor):
     # ------------------------------------------------------------------ plumbing
     def _call_all(self, method: str, args: tuple, timeout_s: float) -> list:
         """Run ``method(*args)`` on every rank; the ranks' results in rank order."""
+        if self._submitted:  # a launch's reply may be on its way: it would be taken for this call's
+            raise RuntimeError(f"{method!r} called with {self._submitted} submitted step(s) not taken yet")
         self._send_all(method, args)
         return self._wait_all(timeout_s, method)
 
