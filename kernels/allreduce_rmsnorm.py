@@ -50,7 +50,7 @@ import torch
 
 from kernels._triton import next_power_of_2, require_triton, tl, triton
 from kernels._validate import FLOAT_DTYPES, check_same_device, check_tensor
-from kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
+from kernels.rmsnorm import check_norm_params, fused_add_rms_norm_ref, rms_norm_ref
 
 # One program holds a row's fp32 sum in registers: at 16384 and 16 warps ptxas (sm_90) reports no
 # spills even at 8 ranks (105 registers). Every model served here has H <= 8192.
@@ -195,13 +195,7 @@ def _check_args(x, residual, weight, eps, workspace: SymmetricWorkspace) -> None
     if not x.is_contiguous():
         raise ValueError(f"x must be contiguous, got strides {x.stride()}")
     num_rows, hidden = x.shape
-    check_tensor("weight", weight, ndim=1, dtypes=(x.dtype,))
-    if weight.shape[0] != hidden:
-        raise ValueError(f"weight has {weight.shape[0]} elements, expected x's hidden size {hidden}")
-    if hidden > MAX_HIDDEN:
-        raise ValueError(f"x's hidden size {hidden} is over the kernel's limit {MAX_HIDDEN}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    check_norm_params(weight, eps, x.dtype, hidden, MAX_HIDDEN)
     if residual is not None:
         check_tensor("residual", residual, dtypes=FLOAT_DTYPES)
         if residual.shape != x.shape or residual.dtype != x.dtype:

@@ -57,18 +57,23 @@ def _as_rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name} of shape {tuple(tensor.shape)} cannot be viewed as rows: {err}") from err
 
 
+def check_norm_params(weight: torch.Tensor, eps: float, dtype: torch.dtype, hidden: int, max_hidden: int) -> None:
+    """ValueError unless weight is (hidden,) of ``dtype``, hidden <= max_hidden and eps > 0."""
+    check_tensor("weight", weight, ndim=1, dtypes=(dtype,))
+    if weight.shape[0] != hidden:
+        raise ValueError(f"weight has {weight.shape[0]} elements, expected x's hidden size {hidden}")
+    if hidden > max_hidden:
+        raise ValueError(f"x's hidden size {hidden} is over the kernel's limit {max_hidden}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+
+
 def _launch(x, residual, weight, eps):
     require_triton()
     rows = _as_rows("x", x)
     hidden = rows.shape[1]
-    check_tensor("weight", weight, ndim=1, dtypes=(x.dtype,))
+    check_norm_params(weight, eps, x.dtype, hidden, MAX_HIDDEN)
     check_same_device(x=x, weight=weight)
-    if weight.shape[0] != hidden:
-        raise ValueError(f"weight has {weight.shape[0]} elements, expected x's hidden size {hidden}")
-    if hidden > MAX_HIDDEN:
-        raise ValueError(f"x's hidden size {hidden} is over the kernel's limit {MAX_HIDDEN}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
     res_rows = rows
     if residual is not None:
         res_rows = _as_rows("residual", residual)
