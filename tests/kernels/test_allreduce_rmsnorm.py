@@ -15,6 +15,7 @@ too; against the torch reference, bf16 is compared within a tolerance there and 
 """
 
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -76,7 +77,7 @@ class EmulatedGroup:
             for q in range(r):  # what ranks < r push later
                 received[parity, q, :num_rows] = xs[q]
             self.flags[r][:r, :active] = _int32(epoch + self.peers_ahead)
-            outs[r] = all_reduce_rms_norm(xs[r], residual, weight, EPS, self.workspaces[r])
+            outs[r] = _bounded(all_reduce_rms_norm, xs[r], residual, weight, EPS, self.workspaces[r])
             received[parity, :r, :num_rows] = float("nan")
         for r in range(self.world):
             received = self.received(r, hidden)
@@ -85,6 +86,33 @@ class EmulatedGroup:
                 assert (self.flags[r][q, :active] == epoch).all(), f"rank {q}'s flags in rank {r}'s buffer"
             assert (self.workspaces[r].counters == epoch).all()  # every program counts every call
         return outs
+
+
+CALL_TIMEOUT_S = 120.0
+
+
+def _bounded(fn, *args):
+    """``fn(*args)`` (and, on a GPU, its kernels) within CALL_TIMEOUT_S, else a test failure: a kernel
+    that waits for a flag nobody sets spins forever, and the suite must not hang with it. The
+    spinning call is left behind on a daemon thread."""
+    result = {}
+
+    def run():
+        try:
+            result["out"] = fn(*args)
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(CALL_TIMEOUT_S)
+    if thread.is_alive():
+        pytest.fail(f"the kernel did not finish within {CALL_TIMEOUT_S:.0f} s: it waits for a flag that is never set")
+    if "error" in result:
+        raise result["error"]
+    return result["out"]
 
 
 def _int32(n: int) -> int:
