@@ -16,7 +16,7 @@ launched step and returns its output.
 
 With ``PAGODA_TIME_COLLECTIVES=1`` in the environment the rank's group is a ``TimedTPGroup`` and
 ``collective_stats`` returns (and resets) the time spent in each collective (bench/tp.py).
-With ``PAGODA_PROFILE_DIR`` set, each rank runs ``torch.profiler`` over its execute_model calls
+With ``PAGODA_PROFILE_DIR`` set, each rank runs ``torch.profiler`` over its execute_model (or launch) calls
 ``PAGODA_PROFILE_STEPS`` (default 40:60) and writes the op/kernel table and a Chrome trace there
 (``_StepProfiler``; a developer's tool: where a tensor-parallel step's time goes, GPU kernels and
 NCCL included).
@@ -107,8 +107,10 @@ class RankHost:
 
     def _launch(self, scheduled):
         """Queue ``scheduled`` behind the last launched step, then finish that one."""
-        launch = self.worker.launch if self._profile is None else lambda s: self._profile.run(self.worker.launch, s)
-        handle = launch(scheduled)
+        if self._profile is None:
+            handle = self.worker.launch(scheduled)
+        else:
+            handle = self._profile.run(self.worker.launch, scheduled)
         previous, self._launched = self._finish_launched(), handle
         return previous
 
