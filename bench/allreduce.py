@@ -2,23 +2,23 @@
 all-reduce + residual add + RMSNorm after each row-parallel layer: NCCL then the fused add+norm
 kernel, against the one fused symmetric-memory kernel (kernels/allreduce_rmsnorm.py).
 
-One process per GPU joins a group exactly as an engine rank does (``engine.distributed``), then
+One process per GPU joins a group exactly as an engine rank does (``pagoda.engine.distributed``), then
 for each size (bf16, the shape of ``tokens x hidden``) measures, on the same group in the same run:
 - in a CUDA graph (how decode steps run): ``--per-graph`` all-reduces captured back to back,
   replayed ``--replays`` times, GPU time per all-reduce from CUDA events;
 - eager (how prefill steps run): wall time per all-reduce over a loop, host overhead included;
 and checks both results against the fp32 sum on random data (``_error``; the one-shot one must be
 no worse than NCCL's or than world_size units). For ``--norm-tokens`` rows (decode batches) it times
-``all_reduce`` + ``kernels.fused_add_rms_norm`` against ``all_reduce_rms_norm`` the same way in a
+``all_reduce`` + ``pagoda.kernels.rmsnorm.fused_add_rms_norm`` against ``all_reduce_rms_norm`` the same way in a
 graph, after checking the fused kernel on every rank over consecutive calls (both buffer parities)
-against ``kernels.all_reduce_rms_norm_ref`` of all ranks' inputs: the residual stream bitwise, the
+against ``pagoda.kernels.allreduce_rmsnorm.all_reduce_rms_norm_ref`` of all ranks' inputs: the residual stream bitwise, the
 normed output to ``norm_max_err`` (``_error``'s units: 2 is one bf16 ulp, the rstd being summed in
 another order than torch's), and the outputs bitwise equal on every rank.
 
     python -m bench.allreduce --world-size 2          # on a 2-GPU machine
 
 Writes bench/results/allreduce_tp<k>_cuda.{json,md,png}. The one-shot path (opt-in,
-``custom_all_reduce``) is used for messages up to ``engine.custom_all_reduce.MAX_BYTES`` of the
+``custom_all_reduce``) is used for messages up to ``pagoda.engine.custom_all_reduce.MAX_BYTES`` of the
 world size; these tables are where those numbers come from. Back-to-back calls flatter the one-shot kernel: inside
 a real decode step (PAGODA_PROFILE_DIR traces) NCCL's LL kernel took 6.6 us and the one-shot 9.1 us
 at 8 KiB, so read bench/tp.py's end-to-end rows before turning it on.
@@ -85,8 +85,8 @@ def _error(got: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor) -> float
 
 
 def _rank(rank: int, world: int, port: int, args, results) -> None:
-    from engine.custom_all_reduce import SymmMemAllReduce
-    from engine.distributed import init_tp_group
+    from pagoda.engine.custom_all_reduce import SymmMemAllReduce
+    from pagoda.engine.distributed import init_tp_group
 
     try:
         device = torch.device("cuda", rank)
@@ -126,7 +126,7 @@ def _norm_check(fast, tokens: int, rank: int, world: int, residual, weight, call
     """The fused kernel against the reference over ``calls`` consecutive calls, on every rank."""
     import torch.distributed as dist
 
-    from kernels import all_reduce_rms_norm_ref
+    from pagoda.kernels.allreduce_rmsnorm import all_reduce_rms_norm_ref
 
     bad, worst = torch.zeros(2, device=residual.device), 0.0  # [residual mismatches, rank disagreements]
     for call in range(calls):
@@ -151,7 +151,7 @@ def _norm_row(fast, tokens: int, rank: int, world: int, args) -> dict:
     """NCCL all-reduce then the fused add+norm kernel, against one all_reduce_rms_norm, in a graph."""
     import torch.distributed as dist
 
-    from kernels import fused_add_rms_norm
+    from pagoda.kernels.rmsnorm import fused_add_rms_norm
 
     device = torch.device("cuda", rank)
     torch.manual_seed(tokens)  # residual and weight: the same on every rank, as in the model
@@ -209,7 +209,7 @@ def main() -> None:
     if torch.cuda.device_count() < args.world_size:
         found = torch.cuda.device_count()
         raise SystemExit(f"--world-size {args.world_size} needs that many CUDA GPUs; torch sees {found}")
-    from engine.custom_all_reduce import NORM_MAX_BYTES
+    from pagoda.engine.custom_all_reduce import NORM_MAX_BYTES
 
     if args.norm_tokens and max(args.norm_tokens) * HIDDEN * 2 > NORM_MAX_BYTES:
         raise SystemExit(f"--norm-tokens: at most {NORM_MAX_BYTES // (HIDDEN * 2)} rows (NORM_MAX_BYTES)")

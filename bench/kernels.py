@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
-    from kernels.bench import bench_paged_decode, run_all
+    from pagoda.kernels.bench import bench_paged_decode, run_all
 
     ceilings, results = run_all()
     # the bar: batch 64, context 4096, 32 query / 8 KV heads, head dim 128

@@ -27,8 +27,8 @@ def _prompt(n: int, vocab: int, seed: int) -> list[int]:
 
 
 def pagoda_latency(path: Path, prompt_lens: list[int], decode_prompt: int, decode_tokens: int, vocab: int) -> dict:
-    from engine import SamplingParams
-    from engine.llm_engine import LLMEngine
+    from pagoda import SamplingParams
+    from pagoda.engine.llm_engine import LLMEngine
 
     engine = LLMEngine.from_kwargs(model=str(path), dtype="bfloat16", device="cuda", max_num_seqs=8,
                                    max_num_batched_tokens=max(prompt_lens + [decode_prompt]) + 16,
@@ -101,8 +101,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
-    from engine.loader import load_hf_config
-    from kernels.bench import _warm_up_gpu, measure_ceilings
+    from pagoda.engine.loader import load_hf_config
+    from pagoda.kernels.bench import _warm_up_gpu, measure_ceilings
 
     path = make_random_model(args.shape, args.model_dir / args.shape)
     cfg = load_hf_config(path)

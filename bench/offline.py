@@ -37,7 +37,7 @@ def make_workload(kind: str, n: int, input_len: int, output_len: int, vocab: int
 
 
 def run_pagoda(path: Path, workload, max_num_seqs: int, max_model_len: int) -> dict:
-    from engine import LLM, SamplingParams
+    from pagoda import LLM, SamplingParams
 
     llm = LLM(model=str(path), dtype="bfloat16", device="cuda", max_num_seqs=max_num_seqs,
               max_num_batched_tokens=8192, max_model_len=max_model_len)
@@ -97,7 +97,7 @@ def run_hf_generate_batch(path: Path, workload) -> dict:
 
 def roofline(path: Path, workload, ceilings: dict) -> float:
     """Output tokens/s of a perfect engine on this card (see module docstring)."""
-    from engine.loader import load_hf_config
+    from pagoda.engine.loader import load_hf_config
 
     cfg = load_hf_config(path)
     params = sum(p.numel() for p in _param_shapes(cfg))
@@ -148,10 +148,10 @@ def main() -> None:
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
 
-    from kernels.bench import _warm_up_gpu, measure_ceilings
+    from pagoda.kernels.bench import _warm_up_gpu, measure_ceilings
 
     path = make_random_model(args.shape, args.model_dir / args.shape)
-    from engine.loader import load_hf_config
+    from pagoda.engine.loader import load_hf_config
 
     workload = make_workload(args.workload, args.num_requests, args.input_len, args.output_len, load_hf_config(path).vocab_size)
     _warm_up_gpu()

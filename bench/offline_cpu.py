@@ -29,7 +29,7 @@ def make_workload(n: int, seed: int, vocab: int) -> list[tuple[list[int], int]]:
 
 
 def run_pagoda(model_path: str, workload) -> dict:
-    from engine import LLM, SamplingParams
+    from pagoda import LLM, SamplingParams
 
     llm = LLM(model=model_path, dtype="float32", device="cpu", max_model_len=1024)
     prompts = [{"prompt_token_ids": p} for p, _ in workload]
@@ -99,8 +99,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
-    from engine.config import EMBEDDED_MODEL
-    from engine.loader import load_hf_config, resolve_model
+    from pagoda.engine.config import EMBEDDED_MODEL
+    from pagoda.engine.loader import load_hf_config, resolve_model
 
     path = str(resolve_model(EMBEDDED_MODEL))
     workload = make_workload(args.num_requests, args.seed, load_hf_config(path).vocab_size)

@@ -31,7 +31,7 @@ def _sync() -> None:
 
 
 def _phase_breakdown(engine, params, workload) -> dict:
-    from engine.output_processor import OutputKind
+    from pagoda.engine.output_processor import OutputKind
 
     for i, (prompt, _) in enumerate(workload):
         engine.add_request(f"p{i}", {"prompt_token_ids": prompt}, params[i], output_kind=OutputKind.FINAL)
@@ -74,7 +74,7 @@ def _phase_breakdown(engine, params, workload) -> dict:
 def _kernel_table(engine, params, workload, num_steps: int, prefill: bool = False) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
-    from engine.output_processor import OutputKind
+    from pagoda.engine.output_processor import OutputKind
 
     for i, (prompt, _) in enumerate(workload):
         engine.add_request(f"k{i}", {"prompt_token_ids": prompt}, params[i], output_kind=OutputKind.FINAL)
@@ -131,8 +131,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/pagoda-out"))
     args = ap.parse_args()
 
-    from engine import LLM, SamplingParams
-    from engine.loader import load_hf_config
+    from pagoda import LLM, SamplingParams
+    from pagoda.engine.loader import load_hf_config
 
     path = args.model or make_random_model(args.shape, args.model_dir / args.shape)
     vocab = load_hf_config(path).vocab_size

@@ -8,7 +8,7 @@ Two modes, one workload shape (seeded, skewed): a Poisson stream of
 ``sim`` (default) runs ``bench.router_sim`` — N replicas with pagoda's real scheduler and KV cache
 manager and a GPU-like step-time model — over a sweep of arrival rates, and reports p50/p99 TTFT,
 preemptions and prefix-cache hit rate per policy. The pagoda router there is the same
-``cluster.routing_policy.rank`` the Serve router calls.
+``pagoda.cluster.routing_policy.rank`` the Serve router calls.
 
 ``real`` runs a small version of the workload against a local Ray cluster with 2 CPU replicas of
 the embedded model, once with ``router.policy: pagoda`` and once with ``pow2`` (Ray Serve's
@@ -150,8 +150,8 @@ def run_real(args) -> None:
     import ray
     from ray import serve
 
-    from engine.config import EMBEDDED_MODEL
-    from engine.loader import resolve_model
+    from pagoda.engine.config import EMBEDDED_MODEL
+    from pagoda.engine.loader import resolve_model
 
     model = str(resolve_model(EMBEDDED_MODEL))
     workload = skewed_workload(
@@ -217,10 +217,10 @@ def real_config(policy: str, model: str) -> dict:
 async def _real_run(policy: str, model: str, workload: list[SimRequest]) -> dict:
     import asyncio
 
-    from cluster.app import deploy
-    from cluster.client import PagodaClient
-    from cluster.config import AppConfig
-    from engine.sampling_params import SamplingParams
+    from pagoda.cluster.app import deploy
+    from pagoda.cluster.client import PagodaClient
+    from pagoda.cluster.config import AppConfig
+    from pagoda.engine.sampling_params import SamplingParams
 
     handle = deploy(AppConfig.from_dict(real_config(policy, model)))
     client = PagodaClient(handle)

@@ -7,9 +7,9 @@ the forward pass is replaced by a step-time model. Routers:
 - ``round_robin``;
 - ``pow2``: Ray Serve's default — two random replicas, the one with fewer ongoing requests. It is
   given exact, instant queue lengths (its best case: no probe latency, no stale cache);
-- ``pagoda``: ``cluster.routing_policy.rank`` — the same function the Serve router calls — over
+- ``pagoda``: ``pagoda.cluster.routing_policy.rank`` — the same function the Serve router calls — over
   stats each replica publishes every ``stats_period_s`` (prefix summary included) blended with an
-  ``InFlightLedger`` of the router's own requests, as in ``cluster.router``.
+  ``InFlightLedger`` of the router's own requests, as in ``pagoda.cluster.router``.
 
 Events: request arrivals, step completions, stats publications. A replica steps back to back
 while it has work; a step's tokens appear when the step ends.
@@ -22,16 +22,16 @@ import itertools
 import random
 from dataclasses import dataclass, field
 
-from cluster.config import RouterWeights
-from cluster.inflight import InFlightLedger
-from cluster.routing_policy import EngineLimits, ReplicaView, RoutingRequest, rank
-from cluster.routing_stats import ReplicaStats
-from engine.config import SchedulerConfig
-from engine.kv_cache.manager import KVCacheManager
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagoda.cluster.config import RouterWeights
+from pagoda.cluster.inflight import InFlightLedger
+from pagoda.cluster.routing_policy import EngineLimits, ReplicaView, RoutingRequest, rank
+from pagoda.cluster.routing_stats import ReplicaStats
+from pagoda.engine.config import SchedulerConfig
+from pagoda.engine.kv_cache.manager import KVCacheManager
+from pagoda.engine.request import Request
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.scheduler import Scheduler
+from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 _OUTPUT_TOKEN = 7  # every simulated sampled token (no EOS: requests run to max_tokens)
 

@@ -85,7 +85,7 @@ async def http_request(client, url: str, model: str, i: int, max_tokens: int) ->
 
 
 async def grpc_request(stub, model: str, i: int, max_tokens: int) -> Sample:
-    from cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
+    from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
 
     request = pb.GenerateRequest(model=model, text=prompt(i), sampling=pb.SamplingParams(
         max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
@@ -194,7 +194,7 @@ async def run_levels(args, http_url: str | None, grpc_target: str | None) -> lis
         import httpx
     except ImportError:  # some environments ship the same client as httpx2
         import httpx2 as httpx
-    from cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
+    from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
 
     rows = []
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
@@ -227,10 +227,10 @@ def local_app(args):
     import ray
     from ray import serve
 
-    from cluster.api.config import ApiConfig
-    from cluster.api.server import ApiServers
-    from cluster.app import deploy
-    from cluster.config import AppConfig
+    from pagoda.cluster.api.config import ApiConfig
+    from pagoda.cluster.api.server import ApiServers
+    from pagoda.cluster.app import deploy
+    from pagoda.cluster.config import AppConfig
 
     app = AppConfig.from_dict({
         "engine": {"model": args.engine_model, "dtype": "float32", "device": "cpu", "max_model_len": 512,

@@ -66,7 +66,7 @@ def _prompt(n: int, vocab: int, seed: int) -> list[int]:
 
 def _engine(path: Path, tp: int, args, eager: bool, timed: bool, custom_all_reduce: bool = False,
             async_scheduling: bool = False):
-    from engine.llm_engine import LLMEngine
+    from pagoda.engine.llm_engine import LLMEngine
 
     os.environ["PAGODA_TIME_COLLECTIVES"] = "1" if timed else "0"  # read by each rank at start
     return LLMEngine.from_kwargs(
@@ -89,7 +89,7 @@ def _run(engine, prompts: list[list[int]], tokens: int, after_first_step=None) -
     """Generate; wall-clock stamps of every step that emitted output, from the first such step
     (the first tokens: the prefill is done). With async scheduling a step emits the tokens of the
     step before it, so stamps of emitting steps, not of all steps, time the decode in both modes."""
-    from engine import SamplingParams
+    from pagoda import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
@@ -212,7 +212,7 @@ def main() -> None:
     if cuda:
         args.tp = [tp for tp in args.tp if tp <= torch.cuda.device_count()]
 
-    from engine.loader import load_hf_config
+    from pagoda.engine.loader import load_hf_config
 
     path = resolve(args.model, args.model_dir)
     vocab = load_hf_config(path).vocab_size

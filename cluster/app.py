@@ -2,18 +2,18 @@
 
 Two ways in, one config format:
 
-- ``pagoda serve --config pagoda.yaml`` (``cluster.serve_cli``) calls ``deploy(config)``;
+- ``pagoda serve --config pagoda.yaml`` (``pagoda.cluster.serve_cli``) calls ``deploy(config)``;
 - ``build_app(args)`` builds it from the YAML config as a Serve application builder; the API
-  ingress (``cluster.api.ingress:build_app``, which is what KubeRay's ``serveConfigV2`` names)
+  ingress (``pagoda.cluster.api.ingress:build_app``, which is what KubeRay's ``serveConfigV2`` names)
   builds this application behind its gRPC and HTTP doors from the same ``args``::
 
       applications:
         - name: pagoda
-          import_path: cluster.api.ingress:build_app
+          import_path: pagoda.cluster.api.ingress:build_app
           args: { engine: {...}, deployment: {...}, router: {...}, autoscaling: {...}, api: {...} }
 
 Tensor parallelism: a replica with ``tensor_parallel_size = k > 1`` reserves a STRICT_PACK
-placement group (``cluster.placement``): bundle 0 holds the replica — the engine, CPUs only — and
+placement group (``pagoda.cluster.placement``): bundle 0 holds the replica — the engine, CPUs only — and
 bundles 1..k one GPU (one CPU on CPU) each, where the engine's ``RayExecutor`` starts its k rank
 actors. With ``distributed_executor_backend: mp`` the replica is instead one actor holding k GPUs
 and the ``MultiprocExecutor`` spawns the ranks as processes inside it. TP = 1 replicas hold their
@@ -27,17 +27,17 @@ from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
 from ray.serve.config import AutoscalingPolicy, RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
-from cluster.autoscaling import KVAwarePolicy
-from cluster.config import AppConfig
-from cluster.placement import STRATEGY, replica_bundles
-from cluster.replica import LLMReplica
-from cluster.router import PagodaRouter
+from pagoda.cluster.autoscaling import KVAwarePolicy
+from pagoda.cluster.config import AppConfig
+from pagoda.cluster.placement import STRATEGY, replica_bundles
+from pagoda.cluster.replica import LLMReplica
+from pagoda.cluster.router import PagodaRouter
 
 DEPLOYMENT_SUFFIX = "-engine"
 
 
 def build_app(args: dict | None = None):
-    """Serve application builder (``import_path: cluster.app:build_app``); ``args`` is the YAML config."""
+    """Serve application builder (``import_path: pagoda.cluster.app:build_app``); ``args`` is the YAML config."""
     return application(AppConfig.from_dict(args))
 
 

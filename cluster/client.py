@@ -7,7 +7,7 @@
 What it adds to ``handle.options(stream=True).generate.remote(...)``:
 
 - tokenizes the prompt (locally when given a tokenizer, else on a replica), so the request carries
-  token ids for the prefix-aware router (see ``cluster.protocol``);
+  token ids for the prefix-aware router (see ``pagoda.cluster.protocol``);
 - cancels the Serve stream as soon as its consumer stops (``break``, task cancellation, an
   exception), which aborts the request in the engine — a Serve stream that is merely dropped keeps
   generating on the replica;
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from cluster.protocol import GenerateChunk, GenerateRequest, ReplicaUnavailableError
-from engine.sampling_params import SamplingParams
+from pagoda.cluster.protocol import GenerateChunk, GenerateRequest, ReplicaUnavailableError
+from pagoda.engine.sampling_params import SamplingParams
 
 _REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
 

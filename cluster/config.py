@@ -10,7 +10,7 @@ cluster.
 
 Every section and field is optional; an unknown key, a wrong type or a bad value is a ValueError
 naming the field by its path (``router.weights.prefix must be >= 0, got -1``). Everything is
-frozen once built, like ``engine.config``.
+frozen once built, like ``pagoda.engine.config``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, require
+from pagoda.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, require
 
 _ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
 _POLICIES = ("pagoda", "pow2")
@@ -51,7 +51,7 @@ class DeploymentOptions:
 
 @dataclass(frozen=True)
 class RouterWeights:
-    """Weights of ``cluster.routing_policy.score``; each term is dimensionless (see there)."""
+    """Weights of ``pagoda.cluster.routing_policy.score``; each term is dimensionless (see there)."""
 
     queue: float = 1.0  # running + waiting requests, per max_num_seqs
     backlog: float = 1.0  # prefill tokens ahead of the request's first token, per max_num_batched_tokens
@@ -84,7 +84,7 @@ class RouterConfig:
 @dataclass(frozen=True)
 class AutoscalingConfig:
     """Serve autoscaling on ongoing requests and KV occupancy per replica (used when ``enabled``;
-    the policy is ``cluster.autoscaling.KVAwarePolicy``)."""
+    the policy is ``pagoda.cluster.autoscaling.KVAwarePolicy``)."""
 
     enabled: bool = False
     min_replicas: int = 1

@@ -24,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-from cluster.routing_stats import now
+from pagoda.cluster.routing_stats import now
 
 
 @dataclass(frozen=True)

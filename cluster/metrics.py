@@ -139,7 +139,7 @@ class ReplicaMetrics:
     # ---- per request (replica event loop) --------------------------------------------------------
 
     def request_started(self, request_id: str, priority: int, n: int) -> None:
-        from engine.output_processor import child_ids
+        from pagoda.engine.output_processor import child_ids
 
         with self._lock:
             self._live[request_id] = _Live(time.monotonic(), str(priority), tuple(child_ids(request_id, n)))

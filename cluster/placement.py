@@ -4,7 +4,7 @@
     bundle i + 1   tensor-parallel rank i: {"GPU": 1} on CUDA, {"CPU": 1} on CPU
     strategy       STRICT_PACK: every bundle on one node, so collectives stay on NVLink / loopback
 
-``cluster.app`` asks Serve for this layout (``placement_group_bundles``; Serve puts the replica in
+``pagoda.cluster.app`` asks Serve for this layout (``placement_group_bundles``; Serve puts the replica in
 bundle 0 and keeps the group for the replica's life). ``RayExecutor`` reads it back with
 ``place_ranks``: inside such a group it schedules rank i into bundle i + 1; outside any group (a
 script, a test) it reserves a STRICT_PACK group of k rank bundles itself and removes it on release.

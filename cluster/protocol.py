@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.errors import EngineDeadError
-from engine.request import RequestOutput
-from engine.sampling_params import SamplingParams
+from pagoda.engine.errors import EngineDeadError
+from pagoda.engine.request import RequestOutput
+from pagoda.engine.sampling_params import SamplingParams
 
 GENERATE_METHOD = "generate"  # the replica method the router scores by prefix and load
 

@@ -1,4 +1,4 @@
-"""``RankActor``: one tensor-parallel rank as a Ray actor, hosting ``engine.worker.rank.RankHost``.
+"""``RankActor``: one tensor-parallel rank as a Ray actor, hosting ``pagoda.engine.worker.rank.RankHost``.
 
 The ``RayExecutor`` (cluster/ray_executor.py) starts k of these in one placement group, one bundle
 each. Life of an actor:
@@ -27,7 +27,7 @@ from typing import Any
 import ray
 from torch.distributed import TCPStore
 
-from engine.worker.rank import RankHost, RankSpec
+from pagoda.engine.worker.rank import RankHost, RankSpec
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Same interface and failure semantics as the local ``MultiprocExecutor``
 (engine/worker/multiproc_executor.py); the engine picks it with
 ``distributed_executor_backend="ray"``, which a Serve replica with TP > 1 uses.
 
-Start (``initialize``): the ranks' placement (``cluster.placement``: bundles 1..k of the Serve
+Start (``initialize``): the ranks' placement (``pagoda.cluster.placement``: bundles 1..k of the Serve
 replica's group, or a STRICT_PACK group the executor reserves and later removes) → k
 ``RankActor``s, one per bundle → rank 0 opens the rendezvous store on its node and returns its
 address → every rank joins the NCCL (GPU) / gloo (CPU) group and builds its Worker → load, profile
@@ -21,7 +21,7 @@ Failure detection, all surfacing as ``EngineDeadError`` naming the rank and the 
   is reported as that peer's death first;
 - no reply within the step deadline (``GetTimeoutError``): a hung rank.
 The group is then torn down at once: every actor ``ray.kill``ed, the placement group removed if the
-executor reserved it. Timeouts are ``MultiprocExecutor``'s (``engine.executor.RankTimeouts``:
+executor reserved it. Timeouts are ``MultiprocExecutor``'s (``pagoda.engine.executor.RankTimeouts``:
 ``PAGODA_STEP_TIMEOUT_S`` default 25 s, ``PAGODA_INIT_TIMEOUT_S`` default 900 s).
 
 The model folder must be readable at the driver's path on the ranks' node: inside a Serve replica's
@@ -39,13 +39,13 @@ from pathlib import Path
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from cluster.placement import RankPlacement, place_ranks
-from cluster.rank_actor import RankActor, RankInfo
-from engine.config import EngineConfig
-from engine.errors import EngineDeadError
-from engine.executor import Executor, RankTimeouts
-from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from engine.worker.rank import RankSpec
+from pagoda.cluster.placement import RankPlacement, place_ranks
+from pagoda.cluster.rank_actor import RankActor, RankInfo
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.errors import EngineDeadError
+from pagoda.engine.executor import Executor, RankTimeouts
+from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagoda.engine.worker.rank import RankSpec
 
 _HEALTH_TIMEOUT_S = 5.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the header of a remote traceback

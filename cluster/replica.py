@@ -7,7 +7,7 @@
     check_health()                                               (Serve replaces a replica whose engine died)
     record_autoscaling_stats() -> dict                           (KV usage and queues for cluster.autoscaling)
 
-Metrics (``cluster.metrics``): request latencies and token counts are recorded as the stream yields;
+Metrics (``pagoda.cluster.metrics``): request latencies and token counts are recorded as the stream yields;
 a poll thread publishes the engine's queues, KV usage and prefix-cache counters.
 
 Cancellation: when the caller cancels the stream (``PagodaClient`` does as soon as its consumer
@@ -21,12 +21,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from cluster.config import AppConfig
-from cluster.metrics import EnginePoller, ReplicaMetrics
-from cluster.protocol import GenerateChunk, GenerateRequest
-from cluster.routing_stats import ReplicaStats, now
-from engine.async_engine import AsyncLLMEngine
-from engine.output_processor import OutputKind
+from pagoda.cluster.config import AppConfig
+from pagoda.cluster.metrics import EnginePoller, ReplicaMetrics
+from pagoda.cluster.protocol import GenerateChunk, GenerateRequest
+from pagoda.cluster.routing_stats import ReplicaStats, now
+from pagoda.engine.async_engine import AsyncLLMEngine
+from pagoda.engine.output_processor import OutputKind
 
 _SUMMARY_TRIES = 3  # the prefix summary is read while the engine thread runs; retry a torn read
 
@@ -84,7 +84,7 @@ class LLMReplica:
         return {"replica": self.replica, **{k: getattr(s, k) for k in s.__dataclass_fields__}}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Custom metrics for ``cluster.autoscaling.kv_aware_policy`` (Serve polls this)."""
+        """Custom metrics for ``pagoda.cluster.autoscaling.kv_aware_policy`` (Serve polls this)."""
         s = self.engine.stats()
         return {"kv_cache_usage": s.kv_cache_usage, "num_waiting": s.num_waiting, "num_running": s.num_running}
 

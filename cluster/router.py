@@ -24,11 +24,11 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from cluster.config import RouterWeights
-from cluster.inflight import InFlightLedger
-from cluster.protocol import GENERATE_METHOD, GenerateRequest
-from cluster.routing_policy import EngineLimits, ReplicaView, RoutingRequest, rank
-from cluster.routing_stats import ReplicaStats
+from pagoda.cluster.config import RouterWeights
+from pagoda.cluster.inflight import InFlightLedger
+from pagoda.cluster.protocol import GENERATE_METHOD, GenerateRequest
+from pagoda.cluster.routing_policy import EngineLimits, ReplicaView, RoutingRequest, rank
+from pagoda.cluster.routing_stats import ReplicaStats
 
 logger = logging.getLogger("ray.serve")
 

@@ -17,7 +17,7 @@ term is dimensionless (a full batch, a full step of prefill, a full pool each co
 default weights of 1 mean "one full batch of queueing is worth one step of prefill".
 
 A request's prefix is looked up the way the engine does (``KVCacheManager.get_prefix_hit``):
-the leading run of its full blocks, hashed with ``engine.kv_cache.block_hash.hash_full_blocks``,
+the leading run of its full blocks, hashed with ``pagoda.engine.kv_cache.block_hash.hash_full_blocks``,
 found in the replica's published summary or among the blocks this router has sent it since
 (``LiveLoad.routed_blocks``), leaving at least one prompt token to compute.
 """
@@ -27,10 +27,10 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from cluster.config import RouterWeights
-from cluster.inflight import LiveLoad
-from cluster.routing_stats import ReplicaStats
-from engine.kv_cache.block_hash import hash_full_blocks
+from pagoda.cluster.config import RouterWeights
+from pagoda.cluster.inflight import LiveLoad
+from pagoda.cluster.routing_stats import ReplicaStats
+from pagoda.engine.kv_cache.block_hash import hash_full_blocks
 
 
 @dataclass(frozen=True)

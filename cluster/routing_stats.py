@@ -2,7 +2,7 @@
 
 Serve's controller polls each replica every ``router.stats_period_s`` and broadcasts the dicts to
 every router, so the numbers are a snapshot that ages until the next one; the router blends them
-with the requests it has sent since (``cluster.inflight``).
+with the requests it has sent since (``pagoda.cluster.inflight``).
 
 The prefix summary is the replica's most recently used prefix-cache block hashes
 (``KVCacheManager.cached_block_hashes``), packed as little-endian uint64 bytes: 8 bytes a block,

@@ -35,8 +35,8 @@ def add_serve_parser(sub) -> None:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    from cluster.api.config import ApiConfig
-    from cluster.config import load_config
+    from pagoda.cluster.api.config import ApiConfig
+    from pagoda.cluster.config import load_config
 
     try:
         config = load_config(args.config)
@@ -53,8 +53,8 @@ def serve_main(args: argparse.Namespace) -> int:
     except ImportError:
         print("error: `pagoda serve` needs Ray Serve: pip install 'pagoda[cluster]'", file=sys.stderr)
         return 2
-    from cluster.api.server import ApiServers
-    from cluster.app import deploy, deployment_name
+    from pagoda.cluster.api.server import ApiServers
+    from pagoda.cluster.app import deploy, deployment_name
 
     if args.address is None:
         ray_ctx = ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=args.dashboard,

@@ -18,13 +18,13 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from engine.config import EngineConfig
-from engine.errors import EngineDeadError, QueueFullError
-from engine.input_processor import PreparedRequest, PromptType
-from engine.llm_engine import EngineStats, LLMEngine
-from engine.output_processor import OutputKind
-from engine.request import RequestOutput
-from engine.sampling_params import SamplingParams
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.errors import EngineDeadError, QueueFullError
+from pagoda.engine.input_processor import PreparedRequest, PromptType
+from pagoda.engine.llm_engine import EngineStats, LLMEngine
+from pagoda.engine.output_processor import OutputKind
+from pagoda.engine.request import RequestOutput
+from pagoda.engine.sampling_params import SamplingParams
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.config import EMBEDDED_MODEL
+from pagoda.engine.config import EMBEDDED_MODEL
 
 _SAMPLING_FLAGS = [  # (flag, type, default, help)
     ("--temperature", float, 0.0, "sampling temperature; 0 is greedy (default: %(default)s)"),
@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (gen, chat):
         _add_engine_flags(p)
         _add_sampling_flags(p)
-    from cluster.serve_cli import add_serve_parser  # argparse only; Ray loads inside serve_main
-    from cluster.status_cli import add_status_parser
+    from pagoda.cluster.serve_cli import add_serve_parser  # argparse only; Ray loads inside serve_main
+    from pagoda.cluster.status_cli import add_status_parser
 
     add_serve_parser(sub)
     add_status_parser(sub)
@@ -72,14 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        from cluster.serve_cli import serve_main
+        from pagoda.cluster.serve_cli import serve_main
 
         return serve_main(args)
     if args.command == "status":
-        from cluster.status_cli import status_main
+        from pagoda.cluster.status_cli import status_main
 
         return status_main(args)
-    from engine.cli_session import CliSession  # heavy imports only after --help
+    from pagoda.engine.cli_session import CliSession  # heavy imports only after --help
 
     try:
         session = CliSession(args)

@@ -7,11 +7,11 @@ import itertools
 import sys
 from typing import TextIO
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.output_processor import OutputKind
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import encode_chat
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.llm_engine import LLMEngine
+from pagoda.engine.output_processor import OutputKind
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.tokenizer import encode_chat
 
 
 def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:

@@ -24,7 +24,7 @@ Limits, checked by ``fits`` (anything else goes to NCCL):
 Every rank must make the same choice for the same call, which holds because the choice depends
 only on the tensor's shape and dtype, equal on every rank.
 
-The same object also owns the workspace of ``kernels.all_reduce_rms_norm`` (a second symmetric
+The same object also owns the workspace of ``pagoda.kernels.allreduce_rmsnorm.all_reduce_rms_norm`` (a second symmetric
 receive buffer with per-program flags, kernels/allreduce_rmsnorm.py): a row-parallel layer's
 partial sums are pushed to the peers, summed and RMS-normalised in one kernel, instead of an
 all-reduce followed by a norm kernel. It takes messages up to ``NORM_MAX_BYTES`` (``fits_norm``).
@@ -37,8 +37,10 @@ import warnings
 import torch
 import torch.distributed
 
-from kernels import HAS_TRITON, SymmetricWorkspace, all_reduce_rms_norm
-from kernels.allreduce_rmsnorm import MAX_HIDDEN, NUM_PROGRAMS
+from pagoda.kernels._triton import HAS_TRITON
+
+from pagoda.kernels.allreduce_rmsnorm import SymmetricWorkspace, all_reduce_rms_norm
+from pagoda.kernels.allreduce_rmsnorm import MAX_HIDDEN, NUM_PROGRAMS
 
 SUPPORTED_WORLD_SIZES = (2, 4, 8)
 # Largest message per world size; above it (long prefills) NCCL's ring is as fast or faster

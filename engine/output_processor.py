@@ -14,10 +14,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.input_processor import PreparedRequest
-from engine.request import CompletionOutput, Logprob, Request, RequestOutput
-from engine.scheduler_output import TokenLogprobs
+from pagoda.engine.detokenizer import IncrementalDetokenizer
+from pagoda.engine.input_processor import PreparedRequest
+from pagoda.engine.request import CompletionOutput, Logprob, Request, RequestOutput
+from pagoda.engine.scheduler_output import TokenLogprobs
 
 
 class OutputKind(enum.Enum):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import require
+from pagoda.engine.config import require
 
 MAX_N = 64
 MAX_STOP_STRINGS = 16

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 from collections import deque
 
-from engine.config import SchedulerConfig
-from engine.kv_cache.manager import KVCacheManager
-from engine.policy import make_policy
-from engine.request import Request, RequestStatus
-from engine.scheduler_output import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from pagoda.engine.config import SchedulerConfig
+from pagoda.engine.kv_cache.manager import KVCacheManager
+from pagoda.engine.policy import make_policy
+from pagoda.engine.request import Request, RequestStatus
+from pagoda.engine.scheduler_output import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 
 
 class Scheduler:

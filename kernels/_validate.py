@@ -2,7 +2,7 @@
 
 import torch
 
-from kernels._triton import check_device
+from pagoda.kernels._triton import check_device
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)

@@ -5,8 +5,8 @@ Like HF's ``act_fn(gate) * up``, silu is rounded to the input dtype before the p
 
 import torch
 
-from kernels._triton import cdiv, next_power_of_2, require_triton, tl, triton
-from kernels._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from pagoda.kernels._triton import cdiv, next_power_of_2, require_triton, tl, triton
+from pagoda.kernels._validate import FLOAT_DTYPES, check_same_device, check_tensor
 
 BLOCK = 1024
 

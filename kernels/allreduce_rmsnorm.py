@@ -39,7 +39,7 @@ Why this is safe without host synchronisation:
 
 Numerics: the sum is taken in float32 over the ranks in rank order 0..W-1 (this rank's partial
 from x, the peers' from the receive buffer) and rounded to x's dtype; then exactly the arithmetic
-of ``kernels.rmsnorm``. The same order on every rank makes the outputs bitwise equal on all ranks.
+of ``pagoda.kernels.rmsnorm``. The same order on every rank makes the outputs bitwise equal on all ranks.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._triton import next_power_of_2, require_triton, tl, triton
-from kernels._validate import FLOAT_DTYPES, check_same_device, check_tensor
-from kernels.rmsnorm import check_norm_params, fused_add_rms_norm_ref, rms_norm_ref
+from pagoda.kernels._triton import next_power_of_2, require_triton, tl, triton
+from pagoda.kernels._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from pagoda.kernels.rmsnorm import check_norm_params, fused_add_rms_norm_ref, rms_norm_ref
 
 # One program holds a row's fp32 sum in registers: at 16384 and 16 warps ptxas (sm_90) reports no
 # spills even at 8 ranks (105 registers). Every model served here has H <= 8192.

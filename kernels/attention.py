@@ -2,18 +2,18 @@
 
 A pure decode step (every sequence computes one token) goes to the split-K decode kernel;
 anything else (prefill, chunked prefill, mixed prefill + decode) to the unified varlen kernel.
-``meta`` is an ``engine.attention_metadata.AttentionMetadata`` (any object with its fields).
+``meta`` is an ``pagoda.engine.attention_metadata.AttentionMetadata`` (any object with its fields).
 """
 
 from typing import TYPE_CHECKING
 
 import torch
 
-from kernels.paged_decode import paged_decode
-from kernels.paged_prefill import paged_prefill, paged_prefill_ref
+from pagoda.kernels.paged_decode import paged_decode
+from pagoda.kernels.paged_prefill import paged_prefill, paged_prefill_ref
 
 if TYPE_CHECKING:
-    from engine.attention_metadata import AttentionMetadata
+    from pagoda.engine.attention_metadata import AttentionMetadata
 
 
 def paged_attention(

@@ -6,7 +6,7 @@ kernel with ``triton.testing.do_bench`` (median), times a torch baseline in the 
 returns a ``BenchResult``. Bytes are those the kernel must move (each input read once, each
 output written once, split-K partials included); FLOPs count the causal work actually done.
 ``measure_ceilings`` times a device copy and a large bf16 matmul for the ceilings.
-Importable without CUDA; ``bench/kernels.py`` drives it, or ``python -m kernels.bench``.
+Importable without CUDA; ``bench/kernels.py`` drives it, or ``python -m pagoda.kernels.bench``.
 """
 
 import argparse
@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref
-from kernels.paged_decode import choose_num_splits, paged_decode
-from kernels.paged_prefill import paged_prefill
-from kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
-from kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
-from kernels.rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin_cache
+from pagoda.kernels.activation import silu_and_mul, silu_and_mul_ref
+from pagoda.kernels.paged_decode import choose_num_splits, paged_decode
+from pagoda.kernels.paged_prefill import paged_prefill
+from pagoda.kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
+from pagoda.kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from pagoda.kernels.rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin_cache
 
 DEVICE = "cuda"
 

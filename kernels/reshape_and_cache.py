@@ -7,8 +7,8 @@ Token t's K/V (num_kv_heads, head_dim) goes to flat slot ``slot_mapping[t]`` of 
 
 import torch
 
-from kernels._triton import next_power_of_2, require_triton, tl, triton
-from kernels._validate import INDEX_DTYPES, check_dim, check_kv_cache, check_same_device, check_tensor
+from pagoda.kernels._triton import next_power_of_2, require_triton, tl, triton
+from pagoda.kernels._validate import INDEX_DTYPES, check_dim, check_kv_cache, check_same_device, check_tensor
 
 
 @triton.jit

@@ -7,8 +7,8 @@ program per row; the whole hidden dim is one tile.
 
 import torch
 
-from kernels._triton import next_power_of_2, require_triton, tl, triton
-from kernels._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from pagoda.kernels._triton import next_power_of_2, require_triton, tl, triton
+from pagoda.kernels._validate import FLOAT_DTYPES, check_same_device, check_tensor
 
 MAX_HIDDEN = 65536
 

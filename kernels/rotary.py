@@ -11,8 +11,8 @@ rotates all of its query and key heads.
 
 import torch
 
-from kernels._triton import next_power_of_2, require_triton, tl, triton
-from kernels._validate import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_same_device, check_tensor
+from pagoda.kernels._triton import next_power_of_2, require_triton, tl, triton
+from pagoda.kernels._validate import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_same_device, check_tensor
 
 
 @triton.jit

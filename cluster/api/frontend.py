@@ -3,7 +3,7 @@
 Both protocols reduce a request to the same steps — check the key and the model, turn the prompt
 (text, token ids or chat messages) into token ids with the model's tokenizer, build
 ``SamplingParams``, take a concurrency slot, and stream ``GenerateChunk``s under a deadline. Every
-failure leaves as an ``ApiError`` (``cluster.api.errors``), which each protocol renders its way.
+failure leaves as an ``ApiError`` (``pagoda.cluster.api.errors``), which each protocol renders its way.
 
 Cancellation: the stream is consumed through ``PagodaClient.generate``, which cancels the Serve
 stream when its consumer stops — so a client that disconnects, cancels or runs out of time
@@ -19,12 +19,12 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from cluster.api import errors
-from cluster.api.config import ApiConfig
-from cluster.config import AppConfig
-from cluster.protocol import GenerateChunk
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import encode_chat
+from pagoda.cluster.api import errors
+from pagoda.cluster.api.config import ApiConfig
+from pagoda.cluster.config import AppConfig
+from pagoda.cluster.protocol import GenerateChunk
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.tokenizer import encode_chat
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,8 @@ class Frontend:
 
 def build_frontend(client, app: AppConfig, api: ApiConfig, tokenizer=None) -> Frontend:
     """A Frontend over ``client`` with the model's tokenizer and resolved context length."""
-    from engine.loader import load_hf_config, resolve_model
-    from engine.tokenizer import load_tokenizer
+    from pagoda.engine.loader import load_hf_config, resolve_model
+    from pagoda.engine.tokenizer import load_tokenizer
 
     path = resolve_model(app.engine.model.model)
     tokenizer = tokenizer or load_tokenizer(app.engine.model.tokenizer or path)

@@ -1,7 +1,7 @@
-"""Regenerate the pagoda.v1 Python stubs: ``python -m cluster.api.gen_stubs``.
+"""Regenerate the pagoda.v1 Python stubs: ``python -m pagoda.cluster.api.gen_stubs``.
 
 Needs ``grpcio-tools==1.84.*`` (the GPU image runs grpcio 1.84). The generated files import each
-other as ``pagoda.v1``; this rewrites that to ``cluster.api.gen.pagoda.v1`` so no top-level
+other as ``pagoda.v1``; this rewrites that to ``pagoda.cluster.api.gen.pagoda.v1`` so no top-level
 ``pagoda`` package is needed, relaxes the generated grpcio floor to 1.84.0 and drops the
 protobuf runtime pin (see ``main``).
 """

@@ -2,7 +2,7 @@
 
     server = await start_grpc_server(frontend, api_config)   # returns (grpc.aio.Server, bound port)
 
-Status codes follow ``cluster.api.errors``. A client deadline becomes the request's timeout (the
+Status codes follow ``pagoda.cluster.api.errors``. A client deadline becomes the request's timeout (the
 request is aborted in the engine when it passes); a client that cancels mid-stream cancels this
 handler's task, which closes ``Frontend.generate`` and so aborts the request. The API key, when
 set, is read from ``authorization: Bearer <key>`` metadata; health checks need no key.
@@ -16,11 +16,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster.api.config import ApiConfig
-from cluster.api.errors import ApiError
-from cluster.api.frontend import Frontend
-from cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
-from cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
+from pagoda.cluster.api.config import ApiConfig
+from pagoda.cluster.api.errors import ApiError
+from pagoda.cluster.api.frontend import Frontend
+from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
+from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Pagoda"].full_name  # "pagoda.v1.Pagoda"
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}

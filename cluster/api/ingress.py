@@ -1,11 +1,11 @@
 """``ApiIngress``: the API servers as a Ray Serve deployment, for clusters (KubeRay) where no
 ``pagoda serve`` process holds the handle.
 
-    import_path: cluster.api.ingress:build_app
+    import_path: pagoda.cluster.api.ingress:build_app
     args: { engine: {...}, deployment: {...}, router: {...}, autoscaling: {...},
             api: { host: 0.0.0.0, http_port: 8001, grpc_port: 50051 } }   # ApiConfig fields
 
-The engine application is the same as ``cluster.app:build_app``; in front of it one ingress
+The engine application is the same as ``pagoda.cluster.app:build_app``; in front of it one ingress
 replica runs ``ApiServers`` over a handle to the engine deployment, so requests still go through
 the KV-aware router and ``PagodaClient`` — what ``pagoda serve`` runs in its own process. The
 replica is pinned to the Ray head node: its ports are fixed, and on Kubernetes the head pod's
@@ -20,10 +20,10 @@ import os
 
 from ray import serve
 
-from cluster.api.config import ApiConfig
-from cluster.api.server import ApiServers
-from cluster.app import application
-from cluster.config import AppConfig
+from pagoda.cluster.api.config import ApiConfig
+from pagoda.cluster.api.server import ApiServers
+from pagoda.cluster.app import application
+from pagoda.cluster.config import AppConfig
 
 INGRESS_SUFFIX = "-api"
 API_KEY_ENV = "PAGODA_API_KEY"

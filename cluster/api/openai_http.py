@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cluster.api import errors
-from cluster.api.errors import ApiError
-from cluster.api.frontend import Frontend
-from cluster.api.openai_protocol import (
+from pagoda.cluster.api import errors
+from pagoda.cluster.api.errors import ApiError
+from pagoda.cluster.api.frontend import Frontend
+from pagoda.cluster.api.openai_protocol import (
     Accumulator,
     ParsedRequest,
     completion_response,

@@ -12,8 +12,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from cluster.api import errors
-from engine.request import CompletionOutput
+from pagoda.cluster.api import errors
+from pagoda.engine.request import CompletionOutput
 
 # body field -> (SamplingParams field, accepted types)
 _NUMBER = (int, float)

@@ -15,10 +15,10 @@ import socket
 import threading
 from concurrent.futures import Future
 
-from cluster.api.config import ApiConfig
-from cluster.api.frontend import Frontend, build_frontend
-from cluster.client import PagodaClient
-from cluster.config import AppConfig
+from pagoda.cluster.api.config import ApiConfig
+from pagoda.cluster.api.frontend import Frontend, build_frontend
+from pagoda.cluster.client import PagodaClient
+from pagoda.cluster.config import AppConfig
 
 
 class ApiServers:
@@ -74,7 +74,7 @@ class ApiServers:
 
     async def _start(self) -> None:
         if self.api.grpc_port is not None:
-            from cluster.api.grpc_service import start_grpc_server
+            from pagoda.cluster.api.grpc_service import start_grpc_server
 
             self._grpc, self.grpc_port = await start_grpc_server(self.frontend, self.api)
         if self.api.http_port is not None:
@@ -83,7 +83,7 @@ class ApiServers:
     async def _start_http(self) -> None:
         import uvicorn
 
-        from cluster.api.openai_http import create_app
+        from pagoda.cluster.api.openai_http import create_app
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

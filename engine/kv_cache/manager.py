@@ -29,8 +29,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine.kv_cache.block_hash import hash_block_tokens, hash_full_blocks
-from engine.kv_cache.block_pool import BlockPool, KVBlock
+from pagoda.engine.kv_cache.block_hash import hash_block_tokens, hash_full_blocks
+from pagoda.engine.kv_cache.block_pool import BlockPool, KVBlock
 
 
 def _check(ok: bool, message: str) -> None:

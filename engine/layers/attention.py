@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from engine.attention_metadata import AttentionMetadata
+from pagoda.kernels import attention as triton_attention, reshape_and_cache as triton_cache
+from pagoda.kernels._triton import HAS_TRITON
+from pagoda.engine.attention_metadata import AttentionMetadata
 
 
 def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -117,9 +118,9 @@ def paged_attention(
     """Write this step's K/V, then attend. q (T, Hq, D); k, v (T, Hkv, D) -> (T, Hq, D)."""
     if kv_cache.numel() == 0:
         return varlen_attention(q, k, v, None, attn, scale)
-    if q.is_cuda and kernels.HAS_TRITON:
-        kernels.reshape_and_cache(k, v, kv_cache, attn.slot_mapping)
-        return kernels.paged_attention(q, kv_cache, attn, scale)
+    if q.is_cuda and HAS_TRITON:
+        triton_cache.reshape_and_cache(k, v, kv_cache, attn.slot_mapping)
+        return triton_attention.paged_attention(q, kv_cache, attn, scale)
     write_kv_cache(kv_cache, k, v, attn.slot_mapping)
     if attn.is_decode_only:
         return decode_attention(q, kv_cache, attn, scale)

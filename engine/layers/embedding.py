@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import SINGLE_RANK, TPGroup
-from engine.layers.linear import _copy_checked
+from pagoda.engine.distributed import SINGLE_RANK, TPGroup
+from pagoda.engine.layers.linear import _copy_checked
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -9,20 +9,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
-from engine.distributed import SINGLE_RANK, TPGroup
-from engine.layers.linear import default_weight_loader
+from pagoda.kernels import rmsnorm as triton_rmsnorm
+from pagoda.kernels._triton import HAS_TRITON
+from pagoda.engine.distributed import SINGLE_RANK, TPGroup
+from pagoda.engine.layers.linear import default_weight_loader
 
 
 def rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``norm(x)``; with ``residual``: ``s = x + residual`` and returns ``(norm(s), s)``. One Triton
-    kernel on CUDA, torch ops elsewhere (the numerics of ``kernels.fused_add_rms_norm_ref``)."""
-    if x.is_cuda and kernels.HAS_TRITON:  # one fused kernel instead of ~6 elementwise launches
+    kernel on CUDA, torch ops elsewhere (the numerics of ``pagoda.kernels.rmsnorm.fused_add_rms_norm_ref``)."""
+    if x.is_cuda and HAS_TRITON:  # one fused kernel instead of ~6 elementwise launches
         if residual is None:  # per-head norms (Qwen3 q/k) get strided (T, H, D) views: rows first
-            return kernels.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
-        return kernels.fused_add_rms_norm(x, residual, weight, eps)
+            return triton_rmsnorm.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
+        return triton_rmsnorm.fused_add_rms_norm(x, residual, weight, eps)
     if residual is None:
         return _norm(x, weight, eps)
     x = x + residual

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import SINGLE_RANK, TPGroup
+from pagoda.engine.distributed import SINGLE_RANK, TPGroup
 
 
 def divide(total: int, parts: int, what: str) -> int:

@@ -15,7 +15,8 @@ import math
 import torch
 from torch import nn
 
-import kernels
+from pagoda.kernels import rotary as triton_rotary
+from pagoda.kernels._triton import HAS_TRITON
 
 
 def default_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
@@ -86,8 +87,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,); q (T, Hq, D); k (T, Hkv, D) -> rotated q, k of the same shapes."""
-        if q.is_cuda and kernels.HAS_TRITON:  # rotates in place, one launch for q and k
-            return kernels.apply_rotary(q, k, positions, self.cos_sin_cache, self.is_neox_style)
+        if q.is_cuda and HAS_TRITON:  # rotates in place, one launch for q and k
+            return triton_rotary.apply_rotary(q, k, positions, self.cos_sin_cache, self.is_neox_style)
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # (T, 1, rotary_dim/2)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.sampling_params import SamplingParams
-from engine.scheduler_output import TokenLogprobs
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.scheduler_output import TokenLogprobs
 
 _MASK64 = (1 << 64) - 1
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.attention_metadata import AttentionMetadata
-from engine.distributed import SINGLE_RANK, TPGroup
-from engine.layers.layernorm import RMSNorm
-from engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, _check_act
+from pagoda.engine.attention_metadata import AttentionMetadata
+from pagoda.engine.distributed import SINGLE_RANK, TPGroup
+from pagoda.engine.layers.layernorm import RMSNorm
+from pagoda.engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, _check_act
 
 
 class Glm4DecoderLayer(nn.Module):

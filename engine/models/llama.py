@@ -25,14 +25,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from engine.attention_metadata import AttentionMetadata
-from engine.distributed import SINGLE_RANK, TPGroup
-from engine.layers.activation import SiluAndMul
-from engine.layers.attention import PagedAttention
-from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from engine.layers.layernorm import RMSNorm
-from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from engine.layers.rotary import get_rope
+from pagoda.engine.attention_metadata import AttentionMetadata
+from pagoda.engine.distributed import SINGLE_RANK, TPGroup
+from pagoda.engine.layers.activation import SiluAndMul
+from pagoda.engine.layers.attention import PagedAttention
+from pagoda.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagoda.engine.layers.layernorm import RMSNorm
+from pagoda.engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagoda.engine.layers.rotary import get_rope
 
 
 def head_dim_of(hf_config) -> int:

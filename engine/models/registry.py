@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.distributed import SINGLE_RANK, TPGroup
-from engine.layers.linear import check_head_split
-from engine.models.glm4 import Glm4ForCausalLM, GlmForCausalLM
-from engine.models.llama import LlamaForCausalLM, head_dim_of
+from pagoda.engine.distributed import SINGLE_RANK, TPGroup
+from pagoda.engine.layers.linear import check_head_split
+from pagoda.engine.models.glm4 import Glm4ForCausalLM, GlmForCausalLM
+from pagoda.engine.models.llama import LlamaForCausalLM, head_dim_of
 
 _MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,

@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.attention_metadata import AttentionMetadata
+from pagoda.engine.attention_metadata import AttentionMetadata
 
 if TYPE_CHECKING:
-    from engine.worker.model_runner import HostBatch
+    from pagoda.engine.worker.model_runner import HostBatch
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:

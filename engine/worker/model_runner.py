@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.attention_metadata import AttentionMetadata
-from engine.layers.sampler import Sampler, SamplingBatch
-from engine.sampling_params import SamplingParams
-from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from engine.worker.cuda_graph import DecodeGraphs
+from pagoda.engine.attention_metadata import AttentionMetadata
+from pagoda.engine.layers.sampler import Sampler, SamplingBatch
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagoda.engine.worker.cuda_graph import DecodeGraphs
 
 
 @dataclass

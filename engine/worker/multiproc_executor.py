@@ -27,7 +27,7 @@ their own timeout (``collective_timeout_s``) as a second line of defence.
 
 Timeouts come from the environment (``PAGODA_STEP_TIMEOUT_S``, default 25 s;
 ``PAGODA_INIT_TIMEOUT_S``, default 900 s for load + profile + graph capture) or the constructor
-(``engine.executor.RankTimeouts``, shared with the Ray executor).
+(``pagoda.engine.executor.RankTimeouts``, shared with the Ray executor).
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineConfig
-from engine.errors import EngineDeadError
-from engine.executor import Executor, RankTimeouts
-from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from engine.worker.spin_wait import spin_until_readable, spin_wait_s
-from engine.worker.worker import resolve_device
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.errors import EngineDeadError
+from pagoda.engine.executor import Executor, RankTimeouts
+from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagoda.engine.worker.spin_wait import spin_until_readable, spin_wait_s
+from pagoda.engine.worker.worker import resolve_device
 
 _HEALTH_TIMEOUT_S = 5.0
 _SHUTDOWN_GRACE_S = 5.0
@@ -95,8 +95,8 @@ class MultiprocExecutor(Executor):
     def _spawn(self) -> None:
         from torch.distributed import TCPStore
 
-        from engine.worker.rank import RankSpec
-        from engine.worker.rank_process import rank_main
+        from pagoda.engine.worker.rank import RankSpec
+        from pagoda.engine.worker.rank_process import rank_main
 
         # The driver owns the rendezvous store: port 0 lets the OS pick a free port (no race between
         # choosing and binding it), and dropping the store frees it.

@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from engine.config import EngineConfig
-from engine.distributed import TimedTPGroup, TorchTPGroup, init_tp_group
-from engine.worker.worker import Worker, resolve_device, resolve_dtype
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.distributed import TimedTPGroup, TorchTPGroup, init_tp_group
+from pagoda.engine.worker.worker import Worker, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 

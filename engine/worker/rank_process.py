@@ -24,8 +24,8 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
-from engine.worker.rank import NO_REPLY, RankHost, RankSpec
-from engine.worker.spin_wait import spin_until_readable, spin_wait_s
+from pagoda.engine.worker.rank import NO_REPLY, RankHost, RankSpec
+from pagoda.engine.worker.spin_wait import spin_until_readable, spin_wait_s
 
 _PARENT_POLL_S = 1.0
 

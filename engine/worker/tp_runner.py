@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.distributed import TPGroup
-from engine.worker.model_runner import ModelRunner
+from pagoda.engine.distributed import TPGroup
+from pagoda.engine.worker.model_runner import ModelRunner
 
 
 class TPModelRunner(ModelRunner):

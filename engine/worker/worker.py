@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from engine.attention_metadata import AttentionMetadata
-from engine.config import EngineConfig
-from engine.distributed import SINGLE_RANK, TPGroup
-from engine.loader import load_hf_config, load_model
-from engine.models.registry import kv_cache_spec
-from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from engine.worker.model_runner import ModelRunner, StepHandle
+from pagoda.engine.attention_metadata import AttentionMetadata
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.distributed import SINGLE_RANK, TPGroup
+from pagoda.engine.loader import load_hf_config, load_model
+from pagoda.engine.models.registry import kv_cache_spec
+from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagoda.engine.worker.model_runner import ModelRunner, StepHandle
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -117,7 +117,7 @@ class Worker:
         if self.tp.world_size == 1:
             self.runner = ModelRunner(*args)
         else:
-            from engine.worker.tp_runner import TPModelRunner  # rank 0 samples, the others receive its tokens
+            from pagoda.engine.worker.tp_runner import TPModelRunner  # rank 0 samples, the others receive its tokens
 
             self.runner = TPModelRunner(*args, tp=self.tp)
         if self.device.type == "cuda":

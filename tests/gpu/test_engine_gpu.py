@@ -47,7 +47,7 @@ def _hf_reference(path: Path, prompts, dtype=torch.bfloat16):
 def _our_logits(llm, prompt: list[int]) -> torch.Tensor:
     """Full-prompt logits from our model in one prefill through the real paged path (Triton kernels,
     the engine's KV cache; run after generation, when every block is free)."""
-    from engine.attention_metadata import AttentionMetadata
+    from pagoda.engine.attention_metadata import AttentionMetadata
 
     worker = llm.engine.executor.worker
     n, bs = len(prompt), llm.engine.config.cache.block_size
@@ -68,8 +68,8 @@ def _our_logits(llm, prompt: list[int]) -> torch.Tensor:
 def _compare(shape: str, fp32_reference: bool = False, sharp: bool = False, **engine_kwargs) -> dict:
     """Greedy tokens and full-prompt logits of pagoda vs transformers (bf16), optionally both vs float32."""
     from bench.random_models import make_random_model
-    from engine import LLM, SamplingParams
-    from engine.loader import load_hf_config
+    from pagoda import LLM, SamplingParams
+    from pagoda.engine.loader import load_hf_config
 
     path = make_random_model(shape, MODEL_DIR / (shape + ("-sharp" if sharp else "")), sharp=sharp)
     prompts = _prompts(load_hf_config(path).vocab_size)
@@ -144,10 +144,10 @@ def test_one_token_prompt_chunk_beside_decodes_with_cuda_graphs():
     Such a step replays a decode graph, and the mid-prompt row must sample nothing: greedy tokens
     equal an eager engine's on the same steps."""
     from bench.random_models import make_random_model
-    from engine.llm_engine import LLMEngine
-    from engine.loader import load_hf_config
-    from engine.output_processor import OutputKind
-    from engine.sampling_params import SamplingParams
+    from pagoda.engine.llm_engine import LLMEngine
+    from pagoda.engine.loader import load_hf_config
+    from pagoda.engine.output_processor import OutputKind
+    from pagoda.engine.sampling_params import SamplingParams
 
     path = make_random_model("qwen3-0.6b", MODEL_DIR / "qwen3-0.6b")
     vocab = load_hf_config(path).vocab_size
@@ -192,8 +192,8 @@ def test_async_scheduling_gives_the_same_tokens_with_cuda_graphs(record):
     (the graph gathers them on the device): same tokens as synchronous steps, for plain greedy
     requests (which run ahead) beside sampled and logprob ones (which make the runner wait)."""
     from bench.random_models import make_random_model
-    from engine import LLM, SamplingParams
-    from engine.loader import load_hf_config
+    from pagoda import LLM, SamplingParams
+    from pagoda.engine.loader import load_hf_config
 
     path = make_random_model("qwen3-0.6b", MODEL_DIR / "qwen3-0.6b")
     prompts = [{"prompt_token_ids": p} for p in _prompts(load_hf_config(path).vocab_size)]

@@ -90,7 +90,7 @@ def multiproc_tokens(model_path, prompts, record) -> list[list[int]]:
 
 def _offline(path: Path, prompts, backend: str) -> tuple[list[list[int]], float]:
     """Greedy token ids of an offline TP=2 engine; the engine and its ranks are released afterwards."""
-    from engine import LLM, SamplingParams
+    from pagoda import LLM, SamplingParams
 
     start = time.monotonic()
     llm = LLM(model=str(path), tensor_parallel_size=2, distributed_executor_backend=backend, **ENGINE)
@@ -131,10 +131,10 @@ def test_ray_executor_tp2_matches_multiproc_tp2(local_ray, model_path, prompts, 
 def test_serve_replica_tp2_matches_multiproc_tp2(local_ray, model_path, prompts, multiproc_tokens, record):
     from ray import serve
 
-    from cluster.app import deploy
-    from cluster.client import PagodaClient
-    from cluster.config import AppConfig
-    from engine import SamplingParams
+    from pagoda.cluster.app import deploy
+    from pagoda.cluster.client import PagodaClient
+    from pagoda.cluster.config import AppConfig
+    from pagoda import SamplingParams
 
     engine = {"model": str(model_path), "tensor_parallel_size": 2, **ENGINE}
     app = AppConfig.from_dict({"engine": engine, "deployment": {"name": "raytp", "num_replicas": 1}})

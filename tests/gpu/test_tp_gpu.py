@@ -47,7 +47,7 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 def run_engine(path: Path, tp: int, prompts, **kwargs) -> list:
     """CompletionOutputs of greedy runs with top-20 logprobs; the engine is released afterwards."""
-    from engine import LLM, SamplingParams
+    from pagoda import LLM, SamplingParams
 
     llm = LLM(model=str(path), tensor_parallel_size=tp, dtype="bfloat16", device="cuda", max_model_len=1024,
               max_num_seqs=8, gpu_memory_utilization=0.8, **kwargs)
@@ -118,7 +118,7 @@ def test_plain_greedy_matches_tp1(tp, custom_all_reduce, async_scheduling, model
     replayed in the decode graphs) instead of gathering logits to rank 0; with NCCL all-reduces,
     with the symmetric-memory ones (fused with the RMSNorms), and with async scheduling (each step
     launched before the previous step's ids reached the host: they are gathered on the device)."""
-    from engine import LLM, SamplingParams
+    from pagoda import LLM, SamplingParams
 
     if torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} CUDA GPUs")
@@ -154,8 +154,8 @@ def test_killed_rank_with_one_shot_all_reduce_surfaces_and_gpus_are_reusable(rec
     import signal
     import time
 
-    from engine import LLM, SamplingParams
-    from engine.errors import EngineDeadError
+    from pagoda import LLM, SamplingParams
+    from pagoda.engine.errors import EngineDeadError
 
     path = make_random_model("qwen3-0.6b", MODEL_DIR / "qwen3-0.6b")
     params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)

@@ -7,10 +7,10 @@ import asyncio
 import contextlib
 import time
 
-from cluster.api.config import ApiConfig
-from cluster.api.server import ApiServers
-from cluster.app import deploy
-from cluster.config import AppConfig
+from pagoda.cluster.api.config import ApiConfig
+from pagoda.cluster.api.server import ApiServers
+from pagoda.cluster.app import deploy
+from pagoda.cluster.config import AppConfig
 
 
 def app_config(model: str) -> AppConfig:
@@ -74,7 +74,7 @@ def run(coro):
 
 def more_servers(servers: ApiServers, app: AppConfig, api: ApiConfig) -> ApiServers:
     """Another pair of servers, with their own limits, over the same replica and tokenizer."""
-    from cluster.api.frontend import Frontend
+    from pagoda.cluster.api.frontend import Frontend
 
     f = servers.frontend
     return ApiServers.from_frontend(Frontend(f.client, f.tokenizer, app, api, f.info.max_model_len), api)

@@ -3,8 +3,8 @@ go to the replica with the smallest id, everything else is routed by PagodaRoute
 
 from __future__ import annotations
 
-from cluster.protocol import GenerateRequest
-from cluster.router import PagodaRouter
+from pagoda.cluster.protocol import GenerateRequest
+from pagoda.cluster.router import PagodaRouter
 
 PIN = "pin:"
 

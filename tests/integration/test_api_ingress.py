@@ -1,4 +1,4 @@
-"""The API as a Serve deployment (``cluster.api.ingress:build_app``, what KubeRay runs): the ingress
+"""The API as a Serve deployment (``pagoda.cluster.api.ingress:build_app``, what KubeRay runs): the ingress
 replica, on the head node, serves both protocols over a handle to the engine deployment, and like
 ``pagoda serve`` takes its API key from ``$PAGODA_API_KEY`` when the config names none."""
 
@@ -12,9 +12,9 @@ grpc = pytest.importorskip("grpc")
 
 from ray import serve
 
-from cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
-from cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
-from cluster.api.ingress import API_KEY_ENV, build_app
+from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
+from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
+from pagoda.cluster.api.ingress import API_KEY_ENV, build_app
 from tests.integration.api_app import app_config
 
 

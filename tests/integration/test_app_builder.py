@@ -1,4 +1,4 @@
-"""The application as KubeRay builds it: `import_path: cluster.app:build_app` with the YAML as args.
+"""The application as KubeRay builds it: `import_path: pagoda.cluster.app:build_app` with the YAML as args.
 
 No cluster is started: building a Serve application and its deployment options is local.
 """
@@ -14,10 +14,10 @@ pytest.importorskip("ray")
 from ray import serve
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-from cluster.app import build_app, deployment_options
-from cluster.config import AppConfig
-from cluster.replica import LLMReplica
-from cluster.router import PagodaRouter
+from pagoda.cluster.app import build_app, deployment_options
+from pagoda.cluster.config import AppConfig
+from pagoda.cluster.replica import LLMReplica
+from pagoda.cluster.router import PagodaRouter
 
 ROOT = Path(__file__).resolve().parents[2]
 

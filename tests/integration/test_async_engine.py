@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from engine import AsyncLLMEngine, SamplingParams
-from engine.output_processor import OutputKind
+from pagoda import AsyncLLMEngine, SamplingParams
+from pagoda.engine.output_processor import OutputKind
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import random
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.llm_engine import LLMEngine
+from pagoda import LLM, SamplingParams
+from pagoda.engine.llm_engine import LLMEngine
 
 MIXED = [
     SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),

@@ -17,11 +17,11 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve
 
-from cluster.app import deploy, deployment_name
-from cluster.client import PagodaClient
-from cluster.config import AppConfig
-from engine import SamplingParams
-from engine.tokenizer import load_tokenizer
+from pagoda.cluster.app import deploy, deployment_name
+from pagoda.cluster.client import PagodaClient
+from pagoda.cluster.config import AppConfig
+from pagoda import SamplingParams
+from pagoda.engine.tokenizer import load_tokenizer
 
 APP = "autoscale"
 UP_DEADLINE_S = 90

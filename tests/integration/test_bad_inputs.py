@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine import SamplingParams
-from engine.output_processor import OutputKind
+from pagoda import SamplingParams
+from pagoda.engine.output_processor import OutputKind
 
 GOOD_PROMPTS = ["The capital of Italy is", "List three fruits:", "def add(a, b):"]
 

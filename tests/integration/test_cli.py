@@ -7,7 +7,7 @@ import sys
 
 from tests.conftest import requires_smollm2
 
-CLI = [sys.executable, "-m", "engine.cli"]
+CLI = [sys.executable, "-m", "pagoda.engine.cli"]
 
 
 def _run(args, stdin=None, timeout=300):

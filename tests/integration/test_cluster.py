@@ -17,12 +17,12 @@ ray = pytest.importorskip("ray")
 from ray import cloudpickle, serve
 
 import tests.integration.pinning_router as pinning
-from cluster.app import deploy, deployment_name
-from cluster.client import PagodaClient
-from cluster.config import AppConfig
-from cluster.protocol import ReplicaUnavailableError
-from engine import SamplingParams
-from engine.tokenizer import load_tokenizer
+from pagoda.cluster.app import deploy, deployment_name
+from pagoda.cluster.client import PagodaClient
+from pagoda.cluster.config import AppConfig
+from pagoda.cluster.protocol import ReplicaUnavailableError
+from pagoda import SamplingParams
+from pagoda.engine.tokenizer import load_tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
 STATS_PERIOD_S = 0.25

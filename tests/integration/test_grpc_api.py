@@ -16,10 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from cluster.api.config import ApiConfig
-from cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
-from cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
-from engine.tokenizer import encode_chat, load_tokenizer
+from pagoda.cluster.api.config import ApiConfig
+from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
+from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
+from pagoda.engine.tokenizer import encode_chat, load_tokenizer
 from tests.integration.api_app import more_servers, running_app, wait_engine_busy, wait_engine_idle
 
 PROMPT = "The capital of France is"

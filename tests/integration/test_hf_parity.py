@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from pagoda import LLM, SamplingParams
 from tests.tiny_models import TINY_ARCHS
 
 MAX_NEW = 24
@@ -86,7 +86,7 @@ def test_embedded_smollm2_matches_hf(embedded_path):
         "Once upon a time, in a land far away, there lived a dragon who " * 4,
         "Translate to French: good morning, how are you today?",
     ]
-    from engine.tokenizer import load_tokenizer
+    from pagoda.engine.tokenizer import load_tokenizer
 
     tok = load_tokenizer(embedded_path)
     _check(embedded_path, [tok(t).input_ids for t in texts])

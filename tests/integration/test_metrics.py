@@ -20,12 +20,12 @@ ray = pytest.importorskip("ray")
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
-from cluster.app import deploy
-from cluster.client import PagodaClient
-from cluster.config import AppConfig
-from cluster.metrics import BY_NAME, METRICS, RAY_EXPORT_PREFIX, prometheus_series
-from engine import SamplingParams
-from engine.tokenizer import load_tokenizer
+from pagoda.cluster.app import deploy
+from pagoda.cluster.client import PagodaClient
+from pagoda.cluster.config import AppConfig
+from pagoda.cluster.metrics import BY_NAME, METRICS, RAY_EXPORT_PREFIX, prometheus_series
+from pagoda import SamplingParams
+from pagoda.engine.tokenizer import load_tokenizer
 from tests.relabel import metric_relabelings, relabel
 
 MAX_TOKENS = 56
@@ -132,7 +132,7 @@ def test_every_metric_is_exported_with_counts_equal_to_the_load(served):
 
 
 def test_status_reports_replicas_kv_and_queues(served):
-    from cluster.status_cli import collect_status, format_status
+    from pagoda.cluster.status_cli import collect_status, format_status
 
     status = collect_status("metrics")
     assert status.status == "RUNNING" and status.replica_states == {"RUNNING": 1}
@@ -149,7 +149,7 @@ def test_pagoda_status_command_against_the_running_cluster(served):
     import sys
 
     gcs = ray.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "engine.cli", "status", "--address", gcs, "--app", "metrics", "--json"]
+    cmd = [sys.executable, "-m", "pagoda.engine.cli", "status", "--address", gcs, "--app", "metrics", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     status = json.loads(out.stdout)

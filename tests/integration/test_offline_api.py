@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from engine import SamplingParams
-from engine.request import RequestOutput
+from pagoda import SamplingParams
+from pagoda.engine.request import RequestOutput
 
 
 def _text(out: RequestOutput, i: int = 0) -> str:

@@ -14,8 +14,8 @@ try:  # the HTTP client the installed openai package uses (httpx, or its fork ht
 except ImportError:
     httpx = pytest.importorskip("httpx")
 
-from cluster.api.config import ApiConfig
-from engine.tokenizer import load_tokenizer
+from pagoda.cluster.api.config import ApiConfig
+from pagoda.engine.tokenizer import load_tokenizer
 from tests.integration.api_app import more_servers, running_app, wait_engine_busy, wait_engine_idle
 
 MODEL = "apitest"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from engine import LLM, SamplingParams
+from pagoda import LLM, SamplingParams
 
 BLOCK = 16
 

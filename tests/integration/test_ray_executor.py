@@ -22,14 +22,14 @@ ray = pytest.importorskip("ray")
 import ray._private.state as ray_state  # the GCS actor table (the public state API needs the dashboard)
 from ray import serve
 
-from cluster.app import deploy
-from cluster.client import PagodaClient
-from cluster.config import AppConfig
-from cluster.ray_executor import RayExecutor
-from engine import LLM, SamplingParams
-from engine.errors import EngineDeadError
-from engine.tokenizer import load_tokenizer
-from engine.worker.multiproc_executor import MultiprocExecutor
+from pagoda.cluster.app import deploy
+from pagoda.cluster.client import PagodaClient
+from pagoda.cluster.config import AppConfig
+from pagoda.cluster.ray_executor import RayExecutor
+from pagoda import LLM, SamplingParams
+from pagoda.engine.errors import EngineDeadError
+from pagoda.engine.tokenizer import load_tokenizer
+from pagoda.engine.worker.multiproc_executor import MultiprocExecutor
 
 NUM_CPUS = 4
 MAX_NEW = 12

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import requires_smollm2
 
-CLI = [sys.executable, "-m", "engine.cli"]
+CLI = [sys.executable, "-m", "pagoda.engine.cli"]
 
 
 def test_generate_does_not_import_ray():
@@ -56,8 +56,8 @@ def test_serve_runs_until_interrupted_and_answers(tmp_path):
         client = textwrap.dedent(f"""
             import asyncio, ray
             from ray import serve
-            from cluster.client import PagodaClient
-            from engine import SamplingParams
+            from pagoda.cluster.client import PagodaClient
+            from pagoda import SamplingParams
             ray.init(address={gcs!r}, log_to_driver=False)
             client = PagodaClient(serve.get_app_handle("clitest"))
             out = asyncio.run(client.complete("The capital of France is", SamplingParams(temperature=0, max_tokens=8)))

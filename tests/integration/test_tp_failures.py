@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.errors import EngineDeadError
+from pagoda import LLM, SamplingParams
+from pagoda.engine.errors import EngineDeadError
 
 DETECT_WITHIN_S = 30.0
 
@@ -127,7 +127,7 @@ def test_ranks_exit_when_the_driver_dies(tiny_models, tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(f"""
         import sys, time
-        from engine import LLM
+        from pagoda import LLM
         if __name__ == "__main__":
             llm = LLM(model={str(tiny_models["llama"])!r}, tensor_parallel_size=2, device="cpu", dtype="float32")
             print(*llm.engine.executor.rank_pids, flush=True)

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from engine import LLM, SamplingParams
+from pagoda import LLM, SamplingParams
 from tests.tiny_models import tiny_config
 
 MAX_NEW = 16

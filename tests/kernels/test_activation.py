@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from pagoda.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from tests.kernels.paged_inputs import DEVICE, gpu_param, tolerance  # noqa: E402
 
 CASES = [

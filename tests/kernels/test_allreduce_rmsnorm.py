@@ -7,7 +7,7 @@ pushed by then (their rows in r's receive buffer, their flags); ranks > r pushed
 has run, the seeded rows are poisoned (NaN), so after the call every receive buffer holds only
 what was really pushed, which the test checks. On a GPU the same emulation runs on one device.
 
-Expected values: the kernel must do exactly what ``kernels.rmsnorm``'s kernel does to the float32
+Expected values: the kernel must do exactly what ``pagoda.kernels.rmsnorm``'s kernel does to the float32
 sum over the ranks in rank order, rounded to the dtype, bitwise on every rank; and be close to the
 torch reference. Triton's interpreter (3.9) truncates float32 -> bfloat16 instead of rounding to
 nearest even (``cast_impl`` passes no rounding mode), so on CPU the expected bf16 sum is truncated
@@ -22,13 +22,13 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels.allreduce_rmsnorm import (
+from pagoda.kernels.allreduce_rmsnorm import (
     NUM_PROGRAMS,
     SymmetricWorkspace,
     all_reduce_rms_norm,
     all_reduce_rms_norm_ref,
 )
-from kernels.rmsnorm import fused_add_rms_norm, rms_norm, rms_norm_ref
+from pagoda.kernels.rmsnorm import fused_add_rms_norm, rms_norm, rms_norm_ref
 from tests.kernels.paged_inputs import DEVICE, gpu_param, tolerance
 
 EPS = 1e-5
@@ -126,7 +126,7 @@ def _round_like_triton(total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _unfused(xs, residual, weight):
-    """kernels.rmsnorm's Triton kernel on the rank-order float32 sum, rounded as Triton rounds."""
+    """pagoda.kernels.rmsnorm's Triton kernel on the rank-order float32 sum, rounded as Triton rounds."""
     total = xs[0].float()
     for x in xs[1:]:
         total = total + x.float()

@@ -5,8 +5,8 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-import kernels.attention as attention  # noqa: E402
-from engine.attention_metadata import AttentionMetadata  # noqa: E402
+import pagoda.kernels.attention as attention  # noqa: E402
+from pagoda.engine.attention_metadata import AttentionMetadata  # noqa: E402
 from tests.kernels.paged_inputs import make_paged_batch  # noqa: E402
 
 

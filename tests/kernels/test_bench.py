@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels import bench  # noqa: E402
+from pagoda.kernels import bench  # noqa: E402
 from tests.kernels.paged_inputs import ON_GPU  # noqa: E402
 
 

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels.paged_decode import paged_decode, paged_decode_ref  # noqa: E402
+from pagoda.kernels.paged_decode import paged_decode, paged_decode_ref  # noqa: E402
 from tests.kernels.paged_inputs import DEVICE, gpu_param, make_paged_batch, tolerance  # noqa: E402
 
 # (seq_lens, num_heads, num_kv_heads, head_dim, block_size, num_splits)

@@ -5,8 +5,8 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels.paged_prefill import paged_prefill, paged_prefill_ref  # noqa: E402
-from kernels.reshape_and_cache import reshape_and_cache  # noqa: E402
+from pagoda.kernels.paged_prefill import paged_prefill, paged_prefill_ref  # noqa: E402
+from pagoda.kernels.reshape_and_cache import reshape_and_cache  # noqa: E402
 from tests.kernels.paged_inputs import DEVICE, gpu_param, make_paged_batch, tolerance  # noqa: E402
 
 # (context_lens, query_lens, num_heads, num_kv_heads, head_dim, block_size)

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref  # noqa: E402
+from pagoda.kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref  # noqa: E402
 from tests.kernels.paged_inputs import DEVICE, gpu_param  # noqa: E402
 
 # (num_tokens, num_kv_heads, head_dim, block_size, num_blocks, dtype)

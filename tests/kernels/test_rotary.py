@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels.rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin_cache  # noqa: E402
+from pagoda.kernels.rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin_cache  # noqa: E402
 from tests.kernels.paged_inputs import DEVICE, gpu_param, tolerance  # noqa: E402
 
 # (num_tokens, num_heads, num_kv_heads, head_dim, rotary_dim, dtype)

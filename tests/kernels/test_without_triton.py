@@ -1,4 +1,4 @@
-"""Without triton, ``kernels`` still imports: the references work, the wrappers say why they can't."""
+"""Without triton, ``pagoda.kernels`` still imports: the references work, the wrappers say why they can't."""
 
 import subprocess
 import sys
@@ -9,12 +9,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import sys
 sys.modules["triton"] = None  # makes `import triton` raise ImportError
-import torch, kernels
-assert not kernels.HAS_TRITON
+import torch
+from pagoda.kernels._triton import HAS_TRITON
+from pagoda.kernels.activation import silu_and_mul, silu_and_mul_ref
+assert not HAS_TRITON
 x = torch.randn(2, 8)
-torch.testing.assert_close(kernels.silu_and_mul_ref(x), torch.nn.functional.silu(x[:, :4]) * x[:, 4:])
+torch.testing.assert_close(silu_and_mul_ref(x), torch.nn.functional.silu(x[:, :4]) * x[:, 4:])
 try:
-    kernels.silu_and_mul(x)
+    silu_and_mul(x)
 except RuntimeError as err:
     assert "triton" in str(err)
 else:

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from engine.attention_metadata import AttentionMetadata
+from pagoda.engine.attention_metadata import AttentionMetadata
 
 
 def make_metadata(

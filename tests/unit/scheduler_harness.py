@@ -7,12 +7,12 @@ from __future__ import annotations
 import itertools
 from collections import deque
 
-from engine.config import SchedulerConfig
-from engine.kv_cache.manager import KVCacheManager
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagoda.engine.config import SchedulerConfig
+from pagoda.engine.kv_cache.manager import KVCacheManager
+from pagoda.engine.request import Request
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.scheduler import Scheduler
+from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 EOS = 0
 

@@ -15,16 +15,16 @@ try:  # the HTTP client the installed openai package uses (httpx, or its fork ht
 except ImportError:
     httpx = pytest.importorskip("httpx")
 
-from cluster.api import errors
-from cluster.api.config import ApiConfig
-from cluster.api.frontend import Frontend
-from cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
-from cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
-from cluster.api.server import ApiServers
-from cluster.config import AppConfig
-from cluster.protocol import GenerateChunk, ReplicaUnavailableError
-from engine.errors import EngineDeadError, QueueFullError
-from engine.request import CompletionOutput, RequestOutput
+from pagoda.cluster.api import errors
+from pagoda.cluster.api.config import ApiConfig
+from pagoda.cluster.api.frontend import Frontend
+from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
+from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
+from pagoda.cluster.api.server import ApiServers
+from pagoda.cluster.config import AppConfig
+from pagoda.cluster.protocol import GenerateChunk, ReplicaUnavailableError
+from pagoda.engine.errors import EngineDeadError, QueueFullError
+from pagoda.engine.request import CompletionOutput, RequestOutput
 
 
 class FakeTokenizer:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.api.errors import ApiError
-from cluster.api.openai_protocol import Accumulator, completion_response, parse_request
-from engine.request import CompletionOutput, Logprob, RequestOutput
+from pagoda.cluster.api.errors import ApiError
+from pagoda.cluster.api.openai_protocol import Accumulator, completion_response, parse_request
+from pagoda.engine.request import CompletionOutput, Logprob, RequestOutput
 
 
 def test_completion_body_maps_to_sampling_params():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
+from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
 
 PROTO = Path(__file__).resolve().parents[2] / "cluster" / "api" / "proto" / "pagoda" / "v1" / "pagoda.proto"
 
@@ -35,4 +35,4 @@ def test_stubs_match_the_proto(tmp_path):
             f.ClearField("json_name")
     current = descriptor_pb2.FileDescriptorProto()
     pb.DESCRIPTOR.CopyToProto(current)
-    assert fresh == current, "regenerate: python -m cluster.api.gen_stubs"
+    assert fresh == current, "regenerate: python -m pagoda.cluster.api.gen_stubs"

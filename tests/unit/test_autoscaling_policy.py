@@ -1,4 +1,4 @@
-"""The autoscaling decision (cluster.autoscaling): requests or KV occupancy, whichever asks for more."""
+"""The autoscaling decision (pagoda.cluster.autoscaling): requests or KV occupancy, whichever asks for more."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.autoscaling import KV_METRIC, KVAwarePolicy, desired_replicas
+from pagoda.cluster.autoscaling import KV_METRIC, KVAwarePolicy, desired_replicas
 
 
 def test_load_alone_follows_serves_rule():

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine.kv_cache.block_hash import hash_block_tokens, hash_full_blocks
-from engine.kv_cache.block_pool import BlockPool
+from pagoda.engine.kv_cache.block_hash import hash_block_tokens, hash_full_blocks
+from pagoda.engine.kv_cache.block_pool import BlockPool
 
 
 def free_ids(pool: BlockPool) -> list[int]:

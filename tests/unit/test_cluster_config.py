@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import AppConfig, load_config
+from pagoda.cluster.config import AppConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from engine.sampling_params import SamplingParams
+from pagoda.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from pagoda.engine.sampling_params import SamplingParams
 
 
 def test_configs_are_frozen():

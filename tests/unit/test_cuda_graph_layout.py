@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from engine.worker.cuda_graph import graph_batch_sizes, piece_ranges
+from pagoda.engine.worker.cuda_graph import graph_batch_sizes, piece_ranges
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3, 4, 28, 32, 40, 80])

@@ -10,9 +10,9 @@ import random
 
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import encode_chat, encode_prompt, eos_token_id, eos_token_ids, load_tokenizer
+from pagoda.engine.detokenizer import IncrementalDetokenizer
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.tokenizer import encode_chat, encode_prompt, eos_token_id, eos_token_ids, load_tokenizer
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = [1, 9690, 198]  # "<|im_start|>system\n"

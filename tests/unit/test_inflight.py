@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cluster.inflight import InFlightLedger, LiveLoad
-from cluster.routing_stats import ReplicaStats
+from pagoda.cluster.inflight import InFlightLedger, LiveLoad
+from pagoda.cluster.routing_stats import ReplicaStats
 
 
 class Clock:

@@ -16,8 +16,8 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from engine.kv_cache.block_hash import hash_full_blocks
-from engine.kv_cache.manager import KVCacheManager, PrefixHit
+from pagoda.engine.kv_cache.block_hash import hash_full_blocks
+from pagoda.engine.kv_cache.manager import KVCacheManager, PrefixHit
 
 
 def start(mgr: KVCacheManager, req_id: str, tokens: list[int], num_new: int | None = None) -> list[int]:

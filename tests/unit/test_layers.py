@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from engine.layers.activation import SiluAndMul
-from engine.layers.attention import PagedAttention, write_kv_cache
-from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from engine.layers.layernorm import RMSNorm
-from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from engine.layers.rotary import RotaryEmbedding, llama3_inv_freq
+from pagoda.engine.layers.activation import SiluAndMul
+from pagoda.engine.layers.attention import PagedAttention, write_kv_cache
+from pagoda.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagoda.engine.layers.layernorm import RMSNorm
+from pagoda.engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagoda.engine.layers.rotary import RotaryEmbedding, llama3_inv_freq
 from tests.unit.paged_helpers import PagedKV, make_metadata
 
 # ---------------------------------------------------------------- rotary

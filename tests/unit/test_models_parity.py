@@ -1,6 +1,6 @@
 """Our models vs HF transformers on the same random weights, float32 on CPU.
 
-Each tiny model is saved with ``save_pretrained`` and loaded through ``engine.loader``; logits must
+Each tiny model is saved with ``save_pretrained`` and loaded through ``pagoda.engine.loader``; logits must
 match HF's forward to 1e-4 for a one-shot prefill, a prefill in chunks through the paged cache
 (mixed with another sequence's decode), and decode steps of a two-sequence batch.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.loader import load_model
-from engine.models.registry import build_model, kv_cache_spec
+from pagoda.engine.loader import load_model
+from pagoda.engine.models.registry import build_model, kv_cache_spec
 from tests.unit.paged_helpers import PagedKV
 
 ATOL = 1e-4

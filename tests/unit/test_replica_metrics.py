@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("ray")
 import ray.util.metrics as ray_metrics
 
-from cluster import metrics as m
+from pagoda.cluster import metrics as m
 
 LOG: dict[str, list] = defaultdict(list)  # ray name -> [(value, tags)]
 

@@ -8,12 +8,12 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.config import RouterWeights
-from cluster.inflight import LiveLoad
-from cluster.routing_policy import EngineLimits, ReplicaView, RoutingRequest, cached_prefix_blocks, rank, score
-from cluster.routing_stats import ReplicaStats
-from engine.kv_cache.block_hash import hash_full_blocks
-from engine.kv_cache.manager import KVCacheManager
+from pagoda.cluster.config import RouterWeights
+from pagoda.cluster.inflight import LiveLoad
+from pagoda.cluster.routing_policy import EngineLimits, ReplicaView, RoutingRequest, cached_prefix_blocks, rank, score
+from pagoda.cluster.routing_stats import ReplicaStats
+from pagoda.engine.kv_cache.block_hash import hash_full_blocks
+from pagoda.engine.kv_cache.manager import KVCacheManager
 
 BS = 16
 W = RouterWeights()

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine.layers.sampler import (
+from pagoda.engine.layers.sampler import (
     Sampler,
     SamplingBatch,
     apply_min_p,
@@ -16,7 +16,7 @@ from engine.layers.sampler import (
     apply_top_k_top_p,
     step_seed,
 )
-from engine.sampling_params import SamplingParams
+from pagoda.engine.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
 NEG_INF = float("-inf")

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.policy import FCFSPolicy, PriorityPolicy
-from engine.request import RequestStatus
+from pagoda.engine.policy import FCFSPolicy, PriorityPolicy
+from pagoda.engine.request import RequestStatus
 from tests.unit.scheduler_harness import Harness
 
 

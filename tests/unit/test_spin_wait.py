@@ -6,7 +6,7 @@ import multiprocessing
 import threading
 import time
 
-from engine.worker.spin_wait import spin_until_readable, spin_wait_s
+from pagoda.engine.worker.spin_wait import spin_until_readable, spin_wait_s
 
 
 def test_returns_as_soon_as_every_pipe_has_data():

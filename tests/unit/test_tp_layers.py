@@ -16,19 +16,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.config import EngineConfig
-from engine.distributed import SINGLE_RANK, TimedTPGroup, init_tp_group
-from engine.executor import check_parallel_config
-from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from engine.layers.layernorm import RMSNorm
-from engine.layers.linear import (
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.distributed import SINGLE_RANK, TimedTPGroup, init_tp_group
+from pagoda.engine.executor import check_parallel_config
+from pagoda.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagoda.engine.layers.layernorm import RMSNorm
+from pagoda.engine.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
-from engine.models.registry import build_model, check_tensor_parallel, kv_cache_spec
-from kernels import rms_norm_ref
+from pagoda.engine.models.registry import build_model, check_tensor_parallel, kv_cache_spec
+from pagoda.kernels.rmsnorm import rms_norm_ref
 from tests.unit.paged_helpers import PagedKV
 
 WORLD = 4
@@ -297,7 +297,7 @@ def test_devices_are_checked_before_anything_starts():
 
 
 def test_custom_all_reduce_is_refused_where_it_cannot_run():
-    from engine.custom_all_reduce import custom_all_reduce_unavailable
+    from pagoda.engine.custom_all_reduce import custom_all_reduce_unavailable
 
     assert "not cuda" in custom_all_reduce_unavailable(2, torch.device("cpu"))
     if torch.cuda.is_available():
@@ -306,7 +306,7 @@ def test_custom_all_reduce_is_refused_where_it_cannot_run():
 
 def test_custom_all_reduce_takes_only_tensors_its_kernel_can_move():
     """``SymmMemAllReduce.fits`` is a pure predicate (the kernel itself needs GPUs: bench/allreduce.py)."""
-    from engine.custom_all_reduce import SymmMemAllReduce
+    from pagoda.engine.custom_all_reduce import SymmMemAllReduce
 
     fast = SymmMemAllReduce.__new__(SymmMemAllReduce)  # no group: only the predicate is exercised
     fast.dtype, fast.max_numel = torch.bfloat16, 4096
@@ -327,7 +327,7 @@ def test_fused_norm_takes_only_what_its_workspace_holds():
     """``SymmMemAllReduce.fits_norm`` is a pure predicate of shape and dtype (the kernel needs GPUs)."""
     from types import SimpleNamespace
 
-    from engine.custom_all_reduce import SymmMemAllReduce
+    from pagoda.engine.custom_all_reduce import SymmMemAllReduce
 
     fast = SymmMemAllReduce.__new__(SymmMemAllReduce)  # no group: only the predicate is exercised
     fast.dtype, fast.norm_workspace = torch.bfloat16, SimpleNamespace(max_rows=lambda hidden, dtype: 2**16 // hidden)

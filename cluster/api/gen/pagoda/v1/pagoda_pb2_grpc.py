@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from cluster.api.gen.pagoda.v1 import pagoda_pb2 as pagoda_dot_v1_dot_pagoda__pb2
+from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pagoda_dot_v1_dot_pagoda__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
