@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import re
 import weakref
-from pathlib import Path
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
@@ -44,6 +43,7 @@ from pagoda.cluster.rank_actor import RankActor, RankInfo
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.errors import EngineDeadError
 from pagoda.engine.executor import Executor, RankTimeouts
+from pagoda.engine.loader import ResolvedModel
 from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagoda.engine.worker.rank import RankSpec
 
@@ -56,16 +56,14 @@ class RayExecutor(Executor):
     def __init__(
         self,
         config: EngineConfig,
-        model_path: Path,
-        eos_token_ids: tuple[int, ...],
+        model: ResolvedModel,
         step_timeout_s: float | None = None,
         init_timeout_s: float | None = None,
     ) -> None:
         """Nothing starts here; ``initialize`` places and starts the ranks. The config must be validated."""
         super().__init__()
         self.config = config
-        self.model_path = model_path
-        self.eos_token_ids = eos_token_ids
+        self.model = model
         self.world_size = config.parallel.tensor_parallel_size
         self.timeouts = RankTimeouts.resolve(step_timeout_s, init_timeout_s)
         self.actors: list = []  # ray ActorHandles in rank order; emptied on teardown
@@ -101,8 +99,8 @@ class RayExecutor(Executor):
         device = "cuda" if placement.gpu else "cpu"
         config = dataclasses.replace(self.config, model=dataclasses.replace(self.config.model, device=device))
         specs = [
-            RankSpec(rank, self.world_size, store_host, store_port, config, self.model_path, self.eos_token_ids,
-                     self.timeouts.collective_s, local_rank=0, num_threads=1)  # one GPU / one CPU per actor
+            RankSpec(rank, self.world_size, store_host, store_port, config, self.model, self.timeouts.collective_s,
+                     local_rank=0, num_threads=1)  # one GPU / one CPU per actor
             for rank in range(self.world_size)
         ]
         self.rank_infos = self._gather([a.start.remote(s) for a, s in zip(self.actors, specs)], init_s, "start")
@@ -134,10 +132,6 @@ class RayExecutor(Executor):
     def collective_stats(self) -> list[dict]:
         """Per rank, time spent in each collective since the last call (needs PAGODA_TIME_COLLECTIVES=1)."""
         return self._call_all("collective_stats", (), _HEALTH_TIMEOUT_S)
-
-    def _test_hang_next_step(self, rank: int) -> None:
-        """Test hook: ``rank`` will sleep forever inside its next ``execute_model``."""
-        self._gather([self.actors[rank].call.remote("_test_hang_next_step")], _HEALTH_TIMEOUT_S, "_test_hang_next_step")
 
     # ------------------------------------------------------------------ plumbing
     def _call_all(self, method: str, args: tuple, timeout_s: float) -> list:

@@ -66,7 +66,8 @@ class AsyncLLMEngine:
         output_kind: OutputKind = OutputKind.CUMULATIVE,
     ) -> AsyncIterator[RequestOutput]:
         """Stream outputs until the request finishes. Raises ValueError on bad input, QueueFullError at the
-        queue limit, EngineDeadError once the engine has failed."""
+        queue limit (``LLMEngine.add_prepared`` decides, on the engine thread), EngineDeadError once the
+        engine has failed."""
         prepared = self.engine.inputs.process(request_id, prompt, sampling_params, priority)
         stream = self._open(prepared)
         self._commands.put(("add", prepared, output_kind))
@@ -87,12 +88,9 @@ class AsyncLLMEngine:
     def _open(self, prepared: PreparedRequest) -> _Stream:
         if self._dead is not None:
             raise EngineDeadError(f"engine is dead: {self._dead!r}")
-        limit = self.engine.config.scheduler.max_waiting
         with self._lock:
             if prepared.request_id in self._streams:
                 raise ValueError(f"request_id {prepared.request_id!r} is already in use")
-            if limit is not None and len(self._streams) - self.engine.scheduler.num_running >= limit:
-                raise QueueFullError(f"waiting queue is full (max_waiting={limit})")
             stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
             self._streams[prepared.request_id] = stream
         return stream

@@ -3,7 +3,9 @@
 The batch is flattened: T scheduled tokens from B sequences, sequence b owning tokens
 ``query_start_loc[b]:query_start_loc[b+1]``. Sequence b already has ``context_lens[b]`` tokens in
 its KV blocks; this step computes ``query_lens[b]`` more, so it attends over
-``seq_lens[b] = context_lens[b] + query_lens[b]`` tokens, causally.
+``seq_lens[b] = context_lens[b] + query_lens[b]`` tokens, causally. A decode-only batch (one query
+token per sequence) reads only ``seq_lens``, so it may leave ``context_lens`` None (the decode graphs
+do: no buffer to keep in step with ``seq_lens``).
 
 KV cache layout, one tensor per layer: ``(2, num_blocks, block_size, num_kv_heads, head_dim)``,
 index 0 keys, 1 values. Token ``i`` of sequence ``b`` lives in block ``block_tables[b, i // block_size]``
@@ -22,13 +24,21 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) int64: flat cache slot for each scheduled token's K/V
     query_start_loc: torch.Tensor  # (B + 1,) int32: cumulative query lengths
     seq_lens: torch.Tensor  # (B,) int32: context + query length per sequence
-    context_lens: torch.Tensor  # (B,) int32: tokens already cached before this step
+    # (B,) int32: tokens already cached before this step; None in decode-only batches, which read seq_lens
+    context_lens: torch.Tensor | None
     block_tables: torch.Tensor  # (B, max_blocks_per_seq) int32, padded with 0
     query_lens_cpu: list[int]  # (B,) host copy of the query lengths
     seq_lens_cpu: list[int]  # (B,) host copy of seq_lens
     max_query_len: int
     max_seq_len: int
     block_size: int
+
+    def __post_init__(self) -> None:
+        if self.context_lens is None and not self.is_decode_only:
+            raise ValueError(
+                "context_lens may be None only in decode-only batches (max_query_len == 1), "
+                f"got max_query_len={self.max_query_len}"
+            )
 
     @classmethod
     def dummy(

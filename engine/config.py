@@ -36,7 +36,7 @@ class ModelConfig:
     tokenizer: str | None = None  # defaults to the model's own tokenizer
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "auto"  # auto: cuda when available, else cpu
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_model_len: int | None = None  # None: the model's limit (see resolve_max_model_len)
     seed: int = 0  # seeds torch's global generator for unseeded sampling
     enforce_eager: bool = False  # CUDA: no decode graphs (debugging, or to save capture time)
 
@@ -150,3 +150,28 @@ class EngineConfig:
                 raise TypeError(f"unknown engine argument {key!r}")
             picked[owner][key] = value
         return cls(**{name: groups[name](**picked[name]) for name in groups})
+
+
+DEFAULT_CONTEXT_LEN = 2048  # for a config that states no max_position_embeddings
+
+
+def model_context_limit(hf_config) -> tuple[int, str]:
+    """The longest context pagoda serves for a model, and the config field that sets it:
+    ``max_position_embeddings``, or a smaller ``sliding_window`` (sliding-window attention is not
+    implemented, so a request must stay inside the window; Mistral v0.1 advertises 32,768
+    positions with a 4,096-token window)."""
+    limit = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_CONTEXT_LEN
+    field_name = "max_position_embeddings"
+    window = getattr(hf_config, "sliding_window", None) if getattr(hf_config, "use_sliding_window", True) else None
+    if window and window < limit:
+        limit, field_name = window, "sliding_window"
+    return limit, field_name
+
+
+def resolve_max_model_len(model: ModelConfig, hf_config) -> int:
+    """The context length an engine serves, the one source for the engine and the API front ends:
+    ``model.max_model_len`` when set (ValueError when it exceeds the model's limit), else the limit."""
+    limit, field_name = model_context_limit(hf_config)
+    asked = model.max_model_len
+    require(asked is None or asked <= limit, f"max_model_len ({asked}) must be <= the model's {field_name} ({limit})")
+    return asked or limit

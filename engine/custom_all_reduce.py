@@ -38,9 +38,7 @@ import torch
 import torch.distributed
 
 from pagoda.kernels._triton import HAS_TRITON
-
-from pagoda.kernels.allreduce_rmsnorm import SymmetricWorkspace, all_reduce_rms_norm
-from pagoda.kernels.allreduce_rmsnorm import MAX_HIDDEN, NUM_PROGRAMS
+from pagoda.kernels.allreduce_rmsnorm import MAX_HIDDEN, NUM_PROGRAMS, SymmetricWorkspace, all_reduce_rms_norm
 
 SUPPORTED_WORLD_SIZES = (2, 4, 8)
 # Largest message per world size; above it (long prefills) NCCL's ring is as fast or faster

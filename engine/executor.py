@@ -19,12 +19,15 @@ import abc
 import os
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+
+if TYPE_CHECKING:
+    from pagoda.engine.loader import ResolvedModel
 
 
 class Executor(abc.ABC):
@@ -57,11 +60,11 @@ class Executor(abc.ABC):
 class UniProcExecutor(Executor):
     """TP=1: one worker in the engine's own process."""
 
-    def __init__(self, config: EngineConfig, model_path: Path, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(self, config: EngineConfig, model: ResolvedModel) -> None:
         from pagoda.engine.worker.worker import Worker
 
         super().__init__()
-        self.worker = Worker(config, model_path, eos_token_ids)
+        self.worker = Worker(config, model)
         self._launched: deque = deque()  # StepHandles submitted, not taken
 
     def initialize(self) -> int:
@@ -137,19 +140,17 @@ def check_parallel_config(config: EngineConfig, hf_config) -> None:
         )
 
 
-def make_executor(config: EngineConfig, model_path: Path, eos_token_ids: tuple[int, ...]) -> Executor:
+def make_executor(config: EngineConfig, model: ResolvedModel) -> Executor:
     """UniProcExecutor for TP=1; above, MultiprocExecutor (a process per rank) or, with
     ``distributed_executor_backend="ray"``, RayExecutor (an actor per rank). Validates first."""
-    from pagoda.engine.loader import load_hf_config
-
-    check_parallel_config(config, load_hf_config(model_path))
+    check_parallel_config(config, model.hf_config)
     if config.parallel.tensor_parallel_size == 1:
-        return UniProcExecutor(config, model_path, eos_token_ids)
+        return UniProcExecutor(config, model)
     if config.parallel.distributed_executor_backend == "ray":
         # Imported only when asked for: engine/ has no Ray dependency (Ray is the `cluster` extra).
         from pagoda.cluster.ray_executor import RayExecutor
 
-        return RayExecutor(config, model_path, eos_token_ids)
+        return RayExecutor(config, model)
     from pagoda.engine.worker.multiproc_executor import MultiprocExecutor
 
-    return MultiprocExecutor(config, model_path, eos_token_ids)
+    return MultiprocExecutor(config, model)

@@ -18,12 +18,12 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pagoda.engine.config import EngineConfig
+from pagoda.engine.config import EngineConfig, resolve_max_model_len
 from pagoda.engine.errors import EngineDeadError, QueueFullError
 from pagoda.engine.executor import make_executor
 from pagoda.engine.input_processor import InputProcessor, PreparedRequest, PromptType
 from pagoda.engine.kv_cache.manager import KVCacheManager
-from pagoda.engine.loader import load_hf_config, resolve_model
+from pagoda.engine.loader import ResolvedModel, load_hf_config, resolve_model
 from pagoda.engine.output_processor import OutputKind, OutputProcessor, child_ids
 from pagoda.engine.request import Request, RequestOutput, RequestStatus
 from pagoda.engine.sampling_params import SamplingParams
@@ -47,14 +47,15 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        self.model_path = resolve_model(config.model.model)
-        self.tokenizer = load_tokenizer(config.model.tokenizer or self.model_path)
-        self.hf_config = load_hf_config(self.model_path)
-        self.config = _resolve_config(config, self.hf_config)
+        path = resolve_model(config.model.model)
+        hf_config = load_hf_config(path)  # read once here; the tokenizer, executor and ranks get this object
+        own = config.model.tokenizer  # a tokenizer of its own, else the model folder's
+        self.tokenizer = load_tokenizer(own) if own else load_tokenizer(path, hf_config=hf_config)
+        self.model = ResolvedModel(path, hf_config, eos_token_ids(self.tokenizer, path))
+        self.config = _resolve_config(config, self.model.hf_config)
         self.max_model_len = self.config.model.max_model_len
-        self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_path)
-        self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
-        self.executor = make_executor(self.config, self.model_path, self.eos_token_ids)
+        self.eos_token_id = self.model.eos_token_ids[0] if self.model.eos_token_ids else None
+        self.executor = make_executor(self.config, self.model)
         self._dead: EngineDeadError | None = None  # set when the executor failed; every later step re-raises it
         try:
             self.num_blocks = self.executor.initialize()
@@ -65,7 +66,7 @@ class LLMEngine:
         cache = self.config.cache
         self.kv = KVCacheManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv, self.max_model_len)
-        self.inputs = InputProcessor(self.tokenizer, self.hf_config.vocab_size, self.max_model_len)
+        self.inputs = InputProcessor(self.tokenizer, self.model.hf_config.vocab_size, self.max_model_len)
         self.outputs = OutputProcessor(self.tokenizer)
         self._in_flight: deque[SchedulerOutput] = deque()  # submitted, result not taken yet (async scheduling)
 
@@ -87,13 +88,15 @@ class LLMEngine:
         self.add_prepared(self.inputs.process(request_id, prompt, params, priority, arrival_time), output_kind)
 
     def add_prepared(self, prepared: PreparedRequest, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
+        """Queue a validated request. The one admission check of every front end (offline, asyncio, Serve):
+        QueueFullError when ``max_waiting`` requests already wait."""
         if self.outputs.has(prepared.request_id):
             raise ValueError(f"request_id {prepared.request_id!r} is already in use")
         limit = self.config.scheduler.max_waiting
         if limit is not None and self.scheduler.num_waiting >= limit:
             raise QueueFullError(f"waiting queue is full (max_waiting={limit})")
         children = [
-            Request(child, list(prepared.prompt_token_ids), _child_params(prepared.params, i), self.eos_token_ids,
+            Request(child, list(prepared.prompt_token_ids), _child_params(prepared.params, i), self.model.eos_token_ids,
                     prepared.arrival_time, prepared.priority)
             for i, child in enumerate(child_ids(prepared.request_id, prepared.params.n))
         ]
@@ -162,15 +165,7 @@ def _child_params(params: SamplingParams, index: int) -> SamplingParams:
 
 
 def _resolve_config(config: EngineConfig, hf_config) -> EngineConfig:
-    model_len = getattr(hf_config, "max_position_embeddings", None) or 2048
-    limit = "the model's max_position_embeddings"
-    window = getattr(hf_config, "sliding_window", None) if getattr(hf_config, "use_sliding_window", True) else None
-    if window and window < model_len:  # sliding-window attention is not implemented: stay inside the window
-        model_len, limit = window, "the model's sliding_window"
-    asked = config.model.max_model_len
-    if asked is not None and asked > model_len:
-        raise ValueError(f"max_model_len ({asked}) must be <= {limit} ({model_len})")
-    resolved = dataclasses.replace(config.model, max_model_len=asked or model_len)
+    resolved = dataclasses.replace(config.model, max_model_len=resolve_max_model_len(config.model, hf_config))
     return dataclasses.replace(config, model=resolved)
 
 

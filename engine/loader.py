@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,6 +81,17 @@ def load_hf_config(path: str | Path):
     return AutoConfig.from_pretrained(str(path))
 
 
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The model as the engine resolved it at start-up, once: handed whole to the executor and on to
+    every rank (picklable, so it travels to rank processes and Ray actors), so that no one reads
+    config.json again."""
+
+    path: Path  # a local HF folder (config.json, *.safetensors), readable at this path on every rank's node
+    hf_config: Any  # the transformers PretrainedConfig loaded from path
+    eos_token_ids: tuple[int, ...]  # the ids that end a request (tokenizer and generation_config.json)
+
+
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():  # sharded checkpoint: only the listed shards (skips e.g. Mistral's consolidated.safetensors)
@@ -101,9 +114,10 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype, device: torch.device | str, tp: TPGroup = SINGLE_RANK
+    path: str | Path, hf_config, dtype: torch.dtype, device: torch.device | str, tp: TPGroup = SINGLE_RANK
 ) -> nn.Module:
-    """Build the model an HF folder describes (this rank's part of it), load its weights, and put it in eval mode."""
-    model = build_model(load_hf_config(path), dtype, device, tp)
+    """Build the model ``hf_config`` describes (this rank's part of it), load its weights from the HF
+    folder ``path``, and put it in eval mode."""
+    model = build_model(hf_config, dtype, device, tp)
     model.load_weights(iter_safetensors(path))
     return model.eval()

@@ -38,6 +38,9 @@ class _Completion:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     lazy: bool = False  # nobody reads text before the end and no stop string needs it: decode once, at the end
+    # Logprobs asked: per output token, converted once (tokens decoded once, not on every step).
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    cumulative_logprob: float = 0  # token_logprob summed in token order; starts as sum()'s int 0
 
 
 @dataclass
@@ -128,20 +131,27 @@ class OutputProcessor:
 
     def _completion_output(self, completion: _Completion, delta: bool, want_logprobs: bool) -> CompletionOutput:
         tokens = completion.request.output_token_ids
-        entries = completion.request.output_logprobs
-        logprobs = [self._to_logprobs(e, t) for e, t in zip(entries, tokens)] if want_logprobs else None
-        cumulative = None if logprobs is None else sum(e.token_logprob for e in entries)
+        if want_logprobs:
+            self._convert_new_logprobs(completion)
         text_from, tokens_from = (completion.text_sent, completion.tokens_sent) if delta else (0, 0)
         completion.text_sent, completion.tokens_sent = len(completion.text), len(tokens)
         return CompletionOutput(
             index=completion.index,
             text=completion.text[text_from:],
             token_ids=list(tokens[tokens_from:]),
-            cumulative_logprob=cumulative,
-            logprobs=None if logprobs is None else logprobs[tokens_from:],
+            cumulative_logprob=completion.cumulative_logprob if want_logprobs else None,
+            logprobs=completion.logprobs[tokens_from:] if want_logprobs else None,  # a copy: ours keeps growing
             finish_reason=completion.finish_reason,
             stop_reason=completion.stop_reason,
         )
+
+    def _convert_new_logprobs(self, completion: _Completion) -> None:
+        """Convert the logprobs of the tokens not converted yet, so streaming them stays linear."""
+        request = completion.request
+        done = len(completion.logprobs)
+        for entry, token_id in zip(request.output_logprobs[done:], request.output_token_ids[done:]):
+            completion.logprobs.append(self._to_logprobs(entry, token_id))
+            completion.cumulative_logprob += entry.token_logprob
 
     def _to_logprobs(self, entry: TokenLogprobs, token_id: int) -> dict[int, Logprob]:
         """The top tokens plus the sampled one, each with its rank and text."""
@@ -149,5 +159,6 @@ class OutputProcessor:
             tid: Logprob(lp, rank, self.tokenizer.decode([tid]))
             for rank, (tid, lp) in enumerate(zip(entry.top_ids, entry.top_logprobs), start=1)
         }
-        out.setdefault(token_id, Logprob(entry.token_logprob, entry.token_rank, self.tokenizer.decode([token_id])))
+        if token_id not in out:  # not setdefault: that would decode the token even when it is among the top
+            out[token_id] = Logprob(entry.token_logprob, entry.token_rank, self.tokenizer.decode([token_id]))
         return out

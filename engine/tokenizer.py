@@ -12,18 +12,21 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
-def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    path: str | os.PathLike, gguf_file: str | None = None, hf_config: Any = None
+) -> PreTrainedTokenizerBase:
     """A transformers tokenizer from a local HF folder, or from a GGUF file.
 
     ``path`` may name the ``.gguf`` file itself, or a folder with ``gguf_file`` naming the file
-    inside it (the tokenizer and chat template are read from the GGUF metadata).
+    inside it (the tokenizer and chat template are read from the GGUF metadata). ``hf_config``, the
+    folder's already loaded model config, spares transformers reading config.json again.
     """
     path = os.fspath(path)
     if gguf_file is None and path.endswith(".gguf") and os.path.isfile(path):
         path, gguf_file = os.path.split(os.path.abspath(path))
     if gguf_file is not None:
         return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, **({"config": hf_config} if hf_config is not None else {}))
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:

@@ -18,7 +18,14 @@ import math
 import torch
 
 from pagoda.kernels._triton import cdiv, next_power_of_2, require_triton, tl, triton
-from pagoda.kernels._validate import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_kv_cache, check_same_device, check_tensor
+from pagoda.kernels._validate import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_dim,
+    check_kv_cache,
+    check_same_device,
+    check_tensor,
+)
 
 LOG2E = 1.4426950408889634
 MIN_TOKENS_PER_SPLIT = 256  # below this a split costs more to reduce than it saves

@@ -19,7 +19,14 @@ import math
 import torch
 
 from pagoda.kernels._triton import next_power_of_2, require_triton, tl, triton
-from pagoda.kernels._validate import FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_kv_cache, check_same_device, check_tensor
+from pagoda.kernels._validate import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_dim,
+    check_kv_cache,
+    check_same_device,
+    check_tensor,
+)
 
 LOG2E = 1.4426950408889634
 

@@ -25,7 +25,7 @@ _LAZY = {
     "CompletionOutput": "pagoda.engine.request",
 }
 
-__all__ = ["SamplingParams", *_LAZY]
+__all__ = ["AsyncLLMEngine", "CompletionOutput", "EngineConfig", "LLM", "LLMEngine", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name: str):

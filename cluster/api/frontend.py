@@ -155,11 +155,14 @@ class Frontend:
 
 def build_frontend(client, app: AppConfig, api: ApiConfig, tokenizer=None) -> Frontend:
     """A Frontend over ``client`` with the model's tokenizer and resolved context length."""
+    from pagoda.engine.config import resolve_max_model_len
     from pagoda.engine.loader import load_hf_config, resolve_model
     from pagoda.engine.tokenizer import load_tokenizer
 
     path = resolve_model(app.engine.model.model)
-    tokenizer = tokenizer or load_tokenizer(app.engine.model.tokenizer or path)
-    hf = load_hf_config(path)
-    max_len = app.engine.model.max_model_len or getattr(hf, "max_position_embeddings", None) or 2048
+    hf_config = load_hf_config(path)
+    if tokenizer is None:
+        own = app.engine.model.tokenizer
+        tokenizer = load_tokenizer(own) if own else load_tokenizer(path, hf_config=hf_config)
+    max_len = resolve_max_model_len(app.engine.model, hf_config)  # what the engine replicas enforce
     return Frontend(client, tokenizer, app, api, max_len)

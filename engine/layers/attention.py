@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagoda.kernels import attention as triton_attention, reshape_and_cache as triton_cache
-from pagoda.kernels._triton import HAS_TRITON
 from pagoda.engine.attention_metadata import AttentionMetadata
+from pagoda.kernels import attention as triton_attention
+from pagoda.kernels import reshape_and_cache as triton_cache
+from pagoda.kernels._triton import HAS_TRITON
 
 
 def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagoda.kernels import rmsnorm as triton_rmsnorm
-from pagoda.kernels._triton import HAS_TRITON
 from pagoda.engine.distributed import SINGLE_RANK, TPGroup
 from pagoda.engine.layers.linear import default_weight_loader
+from pagoda.kernels import rmsnorm as triton_rmsnorm
+from pagoda.kernels._triton import HAS_TRITON
 
 
 def rms_norm(

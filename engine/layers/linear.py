@@ -80,10 +80,6 @@ class LinearBase(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class ReplicatedLinear(LinearBase):
-    """The full matrix on every rank."""
-
-
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks (dim 0 of the weight, and the bias); each rank keeps its part of y."""
 

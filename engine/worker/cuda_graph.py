@@ -88,7 +88,6 @@ class DecodeGraphs:
         self.gather.copy_(torch.arange(max_b, 2 * max_b, device=device))
         self.id_pool = self.tokens[:2].reshape(-1)  # (2 maxB,) a view: last_ids then host_ids
         self.seq_lens = torch.zeros(max_b, **i32)  # (maxB,)
-        self.context_lens = torch.zeros(max_b, **i32)  # (maxB,) unused by decode, kept for the contract
         self.query_start_loc = torch.arange(max_b + 1, **i32)  # (maxB + 1,) one token each
         self.block_tables = torch.zeros((max_b, self.max_blocks), **i32)  # (maxB, max_blocks)
         # Pinned host mirrors (torch tensors to copy from, numpy views to write into). Copies take whole
@@ -115,7 +114,7 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:batch],
             query_start_loc=self.query_start_loc[: batch + 1],
             seq_lens=self.seq_lens[:batch],
-            context_lens=self.context_lens[:batch],
+            context_lens=None,  # decode reads seq_lens only
             block_tables=self.block_tables[:batch],
             query_lens_cpu=[1] * batch,
             seq_lens_cpu=[self.max_model_len] * batch,

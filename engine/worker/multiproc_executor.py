@@ -39,13 +39,13 @@ import signal
 import time
 import weakref
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
 
 import torch
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.errors import EngineDeadError
 from pagoda.engine.executor import Executor, RankTimeouts
+from pagoda.engine.loader import ResolvedModel
 from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagoda.engine.worker.spin_wait import spin_until_readable, spin_wait_s
 from pagoda.engine.worker.worker import resolve_device
@@ -58,16 +58,14 @@ class MultiprocExecutor(Executor):
     def __init__(
         self,
         config: EngineConfig,
-        model_path: Path,
-        eos_token_ids: tuple[int, ...],
+        model: ResolvedModel,
         step_timeout_s: float | None = None,
         init_timeout_s: float | None = None,
     ) -> None:
         """Nothing starts here; ``initialize`` spawns the ranks. The config must already be validated."""
         super().__init__()
         self.config = config
-        self.model_path = model_path
-        self.eos_token_ids = eos_token_ids
+        self.model = model
         self.world_size = config.parallel.tensor_parallel_size
         timeouts = RankTimeouts.resolve(step_timeout_s, init_timeout_s)
         self.step_timeout_s, self.init_timeout_s = timeouts.step_s, timeouts.init_s
@@ -109,8 +107,8 @@ class MultiprocExecutor(Executor):
         threads = max(1, (os.cpu_count() or 1) // self.world_size)
         for rank in range(self.world_size):
             parent_end, child_end = ctx.Pipe(duplex=True)
-            spec = RankSpec(rank, self.world_size, "127.0.0.1", store.port, self.config, self.model_path,
-                            self.eos_token_ids, self.collective_timeout_s, local_rank=rank, num_threads=threads)
+            spec = RankSpec(rank, self.world_size, "127.0.0.1", store.port, self.config, self.model,
+                            self.collective_timeout_s, local_rank=rank, num_threads=threads)
             proc = ctx.Process(target=rank_main, name=f"pagoda-tp-rank{rank}", args=(spec, child_end), daemon=True)
             proc.start()
             child_end.close()
@@ -159,11 +157,6 @@ class MultiprocExecutor(Executor):
     def collective_stats(self) -> list[dict]:
         """Per rank, time spent in each collective since the last call (needs PAGODA_TIME_COLLECTIVES=1)."""
         return self._call_all("collective_stats", (), _HEALTH_TIMEOUT_S)
-
-    def _test_hang_next_step(self, rank: int) -> None:
-        """Test hook: ``rank`` will sleep forever inside its next ``execute_model``."""
-        self._send(rank, pickle.dumps(("_test_hang_next_step", ())))
-        self._wait_ranks([rank], _HEALTH_TIMEOUT_S, "_test_hang_next_step")
 
     # ------------------------------------------------------------------ plumbing
     def _call_all(self, method: str, args: tuple, timeout_s: float) -> list:

@@ -5,9 +5,9 @@ a pipe (``engine/worker/rank_process.py``, the local ``MultiprocExecutor``) and 
 (``cluster/rank_actor.py``, the ``RayExecutor``). Both keep the driver outside the group.
 
 Calls (``RankHost.call(method, args)``): any ``Worker`` method (``load_model``,
-``determine_num_blocks``, ``initialize_cache``, ``execute_model``), ``ping``, ``collective_stats``
-and the test hook ``_test_hang_next_step``. ``execute_model`` returns the ModelRunnerOutput on
-rank 0 and None elsewhere: the other ranks hold the same tokens and need not ship them back.
+``determine_num_blocks``, ``initialize_cache``, ``execute_model``), ``ping`` and ``collective_stats``.
+``execute_model`` returns the ModelRunnerOutput on rank 0 and None elsewhere: the other ranks hold
+the same tokens and need not ship them back.
 
 Async scheduling adds two calls that keep one step queued on the device: ``launch(step)``
 queues the step, then finishes the step launched before it and returns that one's output (or
@@ -35,6 +35,7 @@ import torch
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.distributed import TimedTPGroup, TorchTPGroup, init_tp_group
+from pagoda.engine.loader import ResolvedModel
 from pagoda.engine.worker.worker import Worker, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,7 @@ class RankSpec:
     store_host: str  # the rendezvous TCPStore: the local driver's, or rank 0's actor on its node
     store_port: int
     config: EngineConfig  # model.device is "cuda" or "cpu" here when the host decided it
-    model_path: Path  # a folder readable at this path on the rank's node
-    eos_token_ids: tuple[int, ...]
+    model: ResolvedModel  # its folder readable at the same path on the rank's node
     collective_timeout_s: float
     local_rank: int  # this rank's CUDA device index among the GPUs its process sees
     num_threads: int  # torch CPU threads (CPU ranks share the host's cores)
@@ -75,8 +75,7 @@ class RankHost:
             if why_not:
                 logger.info("rank %d: all-reduces stay on NCCL: %s", spec.rank, why_not)
         tp = TimedTPGroup(self.group, device) if os.environ.get("PAGODA_TIME_COLLECTIVES") == "1" else self.group
-        self.worker = Worker(spec.config, spec.model_path, spec.eos_token_ids, tp, device)
-        self._hang_next_step = False
+        self.worker = Worker(spec.config, spec.model, tp, device)
         self._launched = None  # the StepHandle of the last ``launch``, until a later call finishes it
         tag = "oneshot" if self.group.custom_all_reduce is not None else "nccl"
         self._profile = _StepProfiler(spec.rank, tag) if os.environ.get("PAGODA_PROFILE_DIR") else None
@@ -87,12 +86,6 @@ class RankHost:
             return None
         if method == "collective_stats":
             return _collective_stats(self.worker.tp)
-        if method == "_test_hang_next_step":  # test hook: simulate a rank stuck inside a step
-            self._hang_next_step = True
-            return None
-        if method in _STEP_CALLS and self._hang_next_step:
-            while True:
-                time.sleep(3600)
         if method == "launch":
             result = self._launch(*args)
         elif method == "flush":

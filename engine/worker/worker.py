@@ -13,14 +13,12 @@ process per rank, a Ray actor): the host creates the ``TPGroup`` and picks this 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from pagoda.engine.attention_metadata import AttentionMetadata
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.distributed import SINGLE_RANK, TPGroup
-from pagoda.engine.loader import load_hf_config, load_model
+from pagoda.engine.loader import ResolvedModel, load_model
 from pagoda.engine.models.registry import kv_cache_spec
 from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagoda.engine.worker.model_runner import ModelRunner, StepHandle
@@ -47,26 +45,23 @@ class Worker:
     def __init__(
         self,
         config: EngineConfig,
-        model_path: Path,
-        eos_token_ids: tuple[int, ...],
+        model: ResolvedModel,
         tp: TPGroup = SINGLE_RANK,
         device: torch.device | None = None,
     ) -> None:
         """``device`` defaults to the config's device (``cuda:0`` for CUDA)."""
         self.config = config
-        self.model_path = model_path
-        self.eos_token_ids = eos_token_ids
+        self.source = model
         self.tp = tp
         self.device = device or resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
-        self.hf_config = load_hf_config(model_path)
-        self.spec = kv_cache_spec(self.hf_config, tp.world_size)
+        self.spec = kv_cache_spec(model.hf_config, tp.world_size)
         self.model = None
         self.runner: ModelRunner | None = None
 
     def load_model(self) -> None:
         torch.manual_seed(self.config.model.seed)
-        self.model = load_model(self.model_path, self.dtype, self.device, self.tp)
+        self.model = load_model(self.source.path, self.source.hf_config, self.dtype, self.device, self.tp)
 
     def bytes_per_block(self) -> int:
         s = self.spec
@@ -111,7 +106,7 @@ class Worker:
         kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.num_layers)]
         graph_seqs = 0 if self.config.model.enforce_eager else self.config.scheduler.max_num_seqs
         args = (
-            self.model, kv_caches, self.config.cache.block_size, self.hf_config.vocab_size, self.eos_token_ids,
+            self.model, kv_caches, self.config.cache.block_size, self.source.hf_config.vocab_size, self.source.eos_token_ids,
             self.device, self.config.model.max_model_len, graph_seqs,
         )
         if self.tp.world_size == 1:

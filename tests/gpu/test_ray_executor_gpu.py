@@ -131,10 +131,10 @@ def test_ray_executor_tp2_matches_multiproc_tp2(local_ray, model_path, prompts, 
 def test_serve_replica_tp2_matches_multiproc_tp2(local_ray, model_path, prompts, multiproc_tokens, record):
     from ray import serve
 
+    from pagoda import SamplingParams
     from pagoda.cluster.app import deploy
     from pagoda.cluster.client import PagodaClient
     from pagoda.cluster.config import AppConfig
-    from pagoda import SamplingParams
 
     engine = {"model": str(model_path), "tensor_parallel_size": 2, **ENGINE}
     app = AppConfig.from_dict({"engine": engine, "deployment": {"name": "raytp", "num_replicas": 1}})

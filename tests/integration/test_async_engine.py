@@ -95,3 +95,51 @@ def test_bad_input_raises_from_generate(async_engine):
 
     asyncio.run(main())
     assert async_engine.is_running
+
+
+def test_a_full_waiting_queue_is_refused_by_the_one_engine_check(embedded_path):
+    """max_waiting is checked in one place, LLMEngine.add_prepared: the asyncio engine refuses exactly
+    what the synchronous one does, and a refused request leaves nothing behind."""
+    from pagoda.engine.errors import QueueFullError
+    from pagoda.engine.llm_engine import LLMEngine
+
+    kwargs = dict(model=str(embedded_path), dtype="float32", device="cpu", max_model_len=1024, max_num_seqs=1,
+                  max_waiting=1)
+    long = SamplingParams(temperature=0.0, max_tokens=900, ignore_eos=True)
+
+    sync = LLMEngine.from_kwargs(**kwargs)
+    try:
+        sync.add_request("a", "Count to a thousand:", long)
+        sync.step()  # a runs (max_num_seqs=1)
+        sync.add_request("b", "Count to a thousand:", long)  # b waits: the queue is full
+        with pytest.raises(QueueFullError, match=r"max_waiting=1"):
+            sync.add_request("c", "Count to a thousand:", long)
+        sync.abort_request(["a", "b", "c"])
+        while sync.has_unfinished_requests():  # the step still in flight (async scheduling) drains
+            sync.step()
+        sync.kv.check_invariants()
+        assert sync.kv.usage() == 0
+    finally:
+        sync.shutdown()
+
+    engine = AsyncLLMEngine.from_kwargs(**kwargs)
+
+    async def main():
+        a = engine.generate("Count to a thousand:", long, "a")
+        await anext(a)  # a is running
+        b_task = asyncio.create_task(anext(engine.generate("Count to a thousand:", long, "b")))
+        while engine.stats().num_waiting < 1:  # b reached the engine's queue
+            await asyncio.sleep(0.01)
+        with pytest.raises(QueueFullError, match=r"max_waiting=1"):
+            await anext(engine.generate("Count to a thousand:", long, "c"))
+        b_task.cancel()
+        await a.aclose()
+
+    try:
+        asyncio.run(main())
+        _wait_idle(engine, timeout=10.0)
+        assert not engine.engine.has_unfinished_requests()
+        engine.engine.kv.check_invariants()
+        assert engine.engine.kv.usage() == 0
+    finally:
+        engine.shutdown()

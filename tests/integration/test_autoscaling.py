@@ -17,10 +17,10 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve
 
+from pagoda import SamplingParams
 from pagoda.cluster.app import deploy, deployment_name
 from pagoda.cluster.client import PagodaClient
 from pagoda.cluster.config import AppConfig
-from pagoda import SamplingParams
 from pagoda.engine.tokenizer import load_tokenizer
 
 APP = "autoscale"

@@ -43,7 +43,7 @@ def test_bad_inputs_are_rejected_while_others_run(embedded_llm):
         engine.add_request(f"good-{i}", prompt, params, output_kind=OutputKind.FINAL)
     engine.step()
     engine.step()
-    vocab, max_len = engine.hf_config.vocab_size, engine.max_model_len
+    vocab, max_len = engine.model.hf_config.vocab_size, engine.max_model_len
     for j, (what, build, pattern) in enumerate(_bad_requests(vocab, max_len)):
         with pytest.raises(ValueError, match=pattern):
             prompt, bad_params = build()

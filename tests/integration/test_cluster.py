@@ -17,11 +17,11 @@ ray = pytest.importorskip("ray")
 from ray import cloudpickle, serve
 
 import tests.integration.pinning_router as pinning
+from pagoda import SamplingParams
 from pagoda.cluster.app import deploy, deployment_name
 from pagoda.cluster.client import PagodaClient
 from pagoda.cluster.config import AppConfig
 from pagoda.cluster.protocol import ReplicaUnavailableError
-from pagoda import SamplingParams
 from pagoda.engine.tokenizer import load_tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)

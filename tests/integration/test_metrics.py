@@ -20,11 +20,11 @@ ray = pytest.importorskip("ray")
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
+from pagoda import SamplingParams
 from pagoda.cluster.app import deploy
 from pagoda.cluster.client import PagodaClient
 from pagoda.cluster.config import AppConfig
 from pagoda.cluster.metrics import BY_NAME, METRICS, RAY_EXPORT_PREFIX, prometheus_series
-from pagoda import SamplingParams
 from pagoda.engine.tokenizer import load_tokenizer
 from tests.relabel import metric_relabelings, relabel
 

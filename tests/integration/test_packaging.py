@@ -13,6 +13,7 @@ import ast
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -92,7 +93,8 @@ def test_no_module_imports_the_old_top_level_names():
     """Every import inside the project names ``pagoda.``: ``import engine`` would work from the
     repository root by accident and fail everywhere else."""
     files = [ROOT / "pagoda" / "__init__.py"]
-    files += [p for folder in ("engine", "kernels", "cluster", "bench", "tests", "deploy") for p in (ROOT / folder).rglob("*.py")]
+    folders = ("engine", "kernels", "cluster", "bench", "tests", "deploy")
+    files += [p for folder in folders for p in (ROOT / folder).rglob("*.py")]
     offenders = [f"{path.relative_to(ROOT)}:{line} import {name}" for path in files
                  for line, name in _top_level_imports(path) if name in ("engine", "kernels", "cluster")]
     assert not offenders, offenders
@@ -109,19 +111,33 @@ def test_transformers_and_hf_kernels_work_beside_pagoda(where, tmp_path):
     assert Path(seen["pagoda.kernels"]).resolve() == (ROOT / "kernels" / "rmsnorm.py").resolve(), seen
 
 
+def _dockerfile_copies() -> set[str]:
+    """What deploy/Dockerfile copies into the image to build pagoda from."""
+    lines = (ROOT / "deploy" / "Dockerfile").read_text().splitlines()
+    copies = [line.split()[1:-1] for line in lines if line.startswith("COPY ")]
+    return {src for sources in copies for src in sources if not src.startswith("--")}
+
+
 @pytest.fixture(scope="module")
 def installed_copy(tmp_path_factory) -> Path:
-    """A throwaway virtual environment with pagoda installed by ``pip install .`` (not editable). Its
-    dependencies come from this environment through a .pth file, which puts this environment's
-    site-packages on the path without running its .pth files, so the editable install stays out."""
-    venv = tmp_path_factory.mktemp("venv")
+    """A throwaway virtual environment with pagoda installed by ``pip install .`` (not editable), from
+    a copy of exactly what deploy/Dockerfile copies (so no stale build/ folder can leak in, and the
+    image's file list is proven enough). Its dependencies come from this environment through a .pth
+    file, which puts this environment's site-packages on the path without running its .pth files,
+    so the editable install stays out."""
+    src, venv = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("venv")
+    for name in _dockerfile_copies():
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, src / name)
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], ROOT)
     python = venv / "bin" / "python"
     purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], ROOT).strip()
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     Path(purelib, "_deps_of_the_test_env.pth").write_text("\n".join(sorted(deps)) + "\n")
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-build-isolation",
-          "--no-cache-dir", "--quiet", str(ROOT)], ROOT)
+          "--no-cache-dir", "--quiet", str(src)], ROOT)
     return venv
 
 
@@ -147,3 +163,15 @@ def test_a_non_editable_install_generates_and_serves_from_outside_the_source_tre
             "print(i.__file__, kernels.__file__)")
     ingress, hf_kernels = _run([str(python), "-c", code], tmp_path).split()
     assert Path(ingress).is_relative_to(installed_copy) and "site-packages/kernels" in hf_kernels
+
+
+def test_the_dockerfile_installs_the_package_and_smoke_checks_the_installed_copy():
+    """deploy/Dockerfile copies what the wheel is built from (installed_copy builds from the same list)
+    and imports pagoda from outside the source tree."""
+    assert {"pagoda", "engine", "kernels", "cluster", "pyproject.toml"} <= _dockerfile_copies()
+    lines = (ROOT / "deploy" / "Dockerfile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("RUN pip install"))
+    run = " ".join(line.strip().rstrip("\\") for line in lines[start:])
+    install, smoke = run.split("&& cd /tmp", 1)  # the check runs after leaving the source tree
+    assert 'pip install --no-cache-dir ".[cluster]"' in install and "-e " not in install
+    assert "import pagoda" in smoke and "site-packages" in smoke

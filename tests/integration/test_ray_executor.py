@@ -11,8 +11,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
 import shutil
+import signal
 import threading
 import time
 
@@ -22,11 +25,11 @@ ray = pytest.importorskip("ray")
 import ray._private.state as ray_state  # the GCS actor table (the public state API needs the dashboard)
 from ray import serve
 
+from pagoda import LLM, SamplingParams
 from pagoda.cluster.app import deploy
 from pagoda.cluster.client import PagodaClient
 from pagoda.cluster.config import AppConfig
 from pagoda.cluster.ray_executor import RayExecutor
-from pagoda import LLM, SamplingParams
 from pagoda.engine.errors import EngineDeadError
 from pagoda.engine.tokenizer import load_tokenizer
 from pagoda.engine.worker.multiproc_executor import MultiprocExecutor
@@ -190,12 +193,18 @@ def test_hung_rank_is_detected_by_the_step_timeout(local_ray, llama, monkeypatch
     handles = list(executor.actors)
     llm.engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=50, ignore_eos=True))
     llm.engine.step()
-    executor._test_hang_next_step(rank=1)  # rank 1 sleeps inside its next step; rank 0 waits in a collective
-    start = time.monotonic()
-    with pytest.raises(EngineDeadError, match=r"no reply to 'execute_model' from rank\(s\) \[0, 1\] within 3.0 s"):
-        llm.engine.step()
-    assert time.monotonic() - start < DETECT_WITHIN_S
-    _assert_torn_down(handles)
+    stuck = executor.rank_infos[1].pid  # a local cluster: the actor's process is on this machine
+    os.kill(stuck, signal.SIGSTOP)  # rank 1 stops answering, as if stuck in a driver call; rank 0 waits in a collective
+    try:
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match=r"no reply to 'execute_model' from rank\(s\) \[0, 1\] within 3.0 s"):
+            while True:  # the next step that needs rank 1 times out
+                llm.engine.step()
+        assert time.monotonic() - start < DETECT_WITHIN_S
+        _assert_torn_down(handles)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck, signal.SIGCONT)
 
 
 def test_a_rank_that_raises_fails_the_start_naming_it(local_ray, llama, tmp_path):

@@ -4,6 +4,7 @@ Impossible setups are refused before any process starts."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -101,12 +102,19 @@ def test_hung_rank_is_detected_by_the_step_timeout(tiny_models, monkeypatch):
     port = executor.store_port
     _add_requests(llm, 0)
     llm.engine.step()
-    executor._test_hang_next_step(rank=1)  # rank 1 sleeps inside its next step; rank 0 waits in a collective
-    start = time.monotonic()
-    with pytest.raises(EngineDeadError, match=r"no reply to 'execute_model' from rank\(s\) \[0, 1\] within 3.0 s"):
-        llm.engine.step()
-    assert time.monotonic() - start < DETECT_WITHIN_S
-    _assert_torn_down(executor, port)
+    stuck = executor.rank_pids[1]
+    os.kill(stuck, signal.SIGSTOP)  # rank 1 stops answering, as if stuck in a driver call; rank 0 waits in a collective
+    try:
+        start = time.monotonic()
+        no_reply = r"no reply to '(execute_model|launch)' from rank\(s\) \[0, 1\] within 3.0 s"
+        with pytest.raises(EngineDeadError, match=no_reply):
+            while True:  # the next step that needs rank 1 times out
+                llm.engine.step()
+        assert time.monotonic() - start < DETECT_WITHIN_S
+        _assert_torn_down(executor, port)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck, signal.SIGCONT)
     _assert_engine_works(path)
 
 

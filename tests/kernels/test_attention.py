@@ -1,5 +1,7 @@
 """The attention entry point picks the decode kernel for pure decode steps, the unified one otherwise."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -43,3 +45,15 @@ def test_dispatch_and_result(context_lens, query_lens, expected_kernel, monkeypa
     assert called == [expected_kernel]
     expected = attention.paged_attention_ref(batch.q, batch.kv_cache, meta)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_only_batch_without_context_lens(monkeypatch):
+    """The decode graphs pass ``context_lens=None``: the decode kernel reads seq_lens only."""
+    batch = make_paged_batch([9, 16, 3], [1, 1, 1], 4, 2, 16, 4)
+    meta = _metadata(batch, 4)
+    no_context = dataclasses.replace(meta, context_lens=None)
+    monkeypatch.setattr(attention, "paged_prefill", None)  # never reached for a decode-only batch
+    out = attention.paged_attention(batch.q, batch.kv_cache, no_context)
+    torch.testing.assert_close(out, attention.paged_attention_ref(batch.q, batch.kv_cache, meta), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="context_lens is None"):
+        attention.paged_attention_ref(batch.q, batch.kv_cache, no_context)

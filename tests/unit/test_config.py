@@ -70,3 +70,35 @@ def test_bad_sampling_params_name_field_and_limit(kwargs, message):
 
 def test_stop_accepts_a_single_string():
     assert SamplingParams(stop="###").stop == ("###",)
+
+
+def _hf(**fields):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**fields)
+
+
+@pytest.mark.parametrize(
+    "hf, limit",
+    [
+        (_hf(max_position_embeddings=32768, sliding_window=4096), (4096, "sliding_window")),  # Mistral v0.1
+        (_hf(max_position_embeddings=32768, sliding_window=4096, use_sliding_window=False), (32768, "max_position_embeddings")),
+        (_hf(max_position_embeddings=8192, sliding_window=None), (8192, "max_position_embeddings")),
+        (_hf(max_position_embeddings=2048, sliding_window=4096), (2048, "max_position_embeddings")),
+        (_hf(), (2048, "max_position_embeddings")),
+    ],
+)
+def test_context_limit_is_the_smaller_of_positions_and_window(hf, limit):
+    from pagoda.engine.config import model_context_limit
+
+    assert model_context_limit(hf) == limit
+
+
+def test_max_model_len_defaults_to_the_limit_and_may_not_exceed_it():
+    from pagoda.engine.config import resolve_max_model_len
+
+    mistral = _hf(max_position_embeddings=32768, sliding_window=4096)
+    assert resolve_max_model_len(ModelConfig(), mistral) == 4096
+    assert resolve_max_model_len(ModelConfig(max_model_len=1000), mistral) == 1000
+    with pytest.raises(ValueError, match=r"max_model_len \(8192\) must be <= the model's sliding_window \(4096\)"):
+        resolve_max_model_len(ModelConfig(max_model_len=8192), mistral)

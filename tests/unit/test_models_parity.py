@@ -70,7 +70,7 @@ def pair(request, tmp_path_factory):
             p.data.normal_(1.0 if "norm" in name else 0.0, 0.2)
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
-    return hf, load_model(path, torch.float32, "cpu")
+    return hf, load_model(path, hf.config, torch.float32, "cpu")
 
 
 def _hf_logits(hf, ids: list[int]) -> torch.Tensor:
