@@ -23,13 +23,12 @@ from pagoda.engine.errors import EngineDeadError, QueueFullError
 from pagoda.engine.executor import make_executor
 from pagoda.engine.input_processor import InputProcessor, PreparedRequest, PromptType
 from pagoda.engine.kv_cache.manager import KVCacheManager
-from pagoda.engine.loader import ResolvedModel, load_hf_config, resolve_model
+from pagoda.engine.loader import open_model
 from pagoda.engine.output_processor import OutputKind, OutputProcessor, child_ids
 from pagoda.engine.request import Request, RequestOutput, RequestStatus
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler
 from pagoda.engine.scheduler_output import SchedulerOutput
-from pagoda.engine.tokenizer import eos_token_ids, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -47,11 +46,7 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        path = resolve_model(config.model.model)
-        hf_config = load_hf_config(path)  # read once here; the tokenizer, executor and ranks get this object
-        own = config.model.tokenizer  # a tokenizer of its own, else the model folder's
-        self.tokenizer = load_tokenizer(own) if own else load_tokenizer(path, hf_config=hf_config)
-        self.model = ResolvedModel(path, hf_config, eos_token_ids(self.tokenizer, path))
+        self.model, self.tokenizer = open_model(config.model)  # the executor and every rank get self.model
         self.config = _resolve_config(config, self.model.hf_config)
         self.max_model_len = self.config.model.max_model_len
         self.eos_token_id = self.model.eos_token_ids[0] if self.model.eos_token_ids else None

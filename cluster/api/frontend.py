@@ -156,13 +156,8 @@ class Frontend:
 def build_frontend(client, app: AppConfig, api: ApiConfig, tokenizer=None) -> Frontend:
     """A Frontend over ``client`` with the model's tokenizer and resolved context length."""
     from pagoda.engine.config import resolve_max_model_len
-    from pagoda.engine.loader import load_hf_config, resolve_model
-    from pagoda.engine.tokenizer import load_tokenizer
+    from pagoda.engine.loader import open_model
 
-    path = resolve_model(app.engine.model.model)
-    hf_config = load_hf_config(path)
-    if tokenizer is None:
-        own = app.engine.model.tokenizer
-        tokenizer = load_tokenizer(own) if own else load_tokenizer(path, hf_config=hf_config)
-    max_len = resolve_max_model_len(app.engine.model, hf_config)  # what the engine replicas enforce
+    model, tokenizer = open_model(app.engine.model, tokenizer)
+    max_len = resolve_max_model_len(app.engine.model, model.hf_config)  # what the engine replicas enforce
     return Frontend(client, tokenizer, app, api, max_len)
