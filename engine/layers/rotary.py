@@ -94,27 +94,14 @@ class RotaryEmbedding(nn.Module):
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
 
-def rope_parameters(hf_config) -> dict:
-    """The config's RoPE settings as one dict (``rope_theta``, ``rope_type``, scaling keys, and
-    ``partial_rotary_factor``), whether it uses transformers 5 ``rope_parameters`` or the older
-    ``rope_theta`` / ``rope_scaling`` attributes."""
-    params = dict(getattr(hf_config, "rope_parameters", None) or {})
-    if "rope_theta" not in params:
-        params.update(getattr(hf_config, "rope_scaling", None) or {})
-        params["rope_theta"] = getattr(hf_config, "rope_theta", 10000.0)
-    params.setdefault("rope_type", params.get("type", "default"))
-    params.setdefault("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
-    return params
-
-
-def get_rope(hf_config, head_dim: int, is_neox_style: bool = True) -> RotaryEmbedding:
-    """Build the rotary embedding a HF config describes."""
-    params = rope_parameters(hf_config)
+def get_rope(params: dict, head_dim: int, max_position: int, is_neox_style: bool = True) -> RotaryEmbedding:
+    """The rotary embedding of a model's RoPE settings (``ModelSpec.rope``: ``rope_theta``, ``rope_type``
+    with its scaling keys, ``partial_rotary_factor``)."""
     rotary_dim = int(head_dim * params["partial_rotary_factor"])
     return RotaryEmbedding(
         head_dim=head_dim,
         rotary_dim=rotary_dim,
-        max_position=hf_config.max_position_embeddings,
+        max_position=max_position,
         base=params["rope_theta"],
         is_neox_style=is_neox_style,
         rope_scaling=params,

@@ -1,6 +1,7 @@
 """GLM decoders: ``Glm4ForCausalLM`` (GLM-4-0414 family) and ``GlmForCausalLM`` (GLM-4-9B-chat-hf).
 
-Both are Llama-shaped and reuse its attention and MLP with three differences:
+Both are Llama-shaped and reuse its attention and MLP with three differences (``ModelSpec`` fields,
+set for these architectures in spec.py):
 - RoPE is interleaved (pairs ``2i, 2i+1``) and partial: it turns only the first
   ``head_dim * partial_rotary_factor`` features of each head (HF: ``cos[..., :d/2].repeat_interleave(2)``
   with ``rotate_half`` over even/odd features);
@@ -8,7 +9,7 @@ Both are Llama-shaped and reuse its attention and MLP with three differences:
 - the checkpoint already stores the MLP as one fused ``gate_up_proj``.
 GLM-4 adds two more RMSNorms per layer (a "sandwich"): ``post_self_attn_layernorm`` on the attention
 output and ``post_mlp_layernorm`` on the MLP output, each before its residual add. The older GLM has
-only the usual two; that is the ``sandwich_norms`` flag.
+only the usual two; that is the spec's ``sandwich_norms``.
 
 Under tensor parallelism the sandwich norms are where the attention and MLP partial sums get
 reduced (see llama.py), so a GLM-4 layer's output is already reduced (``output_is_partial`` False)
@@ -23,21 +24,19 @@ from torch import nn
 from pagoda.engine.attention_metadata import AttentionMetadata
 from pagoda.engine.distributed import SINGLE_RANK, TPGroup
 from pagoda.engine.layers.layernorm import RMSNorm
-from pagoda.engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, _check_act
+from pagoda.engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from pagoda.engine.models.spec import ModelSpec
 
 
-class Glm4DecoderLayer(nn.Module):
-    sandwich_norms = True
-    output_is_partial = False  # post_mlp_layernorm reduced the MLP's partial sum
-
-    def __init__(self, hf_config, tp: TPGroup = SINGLE_RANK):
+class GlmDecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, tp: TPGroup = SINGLE_RANK):
         super().__init__()
-        _check_act(hf_config)
-        hidden_size, eps = hf_config.hidden_size, hf_config.rms_norm_eps
-        self.self_attn = LlamaAttention(
-            hf_config, qkv_bias=getattr(hf_config, "attention_bias", False), o_bias=False, is_neox_style=False, tp=tp
-        )
-        self.mlp = LlamaMLP(hidden_size, hf_config.intermediate_size, tp=tp)
+        hidden_size, eps = spec.hidden_size, spec.rms_norm_eps
+        self.sandwich_norms = spec.sandwich_norms
+        # GLM-4: post_mlp_layernorm reduced the MLP's partial sum; the older GLM returns it partial, as Llama.
+        self.output_is_partial = not spec.sandwich_norms
+        self.self_attn = LlamaAttention(spec, tp)
+        self.mlp = LlamaMLP(hidden_size, spec.intermediate_size, spec.mlp_bias, tp=tp)
         self.input_layernorm = RMSNorm(hidden_size, eps=eps, tp=tp)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps=eps, tp=tp)
         if self.sandwich_norms:
@@ -66,14 +65,7 @@ class Glm4DecoderLayer(nn.Module):
         return hidden, residual
 
 
-class GlmDecoderLayer(Glm4DecoderLayer):
-    sandwich_norms = False
-    output_is_partial = True  # the MLP's partial sum, as in Llama
-
-
-class Glm4ForCausalLM(LlamaForCausalLM):
-    layer_cls = Glm4DecoderLayer
-
-
 class GlmForCausalLM(LlamaForCausalLM):
+    """``Glm4ForCausalLM`` and ``GlmForCausalLM`` both: the spec's ``sandwich_norms`` tells them apart."""
+
     layer_cls = GlmDecoderLayer

@@ -1,19 +1,16 @@
-"""Llama-architecture decoders: Llama 2/3, Mistral, SmolLM2, Qwen2 and Qwen3, chosen by config flags.
+"""Llama-architecture decoders: Llama 2/3, Mistral, SmolLM2, Qwen2 and Qwen3.
 
-Differences between the families, all read from the HF config:
-- q/k/v bias: ``attention_bias`` (Llama, Qwen3) or always on (Qwen2); o_proj bias: ``attention_bias``
-  except for Qwen2; MLP bias: ``mlp_bias`` (Llama).
-- Qwen3 RMS-normalises each query and key head before RoPE (``q_norm``/``k_norm``).
-- RoPE theta and scaling come from ``rope_parameters``.
-Sliding-window attention (Mistral v0.1, Qwen with ``use_sliding_window``) is not implemented: the
+The families differ only in ``ModelSpec`` fields (``spec.py`` sets them per architecture): q/k/v,
+o_proj and MLP biases, Qwen3's per-head q/k RMSNorm before RoPE (``qk_norm``), RoPE theta and
+scaling. Sliding-window attention (Mistral v0.1, Qwen with ``use_sliding_window``) is not implemented: the
 model is exact while sequences stay within the window.
 
-The layer classes take their options as arguments so that ``glm4.py`` reuses them.
+``glm4.py`` reuses the attention and MLP classes.
 
 Tensor parallelism: o_proj and down_proj return this rank's partial sums (``reduce_results=False``)
 and the RMSNorm that follows each reduces them (``partial=True``), fused into one kernel where the
 group can (``TPGroup.all_reduce_rms_norm``). So a decoder layer returns a partial hidden state
-when its class says ``output_is_partial``, and whatever normalises it next (the next layer's
+when it says ``output_is_partial``, and whatever normalises it next (the next layer's
 input_layernorm, the model's final norm) reduces it. The embedding is reduced on its own.
 """
 
@@ -33,41 +30,31 @@ from pagoda.engine.layers.embedding import ParallelLMHead, VocabParallelEmbeddin
 from pagoda.engine.layers.layernorm import RMSNorm
 from pagoda.engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagoda.engine.layers.rotary import get_rope
-
-
-def head_dim_of(hf_config) -> int:
-    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+from pagoda.engine.models.base import CausalLM
+from pagoda.engine.models.spec import ModelSpec
 
 
 class LlamaAttention(nn.Module):
-    def __init__(
-        self,
-        hf_config,
-        qkv_bias: bool,
-        o_bias: bool,
-        qk_norm: bool = False,
-        is_neox_style: bool = True,
-        tp: TPGroup = SINGLE_RANK,
-    ):
+    def __init__(self, spec: ModelSpec, tp: TPGroup = SINGLE_RANK):
         super().__init__()
-        hidden_size = hf_config.hidden_size
-        self.head_dim = head_dim_of(hf_config)
-        total_heads = hf_config.num_attention_heads
+        hidden_size = spec.hidden_size
+        self.head_dim = spec.head_dim
+        total_heads = spec.num_heads
         self.qkv_proj = QKVParallelLinear(
-            hidden_size, self.head_dim, total_heads, hf_config.num_key_value_heads, bias=qkv_bias, tp=tp
+            hidden_size, self.head_dim, total_heads, spec.num_kv_heads, bias=spec.qkv_bias, tp=tp
         )
         # This rank's heads: Hq / tp query heads and its kv heads (replicated when Hkv < tp).
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(
-            total_heads * self.head_dim, hidden_size, bias=o_bias, tp=tp, reduce_results=False
+            total_heads * self.head_dim, hidden_size, bias=spec.o_bias, tp=tp, reduce_results=False
         )
-        self.rotary_emb = get_rope(hf_config, self.head_dim, is_neox_style=is_neox_style)
+        self.rotary_emb = get_rope(spec.rope, self.head_dim, spec.max_position_embeddings, spec.rope_neox)
         self.attn = PagedAttention(self.num_heads, self.head_dim, self.num_kv_heads, scale=self.head_dim**-0.5)
-        if qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, eps=hf_config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, eps=hf_config.rms_norm_eps)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=spec.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=spec.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
@@ -101,37 +88,20 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # (T, H) -> (T, 2I/tp) -> (T, I/tp) -> (T, H)
 
 
-def _check_act(hf_config) -> None:
-    act = getattr(hf_config, "hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
-
-
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block; the residual stream travels next to the hidden states so each add fuses into a norm."""
 
     # forward returns the MLP's partial sum (rank-local under TP) next to the reduced residual; the
-    # next layer's input_layernorm or the model's norm reduces it. Layers of one model share a class,
-    # so a layer's input (when it comes with a residual) is partial exactly when its output is.
+    # next layer's input_layernorm or the model's norm reduces it. Layers of one model are alike, so a
+    # layer's input (when it comes with a residual) is partial exactly when its output is.
     output_is_partial: ClassVar[bool] = True
 
-    def __init__(self, hf_config, tp: TPGroup = SINGLE_RANK):
+    def __init__(self, spec: ModelSpec, tp: TPGroup = SINGLE_RANK):
         super().__init__()
-        _check_act(hf_config)
-        is_qwen2 = hf_config.model_type == "qwen2"
-        attention_bias = getattr(hf_config, "attention_bias", False)
-        self.self_attn = LlamaAttention(
-            hf_config,
-            qkv_bias=is_qwen2 or attention_bias,
-            o_bias=attention_bias and not is_qwen2,
-            qk_norm=hf_config.model_type == "qwen3",
-            tp=tp,
-        )
-        self.mlp = LlamaMLP(
-            hf_config.hidden_size, hf_config.intermediate_size, getattr(hf_config, "mlp_bias", False), tp=tp
-        )
-        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps, tp=tp)
-        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps, tp=tp)
+        self.self_attn = LlamaAttention(spec, tp)
+        self.mlp = LlamaMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, tp=tp)
+        self.input_layernorm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps, tp=tp)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps, tp=tp)
 
     def forward(
         self,
@@ -151,12 +121,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, hf_config, layer_cls: type[nn.Module] = LlamaDecoderLayer, tp: TPGroup = SINGLE_RANK):
+    def __init__(self, spec: ModelSpec, layer_cls: type[nn.Module] = LlamaDecoderLayer, tp: TPGroup = SINGLE_RANK):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size, tp=tp)
-        self.layers = nn.ModuleList([layer_cls(hf_config, tp) for _ in range(hf_config.num_hidden_layers)])
-        self.norm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps, tp=tp)
-        self.layer_cls = layer_cls  # its output_is_partial says whether the final norm reduces
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp=tp)
+        self.layers = nn.ModuleList([layer_cls(spec, tp) for _ in range(spec.num_layers)])
+        self.norm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps, tp=tp)
+        self.output_is_partial = self.layers[0].output_is_partial  # whether the final norm reduces
 
     def forward(
         self,
@@ -190,12 +160,12 @@ class LlamaModel(nn.Module):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn)
         if end < len(self.layers):
             return hidden, residual
-        hidden, _ = self.norm(hidden, residual, partial=self.layer_cls.output_is_partial)
+        hidden, _ = self.norm(hidden, residual, partial=self.output_is_partial)
         return hidden
 
 
-class LlamaForCausalLM(nn.Module):
-    """The model interface the model runner calls: ``forward``, ``compute_logits``, ``load_weights``."""
+class LlamaForCausalLM(CausalLM):
+    """``CausalLM`` over Llama-shaped decoder layers (``layer_cls``; GLM's in glm4.py)."""
 
     layer_cls: type[nn.Module] = LlamaDecoderLayer
     # HF checkpoint name -> (our fused parameter name, shard id)
@@ -209,15 +179,11 @@ class LlamaForCausalLM(nn.Module):
     # checkpoint tensors that are not parameters here (RoPE buffers saved by old checkpoints)
     ignored_suffixes = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
-    def __init__(self, hf_config, tp: TPGroup = SINGLE_RANK):
-        super().__init__()
-        self.config = hf_config
-        self.tp = tp
-        self.model = LlamaModel(hf_config, self.layer_cls, tp)
-        tie = getattr(hf_config, "tie_word_embeddings", False)
-        self.lm_head = ParallelLMHead(
-            hf_config.vocab_size, hf_config.hidden_size, tie_to=self.model.embed_tokens if tie else None, tp=tp
-        )
+    def __init__(self, spec: ModelSpec, tp: TPGroup = SINGLE_RANK):
+        super().__init__(spec, tp)
+        self.model = LlamaModel(spec, self.layer_cls, tp)
+        tie_to = self.model.embed_tokens if spec.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, tie_to=tie_to, tp=tp)
 
     def forward(
         self,
@@ -265,7 +231,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     """Shared loader for every decoder here: routes HF names through ``packed_modules_mapping``
     to each parameter's ``weight_loader`` and checks that every parameter (every shard) was filled."""
     params = dict(model.named_parameters())  # a tied lm_head shares the embedding's Parameter: listed once
-    tied = getattr(model.config, "tie_word_embeddings", False)
+    tied = model.spec.tie_word_embeddings
     required = {name: set(getattr(_layer_of(p), "shard_ids", (None,))) for name, p in params.items()}
     loaded: dict[str, set] = {name: set() for name in params}
     for ckpt_name, tensor in weights:

@@ -1,25 +1,38 @@
-"""HF ``architectures`` name -> model class, what the KV cache of a model looks like on one rank,
-and whether a model can be split over a number of tensor-parallel ranks."""
+"""HF ``architectures`` name -> model class (imported on first use) and how that family departs from
+Llama's reading of the config; what the KV cache of a model looks like on one rank; whether a model
+can be split over a number of tensor-parallel ranks.
+
+A model class is a ``CausalLM`` built from the config's ``ModelSpec``: ``ModelSpec.from_hf`` reads
+the config once, then the family's overrides below are applied, so every per-family difference is
+this table plus the spec's fields."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
 
 from pagoda.engine.distributed import SINGLE_RANK, TPGroup
 from pagoda.engine.layers.linear import check_head_split
-from pagoda.engine.models.glm4 import Glm4ForCausalLM, GlmForCausalLM
-from pagoda.engine.models.llama import LlamaForCausalLM, head_dim_of
+from pagoda.engine.models.base import CausalLM
+from pagoda.engine.models.spec import ModelSpec
 
-_MODELS: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-    "Qwen3ForCausalLM": LlamaForCausalLM,
-    "Glm4ForCausalLM": Glm4ForCausalLM,
-    "GlmForCausalLM": GlmForCausalLM,
+_LLAMA = "pagoda.engine.models.llama:LlamaForCausalLM"
+_GLM = "pagoda.engine.models.glm4:GlmForCausalLM"
+# GLM: interleaved (partial) RoPE; q/k/v biased when attention_bias, o_proj and the MLP never.
+_GLM_TRAITS = {"rope_neox": False, "o_bias": False, "mlp_bias": False}
+
+# architecture -> (CausalLM class as "module:Class", ModelSpec fields that differ from Llama's reading)
+_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "LlamaForCausalLM": (_LLAMA, {}),  # Llama 2/3, SmolLM2
+    "MistralForCausalLM": (_LLAMA, {}),
+    "Qwen2ForCausalLM": (_LLAMA, {"qkv_bias": True, "o_bias": False}),  # q/k/v always biased, o_proj never
+    "Qwen3ForCausalLM": (_LLAMA, {"qk_norm": True}),
+    "GlmForCausalLM": (_GLM, _GLM_TRAITS),  # GLM-4-9B-chat-hf
+    "Glm4ForCausalLM": (_GLM, {**_GLM_TRAITS, "sandwich_norms": True}),  # GLM-4-0414
 }
 
 SUPPORTED_ARCHITECTURES = tuple(_MODELS)
@@ -34,47 +47,55 @@ class KVCacheSpec:
     head_dim: int
 
 
-def model_class(hf_config) -> type[nn.Module]:
-    """The class for the config's first ``architectures`` entry; ValueError naming it if unsupported."""
-    archs = getattr(hf_config, "architectures", None) or []
-    if not archs:
-        raise ValueError(f"config has no 'architectures' entry; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    if archs[0] not in _MODELS:
-        raise ValueError(f"architecture {archs[0]!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return _MODELS[archs[0]]
-
-
-def check_tensor_parallel(hf_config, tp_size: int) -> None:
-    """ValueError naming the values unless the model can be split over ``tp_size`` ranks."""
-    model_class(hf_config)
-    check_head_split(hf_config.num_attention_heads, hf_config.num_key_value_heads, tp_size)
-    if hf_config.intermediate_size % tp_size:
+def model_spec(hf_config) -> ModelSpec:
+    """The config read once into a spec, with its family's differences; ValueError naming an unsupported one."""
+    spec = ModelSpec.from_hf(hf_config)
+    if spec.architecture not in _MODELS:
         raise ValueError(
-            f"intermediate_size ({hf_config.intermediate_size}) must be divisible by tensor_parallel_size ({tp_size})"
+            f"architecture {spec.architecture!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    return dataclasses.replace(spec, **_MODELS[spec.architecture][1])
+
+
+def model_class(spec: ModelSpec) -> type[CausalLM]:
+    """The class registered for the spec's architecture, imported now."""
+    module, _, name = _MODELS[spec.architecture][0].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def check_tensor_parallel(hf_config, tp_size: int) -> ModelSpec:
+    """The config's spec; ValueError naming the values unless the model is supported and can be split
+    over ``tp_size`` ranks."""
+    spec = model_spec(hf_config)
+    check_head_split(spec.num_heads, spec.num_kv_heads, tp_size)
+    if spec.intermediate_size % tp_size:
+        raise ValueError(
+            f"intermediate_size ({spec.intermediate_size}) must be divisible by tensor_parallel_size ({tp_size})"
+        )
+    return spec
 
 
 def build_model(
     hf_config, dtype: torch.dtype, device: torch.device | str, tp: TPGroup = SINGLE_RANK
-) -> nn.Module:
+) -> CausalLM:
     """An uninitialised model with this rank's parameters of ``dtype`` on ``device``; fill it with
     ``load_weights`` (which cuts each full checkpoint tensor down to this rank's part)."""
-    check_tensor_parallel(hf_config, tp.world_size)
-    cls = model_class(hf_config)
+    spec = check_tensor_parallel(hf_config, tp.world_size)
+    cls = model_class(spec)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in dtype directly (no float32 copy of an 8B model)
     try:
         with torch.device(device):
-            return cls(hf_config, tp)
+            return cls(spec, tp)
     finally:
         torch.set_default_dtype(previous)
 
 
 def kv_cache_spec(hf_config, tp_size: int = 1) -> KVCacheSpec:
     """The KV cache of one rank out of ``tp_size``."""
-    check_tensor_parallel(hf_config, tp_size)  # same error as build_model for an unsupported model
+    spec = check_tensor_parallel(hf_config, tp_size)  # same error as build_model for an unsupported model
     return KVCacheSpec(
-        num_layers=hf_config.num_hidden_layers,
-        num_kv_heads=max(1, hf_config.num_key_value_heads // tp_size),
-        head_dim=head_dim_of(hf_config),
+        num_layers=spec.num_layers,
+        num_kv_heads=max(1, spec.num_kv_heads // tp_size),
+        head_dim=spec.head_dim,
     )

@@ -5,6 +5,7 @@ executor, the worker and the model, instead of each of them loading the config a
 from __future__ import annotations
 
 from pagoda.engine.llm_engine import LLMEngine
+from pagoda.engine.models.registry import model_spec
 
 
 def test_the_hf_config_is_read_once_and_handed_down(tiny_models, monkeypatch):
@@ -17,7 +18,7 @@ def test_the_hf_config_is_read_once_and_handed_down(tiny_models, monkeypatch):
     try:
         assert len(reads) == 1, reads
         worker = engine.executor.worker
-        assert worker.source is engine.model
-        assert worker.model.config is engine.model.hf_config  # the built model holds the same object
+        assert worker.source is engine.model  # the worker builds from the engine's object
+        assert worker.model.spec == model_spec(engine.model.hf_config)
     finally:
         engine.shutdown()

@@ -96,7 +96,7 @@ def test_embedded_model_knows_the_capital_of_france(embedded, one_thread):
 
     tokenizer = AutoTokenizer.from_pretrained(embedded)
     model = load_model(embedded, load_hf_config(embedded), torch.float32, "cpu")
-    spec = kv_cache_spec(model.config)
+    spec = kv_cache_spec(load_hf_config(embedded))
     cache = PagedKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, num_blocks=8, block_size=16)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True

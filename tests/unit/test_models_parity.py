@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pagoda.engine.loader import load_model
-from pagoda.engine.models.registry import build_model, kv_cache_spec
+from pagoda.engine.models.registry import build_model
 from tests.unit.paged_helpers import PagedKV
 
 ATOL = 1e-4
@@ -86,7 +86,7 @@ def _ours(model, cache: PagedKV, ids: torch.Tensor, chunks):
 
 
 def _new_cache(model, block_size=4):
-    spec = kv_cache_spec(model.config)
+    spec = model.spec  # one rank: the per-rank KV shape is the model's
     return PagedKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, num_blocks=48, block_size=block_size)
 
 
@@ -96,7 +96,7 @@ def test_prefill_in_one_go(pair):
     logits = _ours(ours, _new_cache(ours), ids, [("a", 23)])
     assert logits.dtype == torch.float32
     diff = (logits - _hf_logits(hf, ids.tolist())).abs().max().item()
-    print(f"{ours.config.architectures[0]} prefill max |logit diff| = {diff:.2e}")
+    print(f"{ours.spec.architecture} prefill max |logit diff| = {diff:.2e}")
     assert diff < ATOL, diff
 
 
@@ -126,7 +126,7 @@ def test_chunked_prefill_then_batched_decode(pair):
             worst = max(worst, (logits[row : row + n] - expected).abs().max().item())
             row += n
             done[seq_id] += n
-    print(f"{ours.config.architectures[0]} chunked+decode max |logit diff| = {worst:.2e}")
+    print(f"{ours.spec.architecture} chunked+decode max |logit diff| = {worst:.2e}")
     assert worst < ATOL, worst
 
 
@@ -151,7 +151,7 @@ def test_forward_in_pieces_equals_forward(pair):
 def test_weights_are_checked_by_name(pair):
     hf, ours = pair
     state = hf.state_dict()
-    fresh = build_model(ours.config, torch.float32, "cpu")
+    fresh = build_model(hf.config, torch.float32, "cpu")
     with pytest.raises(ValueError, match="missing"):
         fresh.load_weights((n, t) for n, t in state.items() if "k_proj.weight" not in n)
     with pytest.raises(ValueError, match="no parameter"):

@@ -256,6 +256,7 @@ def test_single_rank_group_is_identity():
 
 class _Cfg:
     architectures = ("LlamaForCausalLM",)
+    vocab_size, rms_norm_eps, max_position_embeddings = 100, 1e-6, 64
 
     def __init__(self, heads=8, kv=2, inter=64):
         self.num_attention_heads, self.num_key_value_heads, self.intermediate_size = heads, kv, inter
