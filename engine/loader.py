@@ -96,7 +96,9 @@ class ResolvedModel:
     eos_token_ids: tuple[int, ...]  # the ids that end a request (tokenizer and generation_config.json)
 
 
-def open_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None):
+def open_model(
+    config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None
+) -> tuple[ResolvedModel, PreTrainedTokenizerBase]:
     """``(ResolvedModel, tokenizer)``: the model resolved once (its local folder, its HF config, read
     here and nowhere else, its EOS ids) and its tokenizer (``tokenizer`` when the caller has one)."""
     path = resolve_model(config.model)
