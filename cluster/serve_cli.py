@@ -29,6 +29,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--grpc-port", type=int, default=50051, help="pagoda.v1 gRPC port (-1: off)")
     p.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $PAGODA_API_KEY; none: open)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model name(s) clients use; responses report the one a request used "
+                        "(default: the application's name)")
     p.add_argument("--tls-cert", default=None, help="gRPC TLS certificate chain (PEM)")
     p.add_argument("--tls-key", default=None, help="gRPC TLS private key (PEM)")
     p.add_argument("--tls-client-ca", default=None, help="gRPC mTLS: CA that client certificates must chain to")
@@ -42,6 +45,7 @@ def serve_main(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         api = ApiConfig(host=args.host, http_port=None if args.http_port < 0 else args.http_port,
                         grpc_port=None if args.grpc_port < 0 else args.grpc_port, api_key=args.api_key,
+                        served_model_name=args.served_model_name,
                         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

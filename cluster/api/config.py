@@ -10,7 +10,10 @@ class ApiConfig:
     host: str = "127.0.0.1"  # interface both servers bind
     http_port: int | None = 8000  # OpenAI-compatible HTTP; 0 picks a free port, None turns it off
     grpc_port: int | None = 50051  # pagoda.v1 gRPC; 0 picks a free port, None turns it off
-    served_model_name: str | None = None  # the `model` clients name; None: the application's name
+    # The `model` names clients may use, like vLLM's --served-model-name: one name or several (a str, or
+    # a list in YAML, kept as a tuple); responses echo the name a request used, else the first.
+    # None: the application's name.
+    served_model_name: str | tuple[str, ...] | None = None
     api_key: str | None = None  # when set: `Authorization: Bearer <key>` (HTTP header, gRPC metadata)
     max_concurrent_requests: int = 256  # generations in flight per server process; beyond: 429 / RESOURCE_EXHAUSTED
     max_message_bytes: int = 4 * 1024 * 1024  # largest request body / gRPC message
@@ -19,6 +22,14 @@ class ApiConfig:
     tls_client_ca_file: str | None = None  # gRPC mTLS: clients must present a certificate signed by this CA
 
     def __post_init__(self) -> None:
+        names = self.served_model_name
+        if names is not None:
+            names = (names,) if isinstance(names, str) else tuple(names)
+            if not names or not all(isinstance(n, str) and n.strip() for n in names):
+                raise ValueError(f"served_model_name must be a non-empty name or list of names, got {self.served_model_name!r}")
+            if len(set(names)) != len(names):
+                raise ValueError(f"served_model_name has a name twice: {list(names)}")
+            object.__setattr__(self, "served_model_name", names)
         for name in ("http_port", "grpc_port"):
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:

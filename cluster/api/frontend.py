@@ -35,7 +35,8 @@ class Prompt:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    name: str  # the served model name clients use
+    name: str  # the served model name, reported when a request names none of the aliases
+    aliases: tuple[str, ...]  # every name clients may use (name first)
     source: str  # the engine's `model` setting
     max_model_len: int
     vocab_size: int
@@ -50,8 +51,10 @@ class Frontend:
         self.client = client  # PagodaClient (or anything with its ``generate``)
         self.tokenizer = tokenizer
         self.api = api
+        aliases = api.served_model_name or (app.deployment.name,)
         self.info = ModelInfo(
-            name=api.served_model_name or app.deployment.name,
+            name=aliases[0],
+            aliases=aliases,
             source=app.engine.model.model,
             max_model_len=max_model_len,
             vocab_size=len(tokenizer),
@@ -74,8 +77,12 @@ class Frontend:
 
     def check_model(self, model: str | None) -> None:
         """Empty means the default model."""
-        if model and model not in (self.info.name, self.info.source):
-            raise errors.not_found(f"model {model!r} is not served here (served: {self.info.name!r})")
+        if model and model not in (*self.info.aliases, self.info.source):
+            raise errors.not_found(f"model {model!r} is not served here (served: {', '.join(self.info.aliases)})")
+
+    def response_model(self, model: str | None) -> str:
+        """The name a response reports: the alias the request used, else the first served name."""
+        return model if model in self.info.aliases else self.info.name
 
     # ---- requests -------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ def main() -> int:
         return 1
     for path in OUT.joinpath("pagoda", "v1").glob("pagoda_pb2*.py*"):
         text = path.read_text()
-        text = text.replace("from pagoda.v1 import", "from cluster.api.gen.pagoda.v1 import")
+        text = text.replace("from pagoda.v1 import", "from pagoda.cluster.api.gen.pagoda.v1 import")
         text = re.sub(r"GRPC_GENERATED_VERSION = '[^']+'", "GRPC_GENERATED_VERSION = '1.84.0'", text)
         # The gencode pins the protobuf runtime to >= the generator's (7.x here); the builder API it
         # uses exists since protobuf 4.21, so drop the pin to import beside the GPU image's protobuf.

@@ -76,8 +76,9 @@ class PagodaService(pb_grpc.PagodaServicer):
             self._admit(context, request.model)
             i = self.frontend.info
             return pb.ModelInfoResponse(
-                model=i.name, source=i.source, max_model_len=i.max_model_len, vocab_size=i.vocab_size,
-                block_size=i.block_size, tensor_parallel_size=i.tensor_parallel_size, num_replicas=i.num_replicas,
+                model=self.frontend.response_model(request.model), served_model_names=i.aliases, source=i.source,
+                max_model_len=i.max_model_len, vocab_size=i.vocab_size, block_size=i.block_size,
+                tensor_parallel_size=i.tensor_parallel_size, num_replicas=i.num_replicas,
                 has_chat_template=i.has_chat_template)
         except ApiError as exc:
             await _abort(context, exc)

@@ -54,8 +54,9 @@ def create_app(frontend: Frontend) -> FastAPI:
     async def models(request: Request) -> dict:
         frontend.check_key(request.headers.get("authorization"))
         info = frontend.info
-        return {"object": "list", "data": [{"id": info.name, "object": "model", "created": 0, "owned_by": "pagoda",
-                                           "max_model_len": info.max_model_len}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "pagoda",
+                                           "root": info.source, "max_model_len": info.max_model_len}
+                                          for name in info.aliases]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -83,9 +84,10 @@ async def _generate(frontend: Frontend, request: Request, chat: bool):
     if not req.stream:
         acc = Accumulator(params.n)
         await _unless_disconnected(request, _accumulate(chunks, acc))
-        return completion_response(req, frontend.info.name, acc)
+        return completion_response(req, frontend.response_model(req.model), acc)
     first = await anext(chunks)  # errors before the first token keep their HTTP status
-    return StreamingResponse(_sse(req, frontend.info.name, first, chunks, params.n), media_type="text/event-stream",
+    model = frontend.response_model(req.model)
+    return StreamingResponse(_sse(req, model, first, chunks, params.n), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
 

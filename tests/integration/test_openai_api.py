@@ -213,3 +213,38 @@ def test_backpressure_and_size_are_429_with_retry_after(app, guarded):
 def test_still_serving_after_errors(client):
     r = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=24, temperature=0)
     assert "Paris" in r.choices[0].message.content
+
+
+# ---- served model names (vLLM's --served-model-name with several names) -------------------------
+
+
+@pytest.fixture(scope="module")
+def aliased(app):
+    """Servers over the same replica that answer to two names (Open-AutoGLM calls its model autoglm-phone-9b)."""
+    api = ApiConfig(http_port=0, grpc_port=0, served_model_name=["autoglm-phone-9b", "glm4v"])
+    other = more_servers(app[2], app[0], api)
+    yield other
+    other.stop()
+
+
+def test_every_served_name_is_listed_and_answers_under_its_own_name(aliased):
+    client = openai.OpenAI(base_url=aliased.http_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == ["autoglm-phone-9b", "glm4v"]
+    for name in ("autoglm-phone-9b", "glm4v"):
+        r = client.chat.completions.create(model=name, messages=FRANCE, max_tokens=4, temperature=0)
+        assert r.model == name and r.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="glm4v", messages=FRANCE, max_tokens=4, stream=True))
+    assert {c.model for c in chunks} == {"glm4v"}
+    with pytest.raises(openai.NotFoundError, match="served: autoglm-phone-9b, glm4v"):
+        client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=4)
+
+
+def test_grpc_model_info_reports_the_served_names(aliased):
+    import grpc
+
+    from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
+    from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{aliased.grpc_port}") as channel:
+        info = pb_grpc.PagodaStub(channel).ModelInfo(pb.ModelInfoRequest(model="glm4v"), timeout=30)
+    assert info.model == "glm4v" and list(info.served_model_names) == ["autoglm-phone-9b", "glm4v"]

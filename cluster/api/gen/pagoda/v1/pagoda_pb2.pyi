@@ -169,7 +169,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "source", "max_model_len", "vocab_size", "block_size", "tensor_parallel_size", "num_replicas", "has_chat_template")
+    __slots__ = ("model", "source", "max_model_len", "vocab_size", "block_size", "tensor_parallel_size", "num_replicas", "has_chat_template", "served_model_names")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,7 @@ class ModelInfoResponse(_message.Message):
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MODEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     model: str
     source: str
     max_model_len: int
@@ -186,4 +187,5 @@ class ModelInfoResponse(_message.Message):
     tensor_parallel_size: int
     num_replicas: int
     has_chat_template: bool
-    def __init__(self, model: _Optional[str] = ..., source: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., num_replicas: _Optional[int] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+    served_model_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., source: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., num_replicas: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., served_model_names: _Optional[_Iterable[str]] = ...) -> None: ...
