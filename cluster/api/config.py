@@ -26,7 +26,9 @@ class ApiConfig:
         if names is not None:
             names = (names,) if isinstance(names, str) else tuple(names)
             if not names or not all(isinstance(n, str) and n.strip() for n in names):
-                raise ValueError(f"served_model_name must be a non-empty name or list of names, got {self.served_model_name!r}")
+                raise ValueError(
+                    f"served_model_name must be a non-empty name or list of names, got {self.served_model_name!r}"
+                )
             if len(set(names)) != len(names):
                 raise ValueError(f"served_model_name has a name twice: {list(names)}")
             object.__setattr__(self, "served_model_name", names)
