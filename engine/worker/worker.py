@@ -106,7 +106,8 @@ class Worker:
         kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.num_layers)]
         graph_seqs = 0 if self.config.model.enforce_eager else self.config.scheduler.max_num_seqs
         args = (
-            self.model, kv_caches, self.config.cache.block_size, self.source.hf_config.vocab_size, self.source.eos_token_ids,
+            self.model, kv_caches, self.config.cache.block_size, self.source.hf_config.vocab_size,
+            self.source.eos_token_ids,
             self.device, self.config.model.max_model_len, graph_seqs,
         )
         if self.tp.world_size == 1:
