@@ -161,11 +161,11 @@ class Scheduler:
             if request.num_pending_outputs:
                 break  # preempted while its last step ran: readmitted once that step's token is known
             tokens = request.all_token_ids
-            hit = self.kv.get_prefix_hit(tokens)
+            hit = self.kv.get_prefix_hit(tokens, request.extra_keys)
             num_new = self._num_new_tokens(request, budget, hit.num_tokens)
             if num_new == 0 or not self.kv.can_allocate(hit, num_new):
                 break  # keep policy order: nobody overtakes the head of the queue
-            block_ids = self.kv.allocate(request.request_id, tokens, hit, num_new)
+            block_ids = self.kv.allocate(request.request_id, tokens, hit, num_new, request.extra_keys)
             self.waiting.remove(request)
             self._enqueued_at.pop(request.request_id, None)
             self.running.append(request)
@@ -176,7 +176,7 @@ class Scheduler:
             new_reqs.append(
                 NewRequestData(  # a snapshot: the request's own list keeps growing
                     request.request_id, list(tokens), request.num_prompt_tokens, request.sampling_params,
-                    block_ids, hit.num_tokens,
+                    block_ids, hit.num_tokens, request.mm,
                 )
             )
             plan[request.request_id] = num_new
@@ -209,6 +209,8 @@ class Scheduler:
                 continue  # finished or aborted while the step ran
             token_ids, logprobs = sampled.get(req_id, ([], None))
             if token_ids:
+                if request.num_pending_outputs <= 0:  # a runner bug: this step's chunk did not reach the end
+                    raise ValueError(f"request {req_id!r} got a token from a step that samples none for it")
                 request.num_pending_outputs -= 1
             for token_id in token_ids:
                 request.append_output_token(token_id, logprobs)

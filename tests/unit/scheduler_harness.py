@@ -43,14 +43,17 @@ class Harness:
         return request
 
     def step(self) -> SchedulerOutput:
+        requests = self.scheduler.requests
+        pending_before = {req_id: r.num_pending_outputs for req_id, r in requests.items()}
         scheduled = self.scheduler.schedule()
         self.outputs.append(scheduled)
-        requests = self.scheduler.requests
         req_ids, tokens = [], []
         for req_id in scheduled.num_scheduled_tokens:
             request = requests[req_id]
             pending = request.num_pending_outputs
-            reaches_end = request.num_computed_tokens + 1 == request.num_tokens + pending  # this step samples
+            # this step samples iff the schedule added a pending output (the chunk reaches the end; a
+            # chunk that stops one token short leaves the same counts, so they cannot tell)
+            reaches_end = pending > pending_before.get(req_id, 0)
             req_ids.append(req_id)
             tokens.append([fake_token(request, request.num_output_tokens + pending - 1)] if reaches_end else [])
         self._in_flight.append((scheduled, ModelRunnerOutput(req_ids, tokens, [None] * len(req_ids))))
