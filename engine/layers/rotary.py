@@ -6,6 +6,11 @@ Two layouts of the rotated pairs inside a head's first ``rotary_dim`` features:
 Pair ``i`` turns by ``position * inv_freq[i]``. Features past ``rotary_dim`` pass through
 (partial rotary). The cos/sin cache is float32, ``(max_position, rotary_dim / 2)``, built as
 ``position * inv_freq`` in float32 like HF so the angles match it bit for bit.
+
+M-RoPE (``MRotaryEmbedding``, GLM-4.1V and Qwen2-VL): each token has three positions (temporal,
+height, width) and the rotary_dim / 2 frequencies are split into consecutive sections, one per
+position row: frequency ``j`` in section ``s`` turns by ``positions[s] * inv_freq[j]``. Text tokens
+have three equal positions, which is plain RoPE.
 """
 
 from __future__ import annotations
@@ -94,15 +99,53 @@ class RotaryEmbedding(nn.Module):
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
 
+class MRotaryEmbedding(RotaryEmbedding):
+    """RoPE over three position rows; ``mrope_section`` sizes the frequency sections (sums to rotary_dim / 2)."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        rotary_dim: int,
+        max_position: int,
+        base: float,
+        is_neox_style: bool,
+        rope_scaling: dict | None,
+        mrope_section: tuple[int, ...],
+    ):
+        super().__init__(head_dim, rotary_dim, max_position, base, is_neox_style, rope_scaling)
+        if sum(mrope_section) != rotary_dim // 2:
+            raise ValueError(f"mrope_section {list(mrope_section)} must sum to rotary_dim / 2 = {rotary_dim // 2}")
+        self.num_sections = len(mrope_section)
+        section = torch.repeat_interleave(torch.arange(self.num_sections), torch.tensor(mrope_section))
+        # for each column of cos_sin_cache (cos then sin of every frequency): the position row it reads
+        self.register_buffer("column_section", torch.cat([section, section]), persistent=False)  # (rotary_dim,)
+        self.register_buffer("columns", torch.arange(rotary_dim), persistent=False)
+
+    def cos_sin_table(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions (S, T), one row per section -> (T, rotary_dim) float32: each token's cos ‖ sin,
+        each frequency taken at its section's position."""
+        rows = positions[self.column_section].T.contiguous()  # (T, rotary_dim): the position each column reads
+        return self.cos_sin_cache[rows, self.columns]  # contiguous like rows, as the Triton kernel needs
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (S, T), or (T,) for S equal rows; q (T, Hq, D); k (T, Hkv, D) -> rotated q, k."""
+        if positions.dim() == 1:
+            return super().forward(positions, q, k)
+        if positions.shape[0] != self.num_sections:
+            raise ValueError(f"M-RoPE positions must have {self.num_sections} rows, got shape {tuple(positions.shape)}")
+        table = self.cos_sin_table(positions)  # (T, rotary_dim)
+        if q.is_cuda and HAS_TRITON:  # the kernel reads row positions[t] of its cache: here row t of the table
+            token_rows = torch.arange(table.shape[0], device=q.device)
+            return triton_rotary.apply_rotary(q, k, token_rows, table, self.is_neox_style)
+        cos, sin = table.unsqueeze(1).to(q.dtype).chunk(2, dim=-1)  # (T, 1, rotary_dim/2) each
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+
 def get_rope(params: dict, head_dim: int, max_position: int, is_neox_style: bool = True) -> RotaryEmbedding:
     """The rotary embedding of a model's RoPE settings (``ModelSpec.rope``: ``rope_theta``, ``rope_type``
-    with its scaling keys, ``partial_rotary_factor``)."""
+    with its scaling keys, ``partial_rotary_factor``, and ``mrope_section`` for M-RoPE)."""
     rotary_dim = int(head_dim * params["partial_rotary_factor"])
-    return RotaryEmbedding(
-        head_dim=head_dim,
-        rotary_dim=rotary_dim,
-        max_position=max_position,
-        base=params["rope_theta"],
-        is_neox_style=is_neox_style,
-        rope_scaling=params,
-    )
+    args = (head_dim, rotary_dim, max_position, params["rope_theta"], is_neox_style, params)
+    if params.get("mrope_section"):
+        return MRotaryEmbedding(*args, mrope_section=tuple(params["mrope_section"]))
+    return RotaryEmbedding(*args)

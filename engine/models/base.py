@@ -4,12 +4,18 @@ A model is built from a ``ModelSpec`` (``spec.py``) and this rank's ``TPGroup``,
 this rank's shard only; ``load_weights`` then fills them from HF-named checkpoint tensors. The
 runner calls nothing else: ``forward`` (or ``forward_layers`` for decode graphs captured in
 pieces), then ``compute_logits`` for the sampler or ``greedy_tokens`` for a plain-greedy step.
+
+A model that reads images also implements ``SupportsImages``: the runner encodes a prompt's images
+with ``encode_images``, writes the rows into ``embed_input_ids(prompt)`` at the image placeholder
+tokens (``image_token_id``), and passes the result as ``inputs_embeds``. A model with
+``uses_mrope`` takes (3, T) positions (temporal, height, width rows) for such prompts.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -20,6 +26,10 @@ from pagoda.engine.models.spec import ModelSpec
 
 
 class CausalLM(nn.Module, abc.ABC):
+    # True: forward also takes positions (3, T), one row per M-RoPE section (temporal, height, width);
+    # (T,) positions mean all three rows equal (text-only prompts, decode steps).
+    uses_mrope: ClassVar[bool] = False
+
     def __init__(self, spec: ModelSpec, tp: TPGroup) -> None:
         super().__init__()
         self.spec = spec
@@ -31,25 +41,38 @@ class CausalLM(nn.Module, abc.ABC):
         """Decoder layers, the range ``forward_layers`` splits (and the number of KV caches)."""
 
     @abc.abstractmethod
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(T,) token ids -> (T, hidden) embeddings, exactly ``forward``'s first step (reduced under TP)."""
+
+    @abc.abstractmethod
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], attn: AttentionMetadata
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions (T,); one KV cache per layer, written at ``attn.slot_mapping`` -> (T, hidden)."""
+        """input_ids, positions (T,) (or (3, T) when ``uses_mrope``); one KV cache per layer, written at
+        ``attn.slot_mapping`` -> (T, hidden). ``inputs_embeds`` (T, hidden), when given, replaces the
+        embedding of ``input_ids`` (which may then be None)."""
 
     @abc.abstractmethod
     def forward_layers(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         attn: AttentionMetadata,
         start: int,
         end: int,
         carry: tuple[torch.Tensor, torch.Tensor] | None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Layers ``start:end`` of ``forward``: a range from 0 embeds ``input_ids``, any other continues
-        from ``carry`` (what the previous range returned); the range that ends at the last layer
-        returns what ``forward`` returns, the others a (hidden, residual) carry."""
+        """Layers ``start:end`` of ``forward``: a range from 0 embeds ``input_ids`` (or takes
+        ``inputs_embeds``), any other continues from ``carry`` (what the previous range returned); the
+        range that ends at the last layer returns what ``forward`` returns, the others a (hidden,
+        residual) carry."""
 
     @abc.abstractmethod
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -62,3 +85,18 @@ class CausalLM(nn.Module, abc.ABC):
     @abc.abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill every parameter (this rank's shard) from HF-named tensors; raise on unknown or missing names."""
+
+
+class SupportsImages(abc.ABC):
+    """A ``CausalLM`` whose prompts may hold images: each image is ``num_tokens`` copies of
+    ``image_token_id`` in the prompt, whose embeddings are replaced by the image's encoder rows."""
+
+    image_token_id: int  # the placeholder token id; set by the model from its spec
+
+    @abc.abstractmethod
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: Sequence[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """pixel_values (sum of t*h*w, C * temporal_patch * patch * patch), the images' patch rows
+        concatenated as transformers' image processor returns them (any float dtype), grid_thw one
+        (t, h, w) patch grid per image -> one (t*h*w / merge**2, hidden) tensor per image, in the
+        model's dtype: the rows that replace the image's placeholder token embeddings. Identical on
+        every tensor-parallel rank."""

@@ -16,7 +16,7 @@ input_layernorm, the model's final norm) reduces it. The embedding is reduced on
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import ClassVar
 
 import torch
@@ -130,30 +130,34 @@ class LlamaModel(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         attn: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.forward_layers(input_ids, positions, kv_caches, attn, 0, len(self.layers), None)
+        return self.forward_layers(input_ids, positions, kv_caches, attn, 0, len(self.layers), None, inputs_embeds)
 
     def forward_layers(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         attn: AttentionMetadata,
         start: int,
         end: int,
         carry: tuple[torch.Tensor, torch.Tensor] | None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Layers ``start:end`` of the forward, for graphs captured in pieces. A range from 0 embeds
-        ``input_ids`` first; any other continues from ``carry``, the (hidden, residual) pair the
-        previous range returned (under TP, hidden is this rank's partial sum when the layers'
-        ``output_is_partial``: only the next norm reduces it). The range that ends at the last layer
-        returns the normed, reduced hidden states (T, hidden); the others return (hidden, residual)."""
-        if start == 0:
-            hidden, residual = self.embed_tokens(input_ids), None  # (T, hidden)
+        ``input_ids`` first (or starts from ``inputs_embeds`` (T, hidden) when given); any other
+        continues from ``carry``, the (hidden, residual) pair the previous range returned (under TP,
+        hidden is this rank's partial sum when the layers' ``output_is_partial``: only the next norm
+        reduces it). The range that ends at the last layer returns the normed, reduced hidden states
+        (T, hidden); the others return (hidden, residual)."""
+        if start == 0:  # (T, hidden), reduced
+            hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            residual = None
         else:
             hidden, residual = carry
         for layer, kv_cache in zip(self.layers[start:end], kv_caches[start:end], strict=True):
@@ -187,21 +191,27 @@ class LlamaForCausalLM(CausalLM):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         attn: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions (T,); one KV cache per layer -> hidden states (T, hidden)."""
-        return self.model(input_ids, positions, kv_caches, attn)
+        """input_ids, positions (T,); one KV cache per layer -> hidden states (T, hidden).
+        ``inputs_embeds`` (T, hidden) replaces the embedding of ``input_ids`` when given."""
+        return self.model(input_ids, positions, kv_caches, attn, inputs_embeds)
 
     @property
     def num_layers(self) -> int:
         return len(self.model.layers)
 
-    def forward_layers(self, input_ids, positions, kv_caches, attn, start: int, end: int, carry):
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(T,) -> (T, hidden): the token embedding (all-reduced under TP), as forward's first step."""
+        return self.model.embed_tokens(input_ids)
+
+    def forward_layers(self, input_ids, positions, kv_caches, attn, start: int, end: int, carry, inputs_embeds=None):
         """See ``LlamaModel.forward_layers``: the forward in pieces (CUDA graphs capture each piece)."""
-        return self.model.forward_layers(input_ids, positions, kv_caches, attn, start, end, carry)
+        return self.model.forward_layers(input_ids, positions, kv_caches, attn, start, end, carry, inputs_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """(N, hidden) -> (N, vocab) float32 on rank 0 (the sampling rank); None on the other ranks."""
@@ -227,17 +237,21 @@ def _route(model: nn.Module, name: str) -> tuple[str, object]:
     return name, None
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Shared loader for every decoder here: routes HF names through ``packed_modules_mapping``
-    to each parameter's ``weight_loader`` and checks that every parameter (every shard) was filled."""
+def load_weights(
+    model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], rename: Callable[[str], str] | None = None
+) -> None:
+    """Shared loader for every decoder here: routes HF names (after ``rename``, for checkpoint layouts
+    that nest the decoder differently) through ``packed_modules_mapping`` to each parameter's
+    ``weight_loader`` and checks that every parameter (every shard) was filled."""
     params = dict(model.named_parameters())  # a tied lm_head shares the embedding's Parameter: listed once
     tied = model.spec.tie_word_embeddings
     required = {name: set(getattr(_layer_of(p), "shard_ids", (None,))) for name, p in params.items()}
     loaded: dict[str, set] = {name: set() for name in params}
     for ckpt_name, tensor in weights:
-        if ckpt_name.endswith(model.ignored_suffixes) or (tied and ckpt_name == "lm_head.weight"):
+        our_name = rename(ckpt_name) if rename else ckpt_name
+        if our_name.endswith(model.ignored_suffixes) or (tied and our_name == "lm_head.weight"):
             continue
-        name, shard_id = _route(model, ckpt_name)
+        name, shard_id = _route(model, our_name)
         if name not in params:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has no parameter in {type(model).__name__}")
         params[name].weight_loader(params[name], tensor, shard_id)

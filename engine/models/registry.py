@@ -4,7 +4,9 @@ can be split over a number of tensor-parallel ranks.
 
 A model class is a ``CausalLM`` built from the config's ``ModelSpec``: ``ModelSpec.from_hf`` reads
 the config once, then the family's overrides below are applied, so every per-family difference is
-this table plus the spec's fields."""
+this table plus the spec's fields. The runner asks a built model what it can take
+(``model.uses_mrope``, ``isinstance(model, SupportsImages)``); ``uses_mrope`` and ``supports_images``
+answer the same from a config, for the front end, which builds no model."""
 
 from __future__ import annotations
 
@@ -17,15 +19,22 @@ import torch
 
 from pagoda.engine.distributed import SINGLE_RANK, TPGroup
 from pagoda.engine.layers.linear import check_head_split
-from pagoda.engine.models.base import CausalLM
+from pagoda.engine.models.base import CausalLM, SupportsImages
 from pagoda.engine.models.spec import ModelSpec
 
 _LLAMA = "pagoda.engine.models.llama:LlamaForCausalLM"
 _GLM = "pagoda.engine.models.glm4:GlmForCausalLM"
+_GLM4V = "pagoda.engine.models.glm4v:Glm4vForConditionalGeneration"
 # GLM: interleaved (partial) RoPE; q/k/v biased when attention_bias, o_proj and the MLP never.
 _GLM_TRAITS = {"rope_neox": False, "o_bias": False, "mlp_bias": False}
 
-# architecture -> (CausalLM class as "module:Class", ModelSpec fields that differ from Llama's reading)
+
+def _head_dim_from_hidden(spec: ModelSpec) -> int:
+    return spec.hidden_size // spec.num_heads  # GLM-4.1V's text attention ignores a config's head_dim
+
+
+# architecture -> (CausalLM class as "module:Class", ModelSpec fields that differ from Llama's reading:
+# a value, or a function of the spec as read)
 _MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "LlamaForCausalLM": (_LLAMA, {}),  # Llama 2/3, SmolLM2
     "MistralForCausalLM": (_LLAMA, {}),
@@ -33,6 +42,11 @@ _MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "Qwen3ForCausalLM": (_LLAMA, {"qk_norm": True}),
     "GlmForCausalLM": (_GLM, _GLM_TRAITS),  # GLM-4-9B-chat-hf
     "Glm4ForCausalLM": (_GLM, {**_GLM_TRAITS, "sandwich_norms": True}),  # GLM-4-0414
+    # GLM-4.1V, AutoGLM-Phone-9B: GLM-4's decoder (q/k/v always biased) with M-RoPE, plus a vision tower
+    "Glm4vForConditionalGeneration": (
+        _GLM4V,
+        {**_GLM_TRAITS, "sandwich_norms": True, "qkv_bias": True, "head_dim": _head_dim_from_hidden},
+    ),
 }
 
 SUPPORTED_ARCHITECTURES = tuple(_MODELS)
@@ -54,13 +68,24 @@ def model_spec(hf_config) -> ModelSpec:
         raise ValueError(
             f"architecture {spec.architecture!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    return dataclasses.replace(spec, **_MODELS[spec.architecture][1])
+    traits = _MODELS[spec.architecture][1]
+    return dataclasses.replace(spec, **{k: v(spec) if callable(v) else v for k, v in traits.items()})
 
 
 def model_class(spec: ModelSpec) -> type[CausalLM]:
     """The class registered for the spec's architecture, imported now."""
     module, _, name = _MODELS[spec.architecture][0].partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def uses_mrope(hf_config) -> bool:
+    """Whether the model takes (3, T) M-RoPE positions for prompts with images (``CausalLM.uses_mrope``)."""
+    return model_class(model_spec(hf_config)).uses_mrope
+
+
+def supports_images(hf_config) -> bool:
+    """Whether the model reads images (implements ``SupportsImages``); for a built model: ``isinstance``."""
+    return issubclass(model_class(model_spec(hf_config)), SupportsImages)
 
 
 def check_tensor_parallel(hf_config, tp_size: int) -> ModelSpec:
