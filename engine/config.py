@@ -131,6 +131,35 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class MultiModalConfig:
+    """Images in prompts (vision-language models): what a request may carry, and how much of the
+    vision encoder's work is kept for reuse."""
+
+    limit_images_per_prompt: int = 8  # more images in one prompt is a 400
+    max_image_bytes: int = 20 * 2**20  # an encoded image (data URL payload, upload, download) larger than this is a 400
+    max_input_image_pixels: int = 7680 * 4320  # decoded width x height above this is a 400 (decompression bombs)
+    # The processor's resize cap (transformers' size["longest_edge"], the "max_pixels" of GLM-4.1V and
+    # Qwen2-VL): a larger image is scaled down to fit. None: the model folder's preprocessor_config.json.
+    image_resize_max_pixels: int | None = None
+    allow_image_urls: bool = False  # fetch http(s) image URLs (data URLs are always accepted)
+    image_fetch_timeout_s: float = 10.0  # per download, connect to last byte
+    # Vision-encoder outputs kept on the device after their request is done, in image tokens: an
+    # image seen again (a retried or preempted request, the same screenshot twice) is not encoded again.
+    encoder_cache_tokens: int = 16384
+
+    def __post_init__(self) -> None:
+        require(self.limit_images_per_prompt >= 0,
+                f"limit_images_per_prompt must be >= 0, got {self.limit_images_per_prompt}")
+        require(self.max_image_bytes >= 1, f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
+        require(self.max_input_image_pixels >= 1,
+                f"max_input_image_pixels must be >= 1, got {self.max_input_image_pixels}")
+        require(self.image_resize_max_pixels is None or self.image_resize_max_pixels >= 28 * 28,
+                f"image_resize_max_pixels must be >= 784, got {self.image_resize_max_pixels}")
+        require(self.image_fetch_timeout_s > 0, f"image_fetch_timeout_s must be > 0, got {self.image_fetch_timeout_s}")
+        require(self.encoder_cache_tokens >= 0, f"encoder_cache_tokens must be >= 0, got {self.encoder_cache_tokens}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine needs, grouped by room."""
 
@@ -138,11 +167,15 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    multimodal: MultiModalConfig = field(default_factory=MultiModalConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
         """Build from flat keyword arguments, vLLM style: ``EngineConfig.from_kwargs(model=..., max_num_seqs=8)``."""
-        groups = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
+        groups = {
+            "model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig,
+            "multimodal": MultiModalConfig,
+        }
         picked: dict[str, dict] = {name: {} for name in groups}
         for key, value in kwargs.items():
             owner = next((g for g, c in groups.items() if key in {f.name for f in dataclasses.fields(c)}), None)
@@ -152,6 +185,13 @@ class EngineConfig:
         return cls(**{name: groups[name](**picked[name]) for name in groups})
 
 
+def text_config(hf_config):
+    """The language model's part of an HF config: a vision-language config's ``text_config``, any
+    other config itself."""
+    get = getattr(hf_config, "get_text_config", None)
+    return get() if get is not None else hf_config
+
+
 DEFAULT_CONTEXT_LEN = 2048  # for a config that states no max_position_embeddings
 
 
@@ -159,7 +199,8 @@ def model_context_limit(hf_config) -> tuple[int, str]:
     """The longest context pagoda serves for a model, and the config field that sets it:
     ``max_position_embeddings``, or a smaller ``sliding_window`` (sliding-window attention is not
     implemented, so a request must stay inside the window; Mistral v0.1 advertises 32,768
-    positions with a 4,096-token window)."""
+    positions with a 4,096-token window). A vision-language config is read through its text config."""
+    hf_config = text_config(hf_config)
     limit = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_CONTEXT_LEN
     field_name = "max_position_embeddings"
     window = getattr(hf_config, "sliding_window", None) if getattr(hf_config, "use_sliding_window", True) else None

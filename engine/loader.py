@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pagoda.engine.config import EMBEDDED_MODEL, ModelConfig
+from pagoda.engine.config import EMBEDDED_MODEL, ModelConfig, text_config
 from pagoda.engine.distributed import SINGLE_RANK, TPGroup
 from pagoda.engine.gguf_convert import convert_gguf
 from pagoda.engine.models.registry import build_model
@@ -94,6 +94,11 @@ class ResolvedModel:
     path: Path  # a local HF folder (config.json, *.safetensors), readable at this path on every rank's node
     hf_config: Any  # the transformers PretrainedConfig loaded from path
     eos_token_ids: tuple[int, ...]  # the ids that end a request (tokenizer and generation_config.json)
+
+    @property
+    def text_config(self) -> Any:
+        """The language model's config: hf_config itself, or a vision-language model's text_config."""
+        return text_config(self.hf_config)
 
 
 def open_model(

