@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.errors import EngineDeadError, QueueFullError
-from pagoda.engine.input_processor import PreparedRequest, PromptType
+from pagoda.engine.input_processor import PreparedRequest, PromptType, has_images
 from pagoda.engine.llm_engine import EngineStats, LLMEngine
 from pagoda.engine.output_processor import OutputKind
 from pagoda.engine.request import RequestOutput
@@ -68,7 +68,10 @@ class AsyncLLMEngine:
         """Stream outputs until the request finishes. Raises ValueError on bad input, QueueFullError at the
         queue limit (``LLMEngine.add_prepared`` decides, on the engine thread), EngineDeadError once the
         engine has failed."""
-        prepared = self.engine.inputs.process(request_id, prompt, sampling_params, priority)
+        if has_images(prompt):  # decoding and resizing a screenshot takes tens of ms: not on the event loop
+            prepared = await asyncio.to_thread(self.engine.inputs.process, request_id, prompt, sampling_params, priority)
+        else:
+            prepared = self.engine.inputs.process(request_id, prompt, sampling_params, priority)
         stream = self._open(prepared)
         self._commands.put(("add", prepared, output_kind))
         finished = False

@@ -24,6 +24,7 @@ from pagoda.engine.executor import make_executor
 from pagoda.engine.input_processor import InputProcessor, PreparedRequest, PromptType
 from pagoda.engine.kv_cache.manager import KVCacheManager
 from pagoda.engine.loader import open_model
+from pagoda.engine.multimodal.processor import make_mm_processor
 from pagoda.engine.output_processor import OutputKind, OutputProcessor, child_ids
 from pagoda.engine.request import Request, RequestOutput, RequestStatus
 from pagoda.engine.sampling_params import SamplingParams
@@ -61,7 +62,10 @@ class LLMEngine:
         cache = self.config.cache
         self.kv = KVCacheManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv, self.max_model_len)
-        self.inputs = InputProcessor(self.tokenizer, self.model.hf_config.vocab_size, self.max_model_len)
+        self.inputs = InputProcessor(
+            self.tokenizer, self.model.text_config.vocab_size, self.max_model_len,
+            make_mm_processor(self.model.path, self.model.hf_config, self.config.multimodal), self.config.multimodal,
+        )
         self.outputs = OutputProcessor(self.tokenizer)
         self._in_flight: deque[SchedulerOutput] = deque()  # submitted, result not taken yet (async scheduling)
 
@@ -92,7 +96,7 @@ class LLMEngine:
             raise QueueFullError(f"waiting queue is full (max_waiting={limit})")
         children = [
             Request(child, list(prepared.prompt_token_ids), _child_params(prepared.params, i), self.model.eos_token_ids,
-                    prepared.arrival_time, prepared.priority)
+                    prepared.arrival_time, prepared.priority, prepared.mm)
             for i, child in enumerate(child_ids(prepared.request_id, prepared.params.n))
         ]
         self.outputs.add(prepared, output_kind, children)

@@ -19,8 +19,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagoda.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagoda.engine.kv_cache.block_hash import ExtraKeys
+    from pagoda.engine.multimodal.inputs import MultiModalInputs
 
 
 class RequestStatus(enum.Enum):
@@ -51,6 +56,7 @@ class Request:
     eos_token_ids: tuple[int, ...]  # the model's end-of-sequence ids (several for Llama 3)
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # lower value runs first (vLLM convention)
+    mm: MultiModalInputs | None = None  # the prompt's images (placeholders already expanded in prompt_token_ids)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list = field(default_factory=list)  # one entry per output token when logprobs were asked
@@ -85,6 +91,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def extra_keys(self) -> ExtraKeys:
+        """What its KV blocks' prefix-cache keys hold besides tokens: its images' content hashes."""
+        return self.mm.extra_keys if self.mm is not None else None
 
     def append_output_token(self, token_id: int, logprobs=None) -> None:
         self.output_token_ids.append(token_id)

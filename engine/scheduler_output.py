@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagoda.engine.multimodal.inputs import MultiModalInputs
 from pagoda.engine.sampling_params import SamplingParams
 
 
@@ -21,6 +22,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]  # the full block table, prefix-cache hits first
     num_computed_tokens: int  # tokens already in the cache (prefix-cache hits)
+    mm: MultiModalInputs | None = None  # the prompt's images: pixels for the vision encoder, M-RoPE positions
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pagoda.engine.kv_cache.block_hash import hash_block_tokens, hash_full_blocks
+from pagoda.engine.kv_cache.block_hash import ExtraKeys, hash_block, hash_full_blocks
 from pagoda.engine.kv_cache.block_pool import BlockPool, KVBlock
 
 
@@ -52,6 +52,7 @@ class _Table:
     blocks: list[KVBlock]
     num_tokens: int  # tokens the table covers (computed + scheduled)
     hashes: list[int] = field(default_factory=list)  # chain keys of the full blocks (prefix caching on)
+    extra_keys: ExtraKeys = None  # the request's image hashes per token range (block_hash.ExtraKeys)
 
 
 class KVCacheManager:
@@ -69,8 +70,9 @@ class KVCacheManager:
 
     # ---- lookups -------------------------------------------------------------------------
 
-    def get_prefix_hit(self, token_ids: Sequence[int]) -> PrefixHit:
-        """Longest run of leading full blocks of ``token_ids`` found in the cache.
+    def get_prefix_hit(self, token_ids: Sequence[int], extra_keys: ExtraKeys = None) -> PrefixHit:
+        """Longest run of leading full blocks of ``token_ids`` found in the cache (``extra_keys``:
+        the request's image hashes, part of each block's key).
 
         Leaves at least one token to compute: a fully cached prompt still needs its last token's
         forward pass for the logits. Empty when prefix caching is off.
@@ -79,7 +81,7 @@ class KVCacheManager:
             return PrefixHit()
         bs, block_ids, parent = self.block_size, [], None
         for i in range((len(token_ids) - 1) // bs):
-            parent = hash_block_tokens(parent, token_ids[i * bs : (i + 1) * bs])
+            parent = hash_block(token_ids, bs, i, parent, extra_keys)
             block = self.pool.get_cached_block(parent)
             if block is None:
                 break
@@ -100,24 +102,27 @@ class KVCacheManager:
 
     # ---- actions -------------------------------------------------------------------------
 
-    def allocate(self, req_id: str, token_ids: Sequence[int], hit: PrefixHit, num_new_tokens: int) -> list[int]:
+    def allocate(
+        self, req_id: str, token_ids: Sequence[int], hit: PrefixHit, num_new_tokens: int, extra_keys: ExtraKeys = None
+    ) -> list[int]:
         """Create ``req_id``'s table: the hit blocks, then fresh blocks for ``num_new_tokens``.
 
         ``token_ids`` must contain every token the table will cover (``hit.num_tokens +
-        num_new_tokens``); blocks that become full are registered in the prefix cache.
+        num_new_tokens``); blocks that become full are registered in the prefix cache, keyed with
+        ``extra_keys`` (the request's images; the table keeps it for later appends).
         Returns the whole block table. Raises ValueError only on caller bugs (a known req_id,
         a stale or malformed hit, too few tokens, or skipping ``can_allocate``).
         """
         if req_id in self._tables:
             raise ValueError(f"request {req_id!r} already has blocks; free it before allocating again")
         self._check_token_count(req_id, token_ids, hit.num_tokens + num_new_tokens, num_new_tokens)
-        hit_blocks, hit_hashes = self._resolve_hit(token_ids, hit)
+        hit_blocks, hit_hashes = self._resolve_hit(token_ids, hit, extra_keys)
         if not self.can_allocate(hit, num_new_tokens):
             raise ValueError(f"not enough free blocks for request {req_id!r}; call can_allocate first")
         self.pool.touch(hit_blocks)  # before get_new_blocks, so the hits are not handed out again
         num_tokens = hit.num_tokens + num_new_tokens
         new_blocks = self.pool.get_new_blocks(self._blocks_needed(num_tokens, len(hit_blocks)))
-        table = self._tables[req_id] = _Table(hit_blocks + new_blocks, num_tokens, hit_hashes)
+        table = self._tables[req_id] = _Table(hit_blocks + new_blocks, num_tokens, hit_hashes, extra_keys)
         self._cache_full_blocks(table, token_ids)
         self._query_tokens += len(token_ids)
         self._hit_tokens += hit.num_tokens
@@ -228,7 +233,9 @@ class KVCacheManager:
                 f"request {req_id!r}: table would cover {num_tokens} tokens, token_ids has {len(token_ids)}"
             )
 
-    def _resolve_hit(self, token_ids: Sequence[int], hit: PrefixHit) -> tuple[list[KVBlock], list[int]]:
+    def _resolve_hit(
+        self, token_ids: Sequence[int], hit: PrefixHit, extra_keys: ExtraKeys
+    ) -> tuple[list[KVBlock], list[int]]:
         """The hit's blocks and chain keys, re-verified against ``token_ids``.
 
         A hit goes stale if blocks were allocated between ``get_prefix_hit`` and ``allocate``
@@ -239,7 +246,7 @@ class KVCacheManager:
             raise ValueError(f"malformed PrefixHit: {len(hit.block_ids)} blocks but {hit.num_tokens} tokens")
         if hit.block_ids and not self.enable_prefix_caching:
             raise ValueError("PrefixHit with blocks while prefix caching is off")
-        hashes = hash_full_blocks(token_ids[: hit.num_tokens], self.block_size)
+        hashes = hash_full_blocks(token_ids[: hit.num_tokens], self.block_size, extra_keys=extra_keys)
         blocks = [self.pool.get_cached_block(h) for h in hashes]
         if [b.block_id if b is not None else None for b in blocks] != list(hit.block_ids):
             raise ValueError("stale PrefixHit: the cache changed since get_prefix_hit; look it up again")
@@ -252,6 +259,6 @@ class KVCacheManager:
         bs = self.block_size
         parent = table.hashes[-1] if table.hashes else None
         for i in range(len(table.hashes), min(table.num_tokens, len(token_ids)) // bs):
-            parent = hash_block_tokens(parent, token_ids[i * bs : (i + 1) * bs])
+            parent = hash_block(token_ids, bs, i, parent, table.extra_keys)
             self.pool.cache_full_block(table.blocks[i], parent)  # False for a concurrent duplicate: fine
             table.hashes.append(parent)

@@ -9,6 +9,14 @@ Batch layout: the scheduled requests are concatenated in ``num_scheduled_tokens`
 tokens; logits are computed only for the last token of each request whose scheduled chunk
 reaches the end of its known tokens (a mid-prompt chunk samples nothing).
 
+Images (vision-language models): a request's ``MultiModalInputs`` arrive with it. A step whose
+tokens include image placeholders embeds its tokens itself and writes the vision encoder's rows
+over the placeholders (``inputs_embeds``); the encoder runs for an image the first time a step
+reaches it, and its output waits in the ``EncoderCache`` for the image's later chunks. M-RoPE
+models take (3, T) positions in such steps (the prompt's precomputed table); elsewhere a token's
+position is its index plus the request's ``mrope_delta``, one row, so decode steps and their CUDA
+graphs are unchanged.
+
 A step is ``launch``ed, then ``finish``ed (``execute`` does both). A step whose sampled rows are
 all plain greedy leaves its ids on the device (and on their way to pinned host memory), so the
 next step can be launched before they reach the host: a request whose next input is such a
@@ -28,9 +36,11 @@ from torch import nn
 
 from pagoda.engine.attention_metadata import AttentionMetadata
 from pagoda.engine.layers.sampler import Sampler, SamplingBatch
+from pagoda.engine.multimodal.inputs import MultiModalInputs
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagoda.engine.worker.cuda_graph import DecodeGraphs
+from pagoda.engine.worker.image_inputs import ImageEmbedder, ImageSlice, image_slices, rope_positions
 
 
 @dataclass
@@ -44,6 +54,17 @@ class CachedRequestState:
     output_token_ids: list[int] = field(init=False)  # in step with token_ids instead of sliced per step
     plain_greedy: bool = field(init=False)  # argmax of the raw logits is all its sampling needs
     pending: tuple[StepHandle, int] | None = None  # its newest token, not on the host yet: (step, row in last_ids)
+    mm: MultiModalInputs | None = None  # its prompt's images
+
+    @property
+    def position_delta(self) -> int:
+        """Rope position minus token index past the prompt (M-RoPE compresses an image's positions)."""
+        return self.mm.mrope_delta if self.mm is not None else 0
+
+    def needs_position_table(self, num_computed: int) -> bool:
+        """Whether tokens from ``num_computed`` on include prompt tokens with M-RoPE positions."""
+        table = self.mm.mrope_positions if self.mm is not None else None
+        return table is not None and num_computed < table.shape[1]
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = self.token_ids[: self.num_prompt_tokens]
@@ -69,7 +90,7 @@ class HostBatch:
 
     req_ids: list[str]  # (B,) batch order
     input_ids: np.ndarray  # (T,) int64
-    positions: np.ndarray  # (T,) int64
+    positions: np.ndarray  # (T,) int64 rope positions; (3, T) for an M-RoPE step with image prompt tokens
     slot_mapping: np.ndarray  # (T,) int64
     query_lens: np.ndarray  # (B,) int64
     context_lens: np.ndarray  # (B,) int64
@@ -77,6 +98,7 @@ class HostBatch:
     block_tables: np.ndarray  # (B, max_blocks) int32, padded with 0
     rows_to_sample: np.ndarray  # (S,) rows whose chunk reaches the end of their known tokens
     pending_src: np.ndarray | None  # (T,) int64: index into the last step's device ids, -1 for host ids; None if none
+    images: tuple[ImageSlice, ...] = ()  # image placeholder tokens in this step (then inputs are embedded here)
 
     @property
     def is_decode_only(self) -> bool:
@@ -114,7 +136,7 @@ class StepHandle:
 @dataclass(frozen=True)
 class ModelInputs:
     input_ids: torch.Tensor  # (T,) int64
-    positions: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) or (3, T) int64
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # (S,) int64: rows of the hidden states to sample from
 
@@ -130,9 +152,13 @@ class ModelRunner:
         device: torch.device,
         max_model_len: int = 0,
         cuda_graph_max_seqs: int = 0,
+        encoder_cache_tokens: int = 0,
     ) -> None:
-        """``cuda_graph_max_seqs`` > 0 on CUDA captures decode graphs for batches up to that size."""
+        """``cuda_graph_max_seqs`` > 0 on CUDA captures decode graphs for batches up to that size;
+        ``encoder_cache_tokens``: vision-encoder output kept for reuse once no request needs it."""
         self.model = model
+        self.uses_mrope = bool(getattr(model, "uses_mrope", False))
+        self.images = ImageEmbedder(model, device, encoder_cache_tokens)
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.vocab_size = vocab_size
@@ -166,7 +192,7 @@ class ModelRunner:
         sample_req_ids = [host.req_ids[i] for i in host.rows_to_sample]
         greedy = bool(sample_req_ids) and all(self.requests[r].plain_greedy for r in sample_req_ids)
         ids = None
-        if self.graphs is not None and self.graphs.fits(host):
+        if self.graphs is not None and not host.images and host.positions.ndim == 1 and self.graphs.fits(host):
             every_row = len(host.rows_to_sample) == len(host.req_ids)  # else a one-token chunk mid-prompt
             # hidden (B, H): one token per request; ids (B,): the greedy head replayed too, else None
             hidden, ids = self.graphs.run(host, greedy_head=greedy and every_row)
@@ -174,10 +200,12 @@ class ModelRunner:
                 hidden = hidden[torch.from_numpy(host.rows_to_sample).to(self.device)]
         else:
             inputs = self._device_inputs(host)
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)  # (T, H)
+            embeds = self.images.embed(host.images, inputs.input_ids) if host.images else None  # (T, H)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn, inputs_embeds=embeds)
             hidden = hidden[inputs.logits_indices]
         for req_id, num_tokens in scheduled.num_scheduled_tokens.items():
             self.requests[req_id].num_computed_tokens += num_tokens
+        self.images.release_done(host.images, self.requests)
         if not greedy:  # the sampler (rank 0 under TP), now; or nothing to sample
             logits = self.model.compute_logits(hidden) if sample_req_ids else None  # (S, V) float32
             by_req = self.sample_rows(sample_req_ids, logits) if sample_req_ids else {}
@@ -270,10 +298,11 @@ class ModelRunner:
     def _update_states(self, scheduled: SchedulerOutput) -> None:
         for req_id in scheduled.finished_req_ids:
             self.requests.pop(req_id, None)
+            self.images.drop(req_id)
         for new in scheduled.new_reqs:
             self.requests[new.req_id] = CachedRequestState(
                 list(new.token_ids), new.num_prompt_tokens, new.sampling_params, list(new.block_ids),
-                new.num_computed_tokens,
+                new.num_computed_tokens, mm=new.mm,
             )
         for delta in scheduled.cached_reqs:
             state = self.requests[delta.req_id]
@@ -290,17 +319,17 @@ class ModelRunner:
         # A pending token (a running-ahead step's sample) is a request's last and only scheduled token,
         # at position len(token_ids); its id is gathered on the device (pending_src), 0 stands in here.
         pending_rows = [row for row, s in enumerate(states) if s.pending is not None]
-        if int(cu[-1]) == len(req_ids):  # pure decode: one token per request, at position context_len
+        if int(cu[-1]) == len(req_ids):  # pure decode: one token per request, at index context_len
             seq_of_token = np.arange(len(req_ids))
-            positions = context_lens
+            token_idx = context_lens
             input_ids = np.array(
                 [s.token_ids[c] if c < len(s.token_ids) else 0 for s, c in zip(states, context_lens.tolist())],
                 dtype=np.int64,
             )
         else:
-            # positions: for each request, context_len .. context_len + query_len - 1, flattened.  # (T,)
+            # token indices: for each request, context_len .. context_len + query_len - 1, flattened.  # (T,)
             seq_of_token = np.repeat(np.arange(len(req_ids)), query_lens)
-            positions = np.arange(cu[-1]) - (cu - query_lens)[seq_of_token] + context_lens[seq_of_token]
+            token_idx = np.arange(cu[-1]) - (cu - query_lens)[seq_of_token] + context_lens[seq_of_token]
             input_ids = np.concatenate(
                 [np.asarray(s.token_ids[c : c + q] or [0], dtype=np.int64)
                  for s, c, q in zip(states, context_lens.tolist(), query_lens.tolist(), strict=True)]
@@ -315,15 +344,26 @@ class ModelRunner:
         for row, state in enumerate(states):
             block_tables[row, : len(state.block_ids)] = state.block_ids
         slot_mapping = (
-            block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size
-            + positions % self.block_size
+            block_tables[seq_of_token, token_idx // self.block_size].astype(np.int64) * self.block_size
+            + token_idx % self.block_size
         )
         known = np.array([len(s.token_ids) + (s.pending is not None) for s in states])
+        mm_rows = [row for row, s in enumerate(states) if s.mm is not None]
         return HostBatch(
-            req_ids=req_ids, input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
-            query_lens=query_lens, context_lens=context_lens, seq_lens=seq_lens, block_tables=block_tables,
-            rows_to_sample=np.nonzero(seq_lens == known)[0], pending_src=pending_src,
+            req_ids=req_ids, input_ids=input_ids,
+            positions=(
+                rope_positions(states, mm_rows, token_idx, seq_of_token, context_lens, query_lens, cu)
+                if self.uses_mrope else token_idx
+            ),
+            slot_mapping=slot_mapping, query_lens=query_lens, context_lens=context_lens, seq_lens=seq_lens,
+            block_tables=block_tables, rows_to_sample=np.nonzero(seq_lens == known)[0], pending_src=pending_src,
+            images=image_slices(req_ids, states, mm_rows, context_lens, query_lens, cu),
         )
+
+    @property
+    def encoder_stats(self):
+        """The vision encoder's ``EncoderStats`` (images encoded, reused, device time)."""
+        return self.images.stats
 
     def _device_inputs(self, host: HostBatch) -> ModelInputs:
         dev = self.device

@@ -106,16 +106,17 @@ class Worker:
         kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.num_layers)]
         graph_seqs = 0 if self.config.model.enforce_eager else self.config.scheduler.max_num_seqs
         args = (
-            self.model, kv_caches, self.config.cache.block_size, self.source.hf_config.vocab_size,
+            self.model, kv_caches, self.config.cache.block_size, self.source.text_config.vocab_size,
             self.source.eos_token_ids,
             self.device, self.config.model.max_model_len, graph_seqs,
         )
+        encoder_cache_tokens = self.config.multimodal.encoder_cache_tokens
         if self.tp.world_size == 1:
-            self.runner = ModelRunner(*args)
+            self.runner = ModelRunner(*args, encoder_cache_tokens=encoder_cache_tokens)
         else:
             from pagoda.engine.worker.tp_runner import TPModelRunner  # rank 0 samples, the others receive its tokens
 
-            self.runner = TPModelRunner(*args, tp=self.tp)
+            self.runner = TPModelRunner(*args, encoder_cache_tokens=encoder_cache_tokens, tp=self.tp)
         if self.device.type == "cuda":
             self.runner.warm_up(self.config.scheduler.max_num_batched_tokens, self.config.scheduler.max_num_seqs)
 
