@@ -63,12 +63,14 @@ class PagodaClient:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        images: Sequence[bytes] = (),
     ) -> AsyncIterator[GenerateChunk]:
         """Delta chunks until the request finishes. Raises what the engine raises (ValueError,
-        QueueFullError) and ReplicaUnavailableError when the serving replica dies."""
+        QueueFullError) and ReplicaUnavailableError when the serving replica dies. ``images`` are encoded
+        images for a vision-language model; the prompt holds one image placeholder token per image."""
         request = GenerateRequest(
             request_id or uuid.uuid4().hex, await self.token_ids(prompt), params or SamplingParams(), priority,
-            prompt if isinstance(prompt, str) else None,
+            prompt if isinstance(prompt, str) else None, tuple(images),
         )
         for attempt in range(self.max_retries + 1):
             stream = self.handle.options(stream=True).generate.remote(request)

@@ -3,7 +3,8 @@ manifests embed (as the Serve application's ``args``), so the same text runs on 
 cluster.
 
     engine:        # EngineConfig fields, flat, vLLM names (model, dtype, max_num_seqs, tensor_parallel_size, ...);
-                   # with tensor_parallel_size > 1, distributed_executor_backend defaults to "ray" here
+                   # with tensor_parallel_size > 1, distributed_executor_backend defaults to "ray" here;
+                   # images (MultiModalConfig): limit_images_per_prompt, image_resize_max_pixels, allow_image_urls, ...
     deployment:    # the Ray Serve deployment: name, num_replicas, max_ongoing_requests, resources
     router:        # the KV-occupancy router: policy, weights, how often replicas publish stats
     autoscaling:   # Serve autoscaling (off unless enabled)
@@ -21,9 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pagoda.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, require
+from pagoda.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    MultiModalConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    require,
+)
 
-_ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
+_ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, MultiModalConfig)
 _POLICIES = ("pagoda", "pow2")
 
 
@@ -145,8 +154,8 @@ class AppConfig:
     def to_dict(self) -> dict:
         """The YAML form (engine fields flat): ``AppConfig.from_dict(c.to_dict()) == c``."""
         engine: dict = {}
-        for group in (self.engine.model, self.engine.cache, self.engine.scheduler, self.engine.parallel):
-            engine.update(dataclasses.asdict(group))
+        for group in dataclasses.fields(self.engine):  # model, cache, scheduler, parallel, multimodal
+            engine.update(dataclasses.asdict(getattr(self.engine, group.name)))
         return {
             "engine": engine,
             "deployment": dataclasses.asdict(self.deployment),

@@ -32,6 +32,10 @@ class GenerateRequest:
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
     priority: int = 0  # lower runs first (vLLM convention)
     prompt: str | None = None  # the prompt text, echoed back in outputs when given
+    # Encoded images (PNG, JPEG, WebP bytes), in prompt order; prompt_token_ids hold ONE image placeholder
+    # token per image, which the replica's engine expands to the image's tokens (the ids the router hashes
+    # stay short, and a placeholder block never matches an engine block keyed by image content).
+    images: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ a poll thread publishes the engine's queues, KV usage and prefix-cache counters.
 Cancellation: when the caller cancels the stream (``PagodaClient`` does as soon as its consumer
 stops), Serve cancels this generator's task; the engine's own stream aborts the request and its
 KV blocks go back to the pool. Engine errors reach the caller as the engine raised them
-(ValueError for bad input, QueueFullError at ``max_waiting``, EngineDeadError).
+(ValueError for bad input — an undecodable image names ``multi_modal_data.image[k]`` —, QueueFullError
+at ``max_waiting``, EngineDeadError).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class LLMReplica:
         prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
         if request.prompt is not None:
             prompt["prompt"] = request.prompt
+        if request.images:  # the engine decodes them and expands each placeholder (ValueError names image[k])
+            prompt["multi_modal_data"] = {"image": list(request.images)}
         rid = request.request_id
         self._unprefilled[rid] = self._uncached_tokens(request.prompt_token_ids)
         stream = self.engine.generate(prompt, request.sampling_params, rid, request.priority, OutputKind.DELTA)
@@ -54,7 +57,7 @@ class LLMReplica:
             async with contextlib.aclosing(stream):  # closing the engine stream aborts an unfinished request
                 async for output in stream:
                     self._unprefilled.pop(rid, None)
-                    self.metrics.on_output(rid, output, len(request.prompt_token_ids))
+                    self.metrics.on_output(rid, output, len(output.prompt_token_ids))  # image tokens expanded
                     yield GenerateChunk(output, self.replica)
         finally:
             self._unprefilled.pop(rid, None)

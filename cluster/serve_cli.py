@@ -4,6 +4,7 @@
     pagoda serve --config deploy/pagoda.yaml
     pagoda serve --address auto           # deploy onto a running Ray cluster instead (removed at Ctrl-C)
     pagoda serve --http-port 8000 --grpc-port 50051   # the API front doors (defaults; 0 picks a port, -1 turns one off)
+    pagoda serve --config glm4v.yaml --image-resize-max-pixels 5000000 --limit-images-per-prompt 1   # Open-AutoGLM
 
 The config is validated before Ray starts, so a bad file fails in a second with the field named.
 """
@@ -11,6 +12,7 @@ The config is validated before Ray starts, so a bad file fails in a second with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -35,6 +37,46 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--tls-cert", default=None, help="gRPC TLS certificate chain (PEM)")
     p.add_argument("--tls-key", default=None, help="gRPC TLS private key (PEM)")
     p.add_argument("--tls-client-ca", default=None, help="gRPC mTLS: CA that client certificates must chain to")
+    _add_image_flags(p)
+
+
+# MultiModalConfig fields a flag overrides (flag default None: the YAML's `engine:` value, else the default)
+_IMAGE_FLAGS = [  # (field, type, help)
+    ("limit_images_per_prompt", int, "images one prompt may carry; more is a 400 (default: 8)"),
+    ("max_image_bytes", int, "largest encoded image in bytes; larger is a 400 (default: 20 MiB)"),
+    ("max_input_image_pixels", int, "largest decoded width x height; larger is a 400 (default: 7680 x 4320)"),
+    ("image_resize_max_pixels", int,
+     ("the processor scales larger images down to this many pixels (Open-AutoGLM serves with 5000000; "
+      "default: the model's preprocessor_config.json)")),
+    ("image_fetch_timeout_s", float, "seconds per http(s) image download (default: 10)"),
+]
+
+
+def _add_image_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("images (vision-language models; override the config's engine: keys)")
+    for name, typ, help_text in _IMAGE_FLAGS:
+        g.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_text)
+    g.add_argument("--allow-image-urls", action=argparse.BooleanOptionalAction, default=None,
+                   help="fetch http(s) image URLs in chat messages (default: off; data URLs always work)")
+
+
+def image_overrides(args: argparse.Namespace) -> dict:
+    """The MultiModalConfig fields the image flags set (those left out keep the config's values)."""
+    names = [name for name, _, _ in _IMAGE_FLAGS] + ["allow_image_urls"]
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def with_image_overrides(config, overrides: dict):
+    """``config`` (an AppConfig) with its engine's MultiModalConfig fields replaced; ValueError names the flag."""
+    if not overrides:
+        return config
+    engine = config.engine
+    try:
+        multimodal = dataclasses.replace(engine.multimodal, **overrides)
+    except ValueError as exc:
+        name = str(exc).split(" ", 1)[0]
+        raise ValueError(f"--{name.replace('_', '-')}: {exc}") from None
+    return dataclasses.replace(config, engine=dataclasses.replace(engine, multimodal=multimodal))
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -42,7 +84,7 @@ def serve_main(args: argparse.Namespace) -> int:
     from pagoda.cluster.config import load_config
 
     try:
-        config = load_config(args.config)
+        config = with_image_overrides(load_config(args.config), image_overrides(args))
         api = ApiConfig(host=args.host, http_port=None if args.http_port < 0 else args.http_port,
                         grpc_port=None if args.grpc_port < 0 else args.grpc_port, api_key=args.api_key,
                         served_model_name=args.served_model_name,

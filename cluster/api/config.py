@@ -16,7 +16,10 @@ class ApiConfig:
     served_model_name: str | tuple[str, ...] | None = None
     api_key: str | None = None  # when set: `Authorization: Bearer <key>` (HTTP header, gRPC metadata)
     max_concurrent_requests: int = 256  # generations in flight per server process; beyond: 429 / RESOURCE_EXHAUSTED
-    max_message_bytes: int = 4 * 1024 * 1024  # largest request body / gRPC message
+    # Largest request body / gRPC message. Images ride inside: a 1080x2400 phone screenshot is 1-3 MB as
+    # PNG, 1.33x that as a base64 data URL, and Open-AutoGLM sends one per step with the history. 32 MiB
+    # lets one image at MultiModalConfig.max_image_bytes (20 MiB) through as a data URL (27 MiB).
+    max_message_bytes: int = 32 * 1024 * 1024
     tls_cert_file: str | None = None  # gRPC TLS: the server's PEM certificate chain
     tls_key_file: str | None = None  # gRPC TLS: its PEM private key
     tls_client_ca_file: str | None = None  # gRPC mTLS: clients must present a certificate signed by this CA

@@ -6,19 +6,26 @@ Status codes follow ``pagoda.cluster.api.errors``. A client deadline becomes the
 request is aborted in the engine when it passes); a client that cancels mid-stream cancels this
 handler's task, which closes ``Frontend.generate`` and so aborts the request. The API key, when
 set, is read from ``authorization: Bearer <key>`` metadata; health checks need no key.
+
+Images: a chat turn carries them as ``ChatMessage.parts`` (encoded bytes), the text and token-id
+forms as ``GenerateRequest.images`` with one placeholder token per image in the prompt; a bad one
+is INVALID_ARGUMENT naming it (``messages[1].parts[0].image``, ``images[0]``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pagoda.cluster.api import errors
 from pagoda.cluster.api.config import ApiConfig
 from pagoda.cluster.api.errors import ApiError
-from pagoda.cluster.api.frontend import Frontend
+from pagoda.cluster.api.frontend import Frontend, Prompt
 from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
 from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
 
@@ -26,6 +33,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Pagoda"].full_name  # "pagoda.v1.
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "seed", "max_tokens", "min_tokens", "logprobs")
+_CONTENT_PART = re.compile(r"(messages\[\d+\])\.content\[")  # the frontend's (OpenAI's) name for a ChatMessage part
 
 
 class PagodaService(pb_grpc.PagodaServicer):
@@ -35,7 +43,7 @@ class PagodaService(pb_grpc.PagodaServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
             self._admit(context, request.model)
-            prompt = self._prompt(request)
+            prompt = await self._prompt(request)
             params = self.frontend.sampling_params(**_sampling_kwargs(request.sampling))
             stream = self.frontend.generate(prompt, params, request.request_id or None, request.priority,
                                             context.time_remaining())
@@ -63,11 +71,12 @@ class PagodaService(pb_grpc.PagodaServicer):
             self._admit(context, request.model)
             which = request.WhichOneof("input")
             if which == "messages":
-                prompt = self.frontend.prompt(messages=_messages(request.messages))
+                prompt = await _chat_prompt(self.frontend, request.messages)
             else:
-                prompt = self.frontend.prompt(text=request.text)
-            return pb.TokenizeResponse(token_ids=prompt.token_ids, count=len(prompt.token_ids),
-                                       max_model_len=self.frontend.info.max_model_len)
+                prompt = await self.frontend.prompt(text=request.text)
+            mm = self.frontend.mm_processor
+            ids = prompt.expanded_token_ids(mm.image_token_id if mm is not None else None)
+            return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.frontend.info.max_model_len)
         except ApiError as exc:
             await _abort(context, exc)
 
@@ -79,7 +88,7 @@ class PagodaService(pb_grpc.PagodaServicer):
                 model=self.frontend.response_model(request.model), served_model_names=i.aliases, source=i.source,
                 max_model_len=i.max_model_len, vocab_size=i.vocab_size, block_size=i.block_size,
                 tensor_parallel_size=i.tensor_parallel_size, num_replicas=i.num_replicas,
-                has_chat_template=i.has_chat_template)
+                has_chat_template=i.has_chat_template, supports_images=i.supports_images)
         except ApiError as exc:
             await _abort(context, exc)
 
@@ -88,13 +97,16 @@ class PagodaService(pb_grpc.PagodaServicer):
         self.frontend.check_key(metadata.get("authorization"))
         self.frontend.check_model(model)
 
-    def _prompt(self, request: pb.GenerateRequest):
+    async def _prompt(self, request: pb.GenerateRequest) -> Prompt:
         which = request.WhichOneof("prompt")
-        if which == "token_ids":
-            return self.frontend.prompt(token_ids=list(request.token_ids.ids))
         if which == "messages":
-            return self.frontend.prompt(messages=_messages(request.messages))
-        return self.frontend.prompt(text=request.text if which == "text" else None)
+            if request.images:
+                raise errors.invalid("images: a chat's images go inside its messages, as ChatMessage.parts", "images")
+            return await _chat_prompt(self.frontend, request.messages)
+        images = [(f"images[{k}]", data) for k, data in enumerate(request.images)]
+        if which == "token_ids":
+            return await self.frontend.prompt(token_ids=list(request.token_ids.ids), images=images)
+        return await self.frontend.prompt(text=request.text if which == "text" else None, images=images)
 
 
 async def start_grpc_server(frontend: Frontend, api: ApiConfig) -> tuple[grpc.aio.Server, int]:
@@ -143,8 +155,40 @@ def _sampling_kwargs(s: pb.SamplingParams) -> dict:
     return kwargs
 
 
+async def _chat_prompt(frontend: Frontend, m: pb.ChatMessages) -> Prompt:
+    """The conversation's prompt; errors name parts as this protocol spells them (``messages[i].parts[j]``)."""
+    try:
+        prompt = await frontend.prompt(messages=_messages(m))
+    except ApiError as exc:
+        param = _parts(exc.param) if exc.param else exc.param
+        raise dataclasses.replace(exc, message=_parts(exc.message), param=param) from None
+    return dataclasses.replace(prompt, image_fields=tuple(_parts(f) for f in prompt.image_fields))
+
+
+def _parts(text: str) -> str:
+    return _CONTENT_PART.sub(r"\1.parts[", text)
+
+
 def _messages(m: pb.ChatMessages) -> list[dict]:
-    return [{"role": x.role, "content": x.content} for x in m.messages]
+    """OpenAI-shaped messages: ``content`` a string, or (``parts``) a list of text and image parts."""
+    out = []
+    for i, x in enumerate(m.messages):
+        if not x.parts:
+            out.append({"role": x.role, "content": x.content})
+            continue
+        if x.content:
+            raise errors.invalid(f"messages[{i}]: give content or parts, not both", f"messages[{i}]")
+        out.append({"role": x.role, "content": [_part(i, j, part) for j, part in enumerate(x.parts)]})
+    return out
+
+
+def _part(i: int, j: int, part: pb.ContentPart) -> dict:
+    which = part.WhichOneof("part")
+    if which == "text":
+        return {"type": "text", "text": part.text}
+    if which == "image":
+        return {"type": "image", "image": part.image}  # encoded bytes, loaded like an image_url's payload
+    raise errors.invalid(f"messages[{i}].parts[{j}] is empty: set text or image", f"messages[{i}].parts[{j}]")
 
 
 def _logprobs(c) -> list[pb.TokenLogprob]:

@@ -78,7 +78,7 @@ async def _generate(frontend: Frontend, request: Request, chat: bool):
     frontend.check_key(request.headers.get("authorization"))
     req = parse_request(await _json_body(request, frontend.api.max_message_bytes), chat)
     frontend.check_model(req.model)
-    prompt = frontend.prompt(**req.prompt)
+    prompt = await frontend.prompt(**req.prompt)  # images: fetched and measured off the event loop
     params = frontend.sampling_params(**req.sampling)
     chunks = frontend.generate(prompt, params, req.request_id, req.priority, _timeout(request))
     if not req.stream:

@@ -26,6 +26,10 @@ _SAMPLING_FIELDS = {
 }
 
 
+_IMAGE_KEYS = ("images", "image", "image_url", "multi_modal_data")  # body fields a client may try for images
+_IMAGES_GO = "send images to /v1/chat/completions as image_url content parts of a user message"
+
+
 @dataclass
 class ParsedRequest:
     chat: bool
@@ -66,11 +70,12 @@ def parse_request(body, chat: bool) -> ParsedRequest:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise errors.invalid("messages must be a non-empty list", "messages")
-        prompt = {"messages": messages}
+        prompt = {"messages": messages}  # content: a string or text / image_url parts (Frontend.prompt)
     else:
         logprobs = _typed(body, "logprobs", int)
         if logprobs is not None:
             sampling["logprobs"] = logprobs
+        _no_images(body)
         prompt = _completion_prompt(body.get("prompt"))
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
@@ -80,6 +85,20 @@ def parse_request(body, chat: bool) -> ParsedRequest:
         stream=bool(_typed(body, "stream", bool)), include_usage=bool(stream_options.get("include_usage")),
         priority=_typed(body, "priority", int) or 0, top_logprobs=top,
     )
+
+
+def _no_images(body: dict) -> None:
+    """/v1/completions is text-only (as in OpenAI's and vLLM's servers): anything image-like is a 400
+    that says where images go, rather than being ignored."""
+    for name in _IMAGE_KEYS:
+        if body.get(name) is not None:
+            raise errors.invalid(f"{name}: /v1/completions takes no images; {_IMAGES_GO}", name)
+    prompt = body.get("prompt")
+    items = prompt if isinstance(prompt, list) else [prompt]
+    if any(isinstance(item, dict) or (isinstance(item, list) and any(isinstance(x, dict) for x in item))
+           for item in items):
+        raise errors.invalid(f"prompt must be a string or a list of token ids, not content parts; {_IMAGES_GO}",
+                             "prompt")
 
 
 def _completion_prompt(prompt) -> dict:

@@ -73,8 +73,10 @@ def run(coro):
 
 
 def more_servers(servers: ApiServers, app: AppConfig, api: ApiConfig) -> ApiServers:
-    """Another pair of servers, with their own limits, over the same replica and tokenizer."""
+    """Another pair of servers, with their own limits (``api``, and ``app``'s image limits), over the same
+    replica, tokenizer and image processor."""
     from pagoda.cluster.api.frontend import Frontend
 
     f = servers.frontend
-    return ApiServers.from_frontend(Frontend(f.client, f.tokenizer, app, api, f.info.max_model_len), api)
+    frontend = Frontend(f.client, f.tokenizer, app, api, f.info.max_model_len, f.mm_processor)
+    return ApiServers.from_frontend(frontend, api)
