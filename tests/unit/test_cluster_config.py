@@ -25,6 +25,14 @@ def test_shipped_example_loads_and_round_trips():
     assert AppConfig.from_dict(config.to_dict()) == config
 
 
+def test_autoglm_example_carries_open_autoglms_serving_settings():
+    config = AppConfig.from_yaml(ROOT / "deploy" / "autoglm-phone-9b.yaml")
+    assert config.engine.model.max_model_len == 25480
+    assert config.engine.multimodal.image_resize_max_pixels == 5_000_000
+    assert config.engine.multimodal.limit_images_per_prompt == 10
+    assert AppConfig.from_dict(config.to_dict()) == config
+
+
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         AppConfig().router.weights.prefix = 2.0  # type: ignore[misc]
