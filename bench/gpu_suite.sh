@@ -6,6 +6,8 @@
 #   bash bench/gpu_suite.sh tpcheck -> all-reduce (+ fused RMSNorm) by size, TP parity/kill tests, async-scheduling parity
 #   bash bench/gpu_suite.sh tpbench -> TP 1/2 decode latency: sync/async scheduling x NCCL/symmetric-memory all-reduce
 #   bash bench/gpu_suite.sh tp4     -> (4 GPUs) TP 2/4 parity tests, TP 1/2/4 table of the default engine
+#   bash bench/gpu_suite.sh vlm     -> GLM-4.1V-9B shape: agent-step TTFT/decode, 64-request throughput, 16x5-step agent
+#                                      sessions, vs transformers (one call, ~6-8 min; carry .devicepkgs for pillow)
 # Results (JSON + markdown) land in $OUT; copy them to bench/results/ and run `python -m bench.replot` for PNGs.
 set -u
 OUT=${OUT:-/tmp/pagoda-out}
@@ -52,6 +54,14 @@ case "${1:-all}" in
   tp4)
     step python -m pytest -q -m gpu tests/gpu/test_tp_gpu.py -p no:cacheprovider -k "test_tp_matches_tp1 or 4-True"
     step python -m bench.tp --tp 1 2 4 --repeats 1 --out "$OUT"
+    ;;
+esac
+case "${1:-all}" in
+  vlm)  # pillow from the carried wheel when the image lacks it (.devicepkgs/pillow-*.whl, downloaded beforehand)
+    python -c "import PIL" 2>/dev/null || { python -m pip install -q --no-index --no-deps --target /tmp/pagoda-pil \
+      --find-links .devicepkgs pillow && export PYTHONPATH=/tmp/pagoda-pil:$PYTHONPATH; }
+    python -c "import PIL; print('pillow', PIL.__version__)"
+    step python -m bench.vlm --out "$OUT" ${VLM_ARGS:-}
     ;;
 esac
 ls -la "$OUT"

@@ -117,3 +117,64 @@ def make_random_model(shape: str, out: Path, seed: int = 0, sharp: bool = False)
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+# GLM-4.1V-9B (AutoGLM-Phone-9B's shape): transformers' Glm4vConfig() defaults (text: 40 layers, hidden
+# 4096, 32 heads, 2 KV heads, vocab 151552, MLP 13696; vision: depth 24, width 1536, patch 14, temporal
+# patch 2, merge 2) plus the rope of the published config.json, which the defaults leave out: partial
+# rotary 0.5 with M-RoPE sections [8, 12, 12]. Image special tokens keep the defaults (151339...151344).
+GLM4V_SHAPES = {
+    "glm-4.1v-9b": {
+        "text_config": {"eos_token_id": 2, "pad_token_id": None, "rope_parameters": {
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]}},
+        "vision_config": {},
+    },
+    "tiny": None,  # tests.tiny_models.tiny_glm4v_config: CPU smoke runs of bench.vlm
+}
+TINY_GLM4V_VOCAB = 2048
+
+# zai-org/GLM-4.1V-9B-Thinking's preprocessor_config.json: a 1080x2400 screenshot resizes to 1092x2408
+# (2 * 1092 * 2408 pixels over the two temporal frames, under longest_edge) = 3,354 image tokens.
+GLM4V_PREPROCESSOR = {
+    "size": {"shortest_edge": 12544, "longest_edge": 9633792}, "do_rescale": True,
+    "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Glm4vImageProcessor", "processor_class": "Glm4vProcessor",
+}
+
+
+def glm4v_config(shape: str):
+    from transformers import Glm4vConfig
+
+    if shape == "tiny":
+        from tests.tiny_models import tiny_glm4v_config
+
+        return tiny_glm4v_config(TINY_GLM4V_VOCAB)
+    return Glm4vConfig(architectures=["Glm4vForConditionalGeneration"], tie_word_embeddings=False, **GLM4V_SHAPES[shape])
+
+
+def make_random_glm4v(shape: str, out: Path, seed: int = 0) -> Path:
+    """Write a random GLM-4.1V folder ``out`` once (config, safetensors, word-level tokenizer,
+    GLM-4.1V's preprocessor_config.json); later calls reuse it. bf16 on CUDA, float32 on CPU."""
+    import json
+
+    from transformers import Glm4vForConditionalGeneration
+
+    if (out / "config.json").exists():
+        return out
+    config = glm4v_config(shape)
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):  # random init straight on the GPU (no float32 copy of 10 B parameters)
+        model = Glm4vForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    _word_tokenizer(config.text_config.vocab_size).save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(GLM4V_PREPROCESSOR, indent=2) + "\n")
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out

@@ -100,3 +100,8 @@ class SupportsImages(abc.ABC):
         (t, h, w) patch grid per image -> one (t*h*w / merge**2, hidden) tensor per image, in the
         model's dtype: the rows that replace the image's placeholder token embeddings. Identical on
         every tensor-parallel rank."""
+
+    @abc.abstractmethod
+    def dummy_image(self, num_tokens: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """(pixel_values, grid_thw) of a blank image of about ``num_tokens`` placeholder tokens, for
+        memory profiles: ``encode_images`` on it peaks as a real image of that size does."""

@@ -17,6 +17,7 @@ Checkpoints: transformers 5 names the parts ``model.language_model.*``, ``model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
@@ -55,6 +56,15 @@ class Glm4vForConditionalGeneration(GlmForCausalLM, SupportsImages):
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: Sequence[tuple[int, int, int]]) -> list[torch.Tensor]:
         """See ``SupportsImages.encode_images``."""
         return self.visual(pixel_values, grid_thw)
+
+    def dummy_image(self, num_tokens: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """See ``SupportsImages.dummy_image``: a near-square grid of merged tokens, one frame."""
+        vision, param = self.spec.vision, next(self.visual.parameters())
+        rows = max(1, math.isqrt(num_tokens))
+        cols = max(1, num_tokens // rows)
+        grid = (1, rows * vision.spatial_merge_size, cols * vision.spatial_merge_size)
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        return torch.zeros(grid[1] * grid[2], patch, dtype=param.dtype, device=param.device), grid
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill every parameter from HF-named tensors (either layout); raise on unknown or missing names."""

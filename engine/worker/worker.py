@@ -19,10 +19,12 @@ from pagoda.engine.attention_metadata import AttentionMetadata
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.distributed import SINGLE_RANK, TPGroup
 from pagoda.engine.loader import ResolvedModel, load_model
+from pagoda.engine.models.base import SupportsImages
 from pagoda.engine.models.registry import kv_cache_spec
 from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagoda.engine.worker.model_runner import ModelRunner, StepHandle
 
+_PROFILE_IMAGE_SIDE = 8192  # pixels: larger than any resize cap, so the processor scales it down to the cap
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -94,11 +96,24 @@ class Worker:
         meta = AttentionMetadata.dummy([num_tokens], [0], self.config.cache.block_size, self.device)
         hidden = self.model(ids, pos, empty, meta)
         self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs :])
+        del hidden
+        self._profile_vision_tower()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         return int(total * self.config.cache.gpu_memory_utilization) - peak - used_by_others
+
+    def _profile_vision_tower(self) -> None:
+        """The vision tower on the largest image the processor makes (a square at its resize cap),
+        so that the KV cache leaves room for its activations."""
+        if not isinstance(self.model, SupportsImages):
+            return
+        from pagoda.engine.multimodal.processor import make_mm_processor
+
+        processor = make_mm_processor(self.source.path, self.source.hf_config, self.config.multimodal)
+        pixels, grid = self.model.dummy_image(processor.num_image_tokens(_PROFILE_IMAGE_SIDE, _PROFILE_IMAGE_SIDE))
+        self.model.encode_images(pixels, [grid])
 
     def initialize_cache(self, num_blocks: int) -> None:
         s = self.spec

@@ -85,6 +85,15 @@ def test_encode_images_matches_hf(pair):
         torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
 
 
+def test_dummy_image_is_encoded_like_an_image_of_that_size(pair):
+    _, ours, _ = pair
+    for tokens in (1, 12, 50):
+        pixels, grid = ours.dummy_image(tokens)
+        (out,) = ours.encode_images(pixels, [grid])
+        assert grid[1] * grid[2] == len(pixels) and out.shape == (grid[1] * grid[2] // 4, ours.spec.hidden_size)
+        assert tokens // 2 <= len(out) <= tokens
+
+
 def test_image_prefill_and_decode_match_hf(pair):
     """Placeholder rows replaced by the encoder's rows, (3, T) positions from HF's get_rope_index; then a
     decode step at (T,) position T + mrope_delta, as the runner does it."""
