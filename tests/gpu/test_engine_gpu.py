@@ -6,6 +6,7 @@ differences to $OUT/gpu_parity.json when $OUT is set.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -80,7 +81,9 @@ def _compare(shape: str, fp32_reference: bool = False, sharp: bool = False, **en
                         SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
     ours = [_our_logits(llm, p) for p in prompts]
     ours_tokens = [o.outputs[0].token_ids for o in outs]
+    llm.engine.shutdown()
     del llm
+    gc.collect()  # the engine's objects refer to each other: free its weights and KV cache before the next test
     torch.cuda.empty_cache()
     entry = {
         "same_greedy_prompts": sum(a == b for a, b in zip(ours_tokens, want_tokens)), "of": len(prompts),
@@ -158,7 +161,8 @@ def test_one_token_prompt_chunk_beside_decodes_with_cuda_graphs():
     def run(eager: bool) -> tuple[dict, int]:
         engine = LLMEngine.from_kwargs(model=str(path), dtype="bfloat16", device="cuda", max_model_len=512,
                                        max_num_batched_tokens=4, max_num_seqs=4, enforce_eager=eager,
-                                       gpu_memory_utilization=0.5, enable_prefix_caching=False)
+                                       gpu_memory_utilization=0.5, enable_prefix_caching=False,
+                                       async_scheduling=False)  # the loop below runs the steps itself
         for i, p in enumerate(short):
             engine.add_request(f"s{i}", {"prompt_token_ids": p}, params, output_kind=OutputKind.FINAL)
         while engine.scheduler.num_waiting or any(r.num_output_tokens == 0 for r in engine.scheduler.running):
@@ -176,6 +180,7 @@ def test_one_token_prompt_chunk_beside_decodes_with_cuda_graphs():
             tokens.update({o.request_id: o.outputs[0].token_ids for o in outputs if o.finished})
         engine.shutdown()
         del engine
+        gc.collect()
         torch.cuda.empty_cache()
         return tokens, mid_prompt_steps
 
@@ -212,6 +217,7 @@ def test_async_scheduling_gives_the_same_tokens_with_cuda_graphs(record):
         finally:
             llm.engine.shutdown()
             del llm
+            gc.collect()
             torch.cuda.empty_cache()
 
     sync, pipelined = run(False), run(True)
