@@ -16,12 +16,15 @@ export PYTHONPATH=$PWD OUT
 export PAGODA_MODEL_DIR=/tmp/pagoda-models
 step() { echo "=== $*"; local t=$SECONDS; "$@" 2>&1 | tail -n 40; echo "=== rc=${PIPESTATUS[0]} ${*:0:3} $((SECONDS - t))s"; }
 
+# pillow (images: GLM-4.1V) from the carried wheel when the image lacks it (.devicepkgs/pillow-*.whl, downloaded beforehand)
+python -c "import PIL" 2>/dev/null || { python -m pip install -q --no-index --no-deps --target /tmp/pagoda-pil \
+  --find-links .devicepkgs pillow && export PYTHONPATH=/tmp/pagoda-pil:$PYTHONPATH; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
 case "${1:-all}" in
   tests|all)
-    step python -m pytest -q -x -m gpu tests/gpu/test_engine_gpu.py -p no:cacheprovider
+    step python -m pytest -q -x -m gpu tests/gpu/test_engine_gpu.py tests/gpu/test_vlm_gpu.py -p no:cacheprovider
     step python -m pytest -q -m gpu tests/kernels -p no:cacheprovider
     step python -m bench.kernels --out "$OUT"
     ;;
@@ -57,10 +60,7 @@ case "${1:-all}" in
     ;;
 esac
 case "${1:-all}" in
-  vlm)  # pillow from the carried wheel when the image lacks it (.devicepkgs/pillow-*.whl, downloaded beforehand)
-    python -c "import PIL" 2>/dev/null || { python -m pip install -q --no-index --no-deps --target /tmp/pagoda-pil \
-      --find-links .devicepkgs pillow && export PYTHONPATH=/tmp/pagoda-pil:$PYTHONPATH; }
-    python -c "import PIL; print('pillow', PIL.__version__)"
+  vlm)
     step python -m bench.vlm --out "$OUT" ${VLM_ARGS:-}
     ;;
 esac
