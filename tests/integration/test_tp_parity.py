@@ -1,8 +1,8 @@
 """Tensor parallelism on CPU (gloo): greedy tokens identical to TP=1 in float32.
 
 Covered: tiny random Llama, Qwen3 (q/k norms), GLM-4 (interleaved partial rotary, qkv bias,
-sandwich norms), a Llama whose single kv head is replicated on both ranks, and the embedded
-SmolLM2 (9 heads, 3 kv heads: TP=3). One model also runs with chunked prefill and forced
+sandwich norms), GLM-4.1V with images, a Llama whose single kv head is replicated on both ranks,
+and the embedded SmolLM2 (9 heads, 3 kv heads: TP=3). One model also runs with chunked prefill and forced
 preemption, and its logprobs (gathered to rank 0) are compared with TP=1's.
 """
 
@@ -129,3 +129,37 @@ def test_embedded_smollm2_tp3_matches_tp1(embedded_llm, embedded_path):
         assert [c.token_ids for c in _greedy(llm, prompts)] == expected
     finally:
         llm.engine.shutdown()
+
+
+def test_glm4v_with_images_tp2_matches_tp1(tiny_glm4v):
+    """GLM-4.1V over two ranks: each rank gets the images' pixels with the request and runs its own
+    copy of the vision tower; chunked prefill (32-token steps) cuts through the images."""
+    import numpy as np
+    from PIL import Image
+
+    from pagoda.engine.tokenizer import encode_chat
+
+    def prompts(llm: LLM) -> list:
+        out = []
+        for i, size in enumerate([(300, 200), (120, 400), None]):
+            content = [{"type": "image"}, {"type": "text", "text": f"Step {i}?"}] if size else f"Step {i}?"
+            ids = encode_chat(llm.get_tokenizer(), [{"role": "user", "content": content}])
+            if size is None:
+                out.append({"prompt_token_ids": ids})
+                continue
+            pixels = np.random.default_rng(i).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            out.append({"prompt_token_ids": ids, "multi_modal_data": {"image": Image.fromarray(pixels)}})
+        return out
+
+    def run(tp: int) -> list[list[int]]:
+        llm = _tp_llm(tiny_glm4v, tp, max_model_len=1024, max_num_batched_tokens=32)
+        try:
+            outs = llm.generate(prompts(llm), SamplingParams(temperature=0.0, max_tokens=MAX_NEW), use_tqdm=False)
+            llm.engine.kv.check_invariants()
+            return [o.outputs[0].token_ids for o in outs]
+        finally:
+            llm.engine.shutdown()
+
+    expected = run(1)
+    assert sum(map(len, expected)) > 2 * MAX_NEW
+    assert run(2) == expected
