@@ -35,6 +35,7 @@ from pagoda.cluster.config import AppConfig
 from pagoda.cluster.protocol import GenerateChunk
 from pagoda.engine.multimodal.chat import split_images
 from pagoda.engine.multimodal.image_io import image_bytes, image_header_size
+from pagoda.engine.multimodal.processor import expand_placeholders
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.tokenizer import encode_chat
 
@@ -59,10 +60,7 @@ class Prompt:
         """The token ids the engine runs: each placeholder repeated as many times as its image has tokens."""
         if not self.images:
             return list(self.token_ids)
-        counts, out = iter(self.image_tokens), []
-        for t in self.token_ids:
-            out.extend([t] * (next(counts) if t == image_token_id else 1))
-        return out
+        return expand_placeholders(self.token_ids, image_token_id, self.image_tokens)[0]
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import http.server
 import io
 import os
-import threading
 
 import pytest
 
@@ -30,6 +28,7 @@ from pagoda.cluster.api.server import ApiServers
 from pagoda.cluster.config import AppConfig
 from pagoda.engine.config import MultiModalConfig
 from tests.integration.api_app import more_servers, running_app, wait_engine_idle
+from tests.loopback_http import image_site as loopback_image_site
 
 MODEL = "apitest"
 SYSTEM = "You are a phone agent. Answer with the next action."
@@ -168,25 +167,8 @@ def test_completions_take_no_images(client):
 @pytest.fixture(scope="module")
 def image_site():
     """A loopback web server: /screen.png is the screenshot, anything else 404."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path != "/screen.png":
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(SCREEN)))
-            self.end_headers()
-            self.wfile.write(SCREEN)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with loopback_image_site({"/screen.png": SCREEN}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.server
 import io
-import threading
-import time
 
 import pytest
 from PIL import Image
@@ -30,6 +27,7 @@ from pagoda.engine.config import EngineConfig, MultiModalConfig
 from pagoda.engine.llm import _named_image
 from pagoda.engine.request import CompletionOutput, RequestOutput
 from pagoda.engine.sampling_params import SamplingParams
+from tests.loopback_http import image_site
 
 IMAGE_TOKEN = 999
 LIMITS = MultiModalConfig(limit_images_per_prompt=2, max_image_bytes=200_000, max_input_image_pixels=1000 * 1000)
@@ -218,27 +216,8 @@ def test_engine_image_errors_name_the_part_and_images_reach_the_client():
 @pytest.fixture(scope="module")
 def image_server():
     """A loopback HTTP server: /slow.png answers after 0.3 s, anything else is 404."""
-    body = png()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path != "/slow.png":
-                self.send_error(404)
-                return
-            time.sleep(0.3)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with image_site({"/slow.png": png()}, delay_s=0.3) as url:
+        yield url
 
 
 def test_url_images_are_fetched_without_blocking_the_event_loop(image_server):
