@@ -39,7 +39,6 @@ import statistics
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +47,10 @@ import torch
 from bench.offline import _free
 from bench.random_models import make_random_glm4v
 from bench.report import environment, markdown_table, write_report
+from bench.vlm_workload import AgentRequest, Special, agent_requests, make_sessions
 
 START = time.monotonic()  # reset by main()
 TARGET_TTFT_MS, TARGET_MS_PER_TOKEN = 250.0, 7.5
-USER, ASSISTANT = 5, 6  # role markers of the session prompts (text ids are drawn from 10 up)
 CUDA = torch.cuda.is_available()
 DEVICE, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
 
@@ -59,84 +58,6 @@ DEVICE, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
 def _sync() -> None:
     if CUDA:
         torch.cuda.synchronize()
-
-
-# ---------------------------------------------------------------------------------------- workload
-def screenshot(width: int, height: int, seed: int):
-    """A synthetic phone screenshot: a tinted gradient, UI blocks (bars, cards, buttons), pixel noise;
-    distinct per seed (so no two share a content hash)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    y = np.linspace(0.6, 1.0, height, dtype=np.float32)[:, None, None]
-    x = np.linspace(0.0, 40.0, width, dtype=np.float32)[None, :, None]
-    img = (rng.uniform(80, 200, 3).astype(np.float32) * y + x).astype(np.uint8)  # (H, W, 3)
-    for _ in range(int(rng.integers(20, 40))):
-        y0, x0 = int(rng.integers(0, height)), int(rng.integers(0, width))
-        img[y0 : y0 + int(rng.integers(8, height // 6 + 9)), x0 : x0 + int(rng.integers(8, width // 2 + 9))] = rng.integers(0, 256, 3)
-    noise = rng.integers(0, 12, (64, 64, 3), dtype=np.uint8)
-    img += np.tile(noise, (height // 64 + 1, width // 64 + 1, 1))[:height, :width]
-    return Image.fromarray(img)
-
-
-@dataclass(frozen=True)
-class Special:
-    """GLM-4.1V's image tokens and the range random text is drawn from (below every special id)."""
-
-    start: int
-    image: int
-    end: int
-    text_hi: int
-
-    @classmethod
-    def of(cls, cfg) -> Special:
-        ids = [cfg.image_start_token_id, cfg.image_token_id, cfg.image_end_token_id, cfg.video_token_id]
-        return cls(cfg.image_start_token_id, cfg.image_token_id, cfg.image_end_token_id, min(ids))
-
-
-@dataclass(frozen=True)
-class AgentRequest:
-    before: list[int]  # text before the screenshot (system prompt, history)
-    after: list[int]  # text after it (the step's instruction)
-    image: object  # PIL.Image
-
-    def ids(self, sp: Special, image_tokens: int = 1) -> list[int]:
-        """Prompt ids with one placeholder (pagoda expands it) or ``image_tokens`` of them (transformers)."""
-        return [*self.before, sp.start, *[sp.image] * image_tokens, sp.end, *self.after]
-
-
-def agent_requests(n: int, text_len: int, size: tuple[int, int], sp: Special, seed: int) -> list[AgentRequest]:
-    rng = np.random.default_rng(seed)
-    tail = min(32, text_len // 4)
-    out = []
-    for i in range(n):
-        text = rng.integers(10, sp.text_hi, text_len).tolist()
-        out.append(AgentRequest(text[: text_len - tail], text[text_len - tail :], screenshot(*size, seed * 100_003 + i)))
-    return out
-
-
-@dataclass
-class Session:
-    system: list[int]  # the same for every session (as in Open-AutoGLM)
-    turns: list[list[int]]  # the user text of each step (task and screen info)
-    images: list  # one new screenshot per step
-    history: list[int] = field(default_factory=list)  # finished steps as text: USER turn ASSISTANT reply ...
-
-    def prompt(self, step: int, sp: Special) -> list[int]:
-        return [*self.system, *self.history, USER, sp.start, sp.image, sp.end, *self.turns[step], ASSISTANT]
-
-    def finish(self, step: int, reply: list[int]) -> None:
-        self.history += [USER, *self.turns[step], ASSISTANT, *reply]  # the screenshot is dropped
-
-
-def make_sessions(args, sp: Special) -> list[Session]:
-    rng = np.random.default_rng(7)
-    system = rng.integers(10, sp.text_hi, args.session_system_len).tolist()
-    return [
-        Session(system, [rng.integers(10, sp.text_hi, args.session_turn_len).tolist() for _ in range(args.session_steps)],
-                [screenshot(*args.screenshot, 7_000_000 + 1000 * s + k) for k in range(args.session_steps)])
-        for s in range(args.sessions)
-    ]
 
 
 # ------------------------------------------------------------------------------------------ pagoda

@@ -55,7 +55,7 @@ def _hf_steps(path: Path, reqs, sp, dtype) -> list[tuple[list[int], list[torch.T
 
 def test_glm4v_with_images_is_as_close_to_fp32_as_transformers_bf16():
     from bench.random_models import make_random_glm4v
-    from bench.vlm import AgentRequest, Special, agent_requests
+    from bench.vlm_workload import AgentRequest, Special, agent_requests
     from pagoda import LLM, SamplingParams
     from pagoda.engine.loader import load_hf_config
 

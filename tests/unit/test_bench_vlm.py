@@ -12,6 +12,7 @@ import torch
 
 from bench import vlm
 from bench.random_models import make_random_glm4v
+from bench.vlm_workload import AgentRequest, Special, screenshot
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +48,9 @@ def test_transformers_inputs_match_pagoda_and_padding(folder):
 
     model = Glm4vForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     processor = load_pil_image_processor(folder)
-    sp, merge = vlm.Special.of(model.config), model.config.vision_config.spatial_merge_size
-    reqs = [vlm.AgentRequest(list(range(10, 40)), [41, 42], vlm.screenshot(112, 224, 0)),
-            vlm.AgentRequest(list(range(50, 60)), [61], vlm.screenshot(196, 84, 1))]
+    sp, merge = Special.of(model.config), model.config.vision_config.spatial_merge_size
+    reqs = [AgentRequest(list(range(10, 40)), [41, 42], screenshot(112, 224, 0)),
+            AgentRequest(list(range(50, 60)), [61], screenshot(196, 84, 1))]
     ours = make_mm_processor(folder, load_hf_config(folder), MultiModalConfig())
     batch, _ = vlm.hf_inputs(reqs, processor, sp, merge)
     assert batch["attention_mask"][1].tolist().count(0) > 0  # the second prompt is left-padded
