@@ -32,6 +32,11 @@ SHAPES = {
                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                           "original_max_position_embeddings": 8192}),
+    # Not a real model: a Qwen3 small enough for CPU replicas (serving-path and replica-scaling runs)
+    "qwen3-cpu-tiny": dict(arch="qwen3", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=32000,
+                           max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
     # Qwen3-0.6B
     "qwen3-0.6b": dict(arch="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,

@@ -1,184 +1,279 @@
-"""Online serving benchmark: an asyncio load generator against the gRPC and OpenAI HTTP APIs.
+"""Served path against the engine: `pagoda serve` (OpenAI HTTP and gRPC) vs the offline engine and the
+in-process ``AsyncLLMEngine``, on the same model and the same token-id requests, in one run.
 
-    python -m bench.serving                                   # local CPU app, concurrency 1 16 64, both protocols
-    python -m bench.serving --concurrency 8 --requests 64
-    python -m bench.serving --rate 4 --requests 100           # Poisson arrivals at 4 req/s instead
-    python -m bench.serving --http http://host:8000 --grpc host:50051 --model pagoda   # a running server
+    python -m bench.serving                                       # CPU: embedded model, concurrency 1 16 64
+    python -m bench.serving --shape qwen3-0.6b --concurrency 1 64 256 --prompt-len 256 --max-tokens 128   # GPU
+    python -m bench.serving --variant "separate-thread:RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1" \\
+                            --variant "interval-2:engine.stream_interval=2"         # what each setting gives
+    python -m bench.serving --replicas 1 2 4 --replica-device cpu --systems http   # scaling with replicas
+    python -m bench.serving --http http://host:8000 --grpc host:50051 --model pagoda  # a running server
 
-Each request streams; the client stamps every chunk. Reported per protocol and load level:
-TTFT (request sent -> first token), ITL (gap between consecutive chunks; one engine step each),
-end-to-end latency, p50/p90/p99 of each; throughput (output tokens/s, requests/s) and goodput
-(requests/s that met the SLO: TTFT <= --slo-ttft and mean time per output token <= --slo-tpot).
-Writes bench/results/serving*.json|md|png via bench/report.py.
+Systems, each in its own process so none shares a GIL with another:
+- ``offline``: ``LLM.generate`` on all requests at once (throughput only);
+- ``engine``: ``AsyncLLMEngine`` in the load generator's process, the same closed loop as the servers;
+- ``http`` / ``grpc``: a ``pagoda serve`` subprocess (one application per variant and replica count),
+  streamed by ``--client-procs`` load processes so the client is not the ceiling.
+
+Per system and concurrency: TTFT, inter-token latency (ITL: gaps between chunks), time per output
+token, end-to-end latency (p50/p90/p99), output tokens/s and chunks per request. A variant is a label
+plus overrides: ``NAME=value`` (upper case) sets an environment variable of the server process,
+``section.field=value`` a field of its YAML config, ``code=DIR`` runs the server from another checkout
+(a before/after comparison). Writes bench/results/<name>.json|md|png via bench/report.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import random
+import multiprocessing
+import os
+import queue
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import yaml
+
 from bench.report import environment, markdown_table, write_report
+from bench.serving_load import (
+    Sample,
+    Workload,
+    closed_loop,
+    engine_sender,
+    grpc_sender,
+    http_sender,
+    summarize,
+)
+from bench.serving_server import Server, profile
 
 RESULTS = Path(__file__).parent / "results"
-TOPICS = ["tea", "rivers", "the moon", "bicycles", "bread", "glaciers", "chess", "owls", "copper", "lighthouses",
-          "volcanoes", "jazz", "maps", "salt", "bees", "trains"]
+MODEL_NAME = "bench"
 
 
-@dataclass
-class Sample:
-    ok: bool
-    start: float
-    chunk_times: list[float] = field(default_factory=list)  # arrival time of each chunk with tokens
-    tokens: int = 0
-    error: str = ""
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    env: dict = field(default_factory=dict)  # server process environment
+    config: dict = field(default_factory=dict)  # "section.field" -> value
+    code: str | None = None  # another checkout to run the server from
 
-    @property
-    def ttft(self) -> float:
-        return self.chunk_times[0] - self.start
-
-    @property
-    def e2e(self) -> float:
-        return self.chunk_times[-1] - self.start
-
-    @property
-    def itls(self) -> list[float]:
-        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:])]
-
-    @property
-    def tpot(self) -> float:
-        return (self.e2e - self.ttft) / max(1, self.tokens - 1)
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        label, _, rest = text.partition(":")
+        env, config, code = {}, {}, None
+        for item in filter(None, rest.split(",")):
+            key, _, value = item.partition("=")
+            if key == "code":
+                code = value
+            elif key.isupper():
+                env[key] = value
+            else:
+                config[key] = yaml.safe_load(value)
+        return cls(label, env, config, code)
 
 
-def prompt(i: int) -> str:
-    return f"Request {i}. Write a short paragraph about {TOPICS[i % len(TOPICS)]} for a curious child."
+# ---- the model and its configs ------------------------------------------------------------------------
 
 
-# ---- one request per protocol -------------------------------------------------------------------------
+def model_and_engine(args) -> tuple[str, dict, int]:
+    """(model path, engine section, vocab size) of the run."""
+    if args.shape:
+        from bench.random_models import make_random_model
+
+        path = str(make_random_model(args.shape, args.model_dir / args.shape))
+        engine = {"model": path, "max_model_len": args.prompt_len + args.max_tokens + 64,
+                  "max_num_seqs": max(args.concurrency), "max_num_batched_tokens": 8192}
+    else:
+        from pagoda.engine.loader import resolve_model
+
+        path = str(resolve_model(args.engine_model))
+        engine = {"model": path, "dtype": "float32", "device": "cpu", "max_model_len": 512, "cpu_kv_cache_gib": 1.0,
+                  "max_num_seqs": max(args.concurrency), "max_num_batched_tokens": 2048}
+    from transformers import AutoConfig
+
+    return path, engine, AutoConfig.from_pretrained(path).vocab_size
 
 
-async def http_request(client, url: str, model: str, i: int, max_tokens: int) -> Sample:
-    body = {"model": model, "prompt": prompt(i), "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    s = Sample(True, time.perf_counter())
+def app_yaml(engine: dict, replicas: int, device: str | None, cpus: float, variant: Variant) -> dict:
+    engine = dict(engine)
+    if device == "cpu":  # CPU replicas of a GPU run's model: a scaling test of router and ingress, not of the GPU
+        engine.update(device="cpu", dtype="float32", cpu_kv_cache_gib=1.0)
+    app = {"engine": engine, "deployment": {"name": MODEL_NAME, "num_replicas": replicas, "cpus_per_replica": cpus,
+                                            "max_ongoing_requests": 1024}}
+    for key, value in variant.config.items():
+        section, _, name = key.partition(".")
+        app.setdefault(section, {})[name] = value
+    return app
+
+
+# ---- systems ------------------------------------------------------------------------------------------
+
+
+def run_engine_phase(spec: dict) -> dict:
+    """Offline LLM.generate and the in-process AsyncLLMEngine (run in a child process)."""
+    from pagoda.engine.config import EngineConfig
+
+    work = Workload(**spec["workload"])
+    rows = []
+    if "offline" in spec["systems"]:
+        from pagoda import LLM, SamplingParams
+
+        llm = LLM(**spec["engine"])
+        n = spec["requests"][max(spec["concurrency"])]
+        prompts = [{"prompt_token_ids": work.prompt(i)} for i in range(n)]
+        params = SamplingParams(max_tokens=work.max_tokens, temperature=0.0, ignore_eos=True)
+        llm.generate(prompts[: min(8, n)], params, use_tqdm=False)  # warm-up (graphs, allocator)
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        rows.append({"system": "offline", "concurrency": max(spec["concurrency"]), "requests": n, "errors": 0,
+                     "wall_s": wall, "output_tok_s": tokens / wall})
+        print(json.dumps(_short(rows[-1])), flush=True)
+        llm.engine.shutdown()
+        del llm
+    if "engine" in spec["systems"]:
+        from pagoda.engine.async_engine import AsyncLLMEngine
+
+        engine = AsyncLLMEngine(EngineConfig.from_kwargs(**spec["engine"]))
+
+        async def levels():
+            send = engine_sender(engine, work)
+            await closed_loop(send, 1, 2)
+            for c in spec["concurrency"]:
+                samples, wall = await closed_loop(send, c, spec["requests"][c])
+                rows.append(summarize("engine", c, samples, wall))
+                print(json.dumps(_short(rows[-1])), flush=True)
+
+        asyncio.run(levels())
+        engine.shutdown()
+    return {"rows": rows}
+
+
+def _client_proc(protocol: str, target: str, model: str, work: dict, concurrency: int, requests: int, start_at: float,
+                 q) -> None:
+    """One load process: ``concurrency`` closed-loop streams; puts its samples (as dicts) on ``q``."""
+
+    async def go():
+        work_ = Workload(**work)
+        while time.perf_counter() < start_at:
+            await asyncio.sleep(0.001)
+        if protocol == "http":
+            import aiohttp
+
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             timeout=aiohttp.ClientTimeout(total=None)) as session:
+                return await closed_loop(http_sender(session, target, model, work_), concurrency, requests)
+        import grpc
+
+        from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
+
+        async with grpc.aio.insecure_channel(target) as channel:
+            return await closed_loop(grpc_sender(pb_grpc.PagodaStub(channel), model, work_), concurrency, requests)
+
+    samples, _ = asyncio.run(go())
+    q.put([asdict(s) for s in samples])
+
+
+def load_level(protocol: str, target: str, work: Workload, concurrency: int, requests: int, procs: int,
+               model: str = MODEL_NAME) -> dict:
+    """Closed-loop load split over ``procs`` processes started together; one summary row."""
+    procs = max(1, min(procs, concurrency))
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    start_at = time.perf_counter() + 3.0  # every process has imported and connected by then
+    shares = [concurrency // procs + (k < concurrency % procs) for k in range(procs)]
+    per_req = [requests * s // concurrency for s in shares]
+    workers = [ctx.Process(target=_client_proc, args=(protocol, target, model, asdict(work), s, r, start_at, q))
+               for s, r in zip(shares, per_req)]
+    for w in workers:
+        w.start()
+    results: list[list[dict]] = []
+    while len(results) < len(workers):
+        try:
+            results.append(q.get(timeout=5))
+        except queue.Empty:
+            dead = [w for w in workers if w.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a load process exited with {dead[0].exitcode}") from None
+    for w in workers:
+        w.join()
+    samples = [Sample(**d) for batch in results for d in batch]
+    ends = [s.chunk_times[-1] for s in samples if s.chunk_times] or [start_at]
+    return summarize(protocol, concurrency, samples, max(ends) - min(s.start for s in samples))
+
+
+def served_rows(args, engine: dict, work: Workload, variant: Variant, replicas: int) -> list[dict]:
+    device = args.replica_device
+    app = app_yaml(engine, replicas, device, args.cpus_per_replica, variant)
+    server = Server(app, variant, args.num_cpus, args.out / "serving_logs")
+    rows = []
     try:
-        async with client.stream("POST", url + "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                return Sample(False, s.start, error=f"HTTP {r.status_code}")
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if event.get("choices"):  # one event per engine step with news, like a gRPC response
-                    s.chunk_times.append(time.perf_counter())
-                if event.get("usage"):
-                    s.tokens = event["usage"]["completion_tokens"]
-    except Exception as exc:  # noqa: BLE001 — a failed request is a data point, not a crash
-        return Sample(False, s.start, error=f"{type(exc).__name__}: {exc}")
-    s.ok = bool(s.chunk_times)
-    return s
+        server.wait_ready()
+        for protocol in [p for p in ("http", "grpc") if p in args.systems]:
+            target = server.http_url if protocol == "http" else server.grpc_target
+            load_level(protocol, target, work, 1, 2, 1)  # warm the path
+            for c in args.concurrency:
+                spy = (profile(server, args.out / "serving_profiles", args.py_spy, f"{variant.label or 'serve'}_{protocol}_c{c}")
+                       if args.py_spy and c > 1 else [])
+                row = load_level(protocol, target, work, c, requests_for(args, c), args.client_procs if c > 1 else 1)
+                for proc in spy:
+                    proc.wait()
+                row.update(variant=variant.label, replicas=replicas)
+                rows.append(row)
+                print(json.dumps(_short(row)), flush=True)
+    finally:
+        server.stop()
+    return rows
 
 
-async def grpc_request(stub, model: str, i: int, max_tokens: int) -> Sample:
-    from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
-
-    request = pb.GenerateRequest(model=model, text=prompt(i), sampling=pb.SamplingParams(
-        max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-    s = Sample(True, time.perf_counter())
-    try:
-        async for r in stub.Generate(request):
-            if r.token_ids:
-                s.chunk_times.append(time.perf_counter())
-                s.tokens += len(r.token_ids)
-    except Exception as exc:  # noqa: BLE001
-        return Sample(False, s.start, error=f"{type(exc).__name__}: {exc}")
-    s.ok = bool(s.chunk_times)
-    return s
+def requests_for(args, concurrency: int) -> int:
+    return args.c1_requests if concurrency == 1 else max(args.requests_per_slot * concurrency, 16)
 
 
-# ---- load shapes --------------------------------------------------------------------------------------
+def _short(row: dict) -> dict:
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
 
 
-async def closed_loop(send, concurrency: int, requests: int) -> list[Sample]:
-    """``concurrency`` workers, each sending its next request as soon as the last one finished."""
-    counter = iter(range(requests))
-    samples: list[Sample] = []
-
-    async def worker():
-        for i in counter:
-            samples.append(await send(i))
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return samples
+# ---- report -------------------------------------------------------------------------------------------
 
 
-async def poisson(send, rate: float, requests: int, seed: int = 0) -> list[Sample]:
-    """Open loop: requests arrive at exponential gaps (mean 1/rate), whatever the server does."""
-    rng = random.Random(seed)
-    tasks = []
-    for i in range(requests):
-        tasks.append(asyncio.ensure_future(send(i)))
-        await asyncio.sleep(rng.expovariate(rate))
-    return list(await asyncio.gather(*tasks))
+COLUMNS = ["system", "variant", "replicas", "concurrency", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms",
+           "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms", "e2e_p50_ms", "output_tok_s", "vs_offline", "chunks_per_request"]
 
 
-# ---- summary ------------------------------------------------------------------------------------------
-
-
-def percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
-    v = sorted(values)
-    pick = lambda q: v[min(len(v) - 1, round(q * (len(v) - 1)))]
-    return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99)}
-
-
-def summarize(protocol: str, load: str, samples: list[Sample], wall_s: float, slo_ttft: float, slo_tpot: float) -> dict:
-    ok = [s for s in samples if s.ok]
-    good = [s for s in ok if s.ttft <= slo_ttft and s.tpot <= slo_tpot]
-    row = {"protocol": protocol, "load": load, "requests": len(samples), "errors": len(samples) - len(ok),
-           "wall_s": wall_s, "output_tok_s": sum(s.tokens for s in ok) / wall_s, "req_s": len(ok) / wall_s,
-           "goodput_req_s": len(good) / wall_s, "slo_met": len(good) / max(1, len(samples))}
-    for name, values in (("ttft", [s.ttft for s in ok]), ("itl", [x for s in ok for x in s.itls]),
-                         ("e2e", [s.e2e for s in ok])):
-        for q, v in percentiles(values).items():
-            row[f"{name}_{q}_ms"] = 1000 * v
-    row["first_error"] = next((s.error for s in samples if not s.ok), "")
-    return row
-
-
-COLUMNS = ["protocol", "load", "requests", "errors", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "itl_p50_ms",
-           "itl_p90_ms", "itl_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "output_tok_s", "req_s", "goodput_req_s"]
+def compare(rows: list[dict]) -> None:
+    """Adds vs_offline: output tok/s over the offline engine's (the same requests, max concurrency)."""
+    offline = next((r["output_tok_s"] for r in rows if r["system"] == "offline"), None)
+    for r in rows:
+        if offline and r["system"] != "offline" and r["concurrency"] == max(x["concurrency"] for x in rows):
+            r["vs_offline"] = r["output_tok_s"] / offline
 
 
 def plot(result: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for protocol in sorted({r["protocol"] for r in rows}):
-        mine = [r for r in rows if r["protocol"] == protocol]
-        x = list(range(len(mine)))
-        labels = [r["load"] for r in mine]
-        axes[0].plot(x, [r["ttft_p50_ms"] for r in mine], "o-", label=f"{protocol} p50")
-        axes[0].plot(x, [r["ttft_p99_ms"] for r in mine], "x--", label=f"{protocol} p99")
-        axes[1].plot(x, [r["itl_p50_ms"] for r in mine], "o-", label=f"{protocol} p50")
-        axes[1].plot(x, [r["itl_p99_ms"] for r in mine], "x--", label=f"{protocol} p99")
-        axes[2].plot(x, [r["output_tok_s"] for r in mine], "o-", label=f"{protocol} throughput")
-        axes[2].plot(x, [r["goodput_req_s"] * result["config"]["max_tokens"] for r in mine], "x--",
-                     label=f"{protocol} goodput (tok/s in SLO)")
-        for ax in axes:
-            ax.set_xticks(x, labels)
-    for ax, title in zip(axes, ("TTFT (ms)", "inter-token latency (ms)", "output tokens/s")):
+    rows = [r for r in result["rows"] if r["system"] != "offline"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    series = sorted({(r["system"], r.get("variant", ""), r.get("replicas", 1)) for r in rows})
+    for system, variant, replicas in series:
+        mine = sorted((r for r in rows if (r["system"], r.get("variant", ""), r.get("replicas", 1)) ==
+                       (system, variant, replicas)), key=lambda r: r["concurrency"])
+        label = system + (f" {variant}" if variant else "") + (f" x{replicas}" if replicas != 1 else "")
+        c = [r["concurrency"] for r in mine]
+        axes[0].plot(c, [r["ttft_p50_ms"] for r in mine], "o-", label=label)
+        axes[1].plot(c, [r["itl_p50_ms"] for r in mine], "o-", label=label)
+        axes[2].plot(c, [r["output_tok_s"] for r in mine], "o-", label=label)
+    offline = next((r for r in result["rows"] if r["system"] == "offline"), None)
+    if offline:
+        axes[2].axhline(offline["output_tok_s"], color="k", ls="--", lw=1, label="offline engine")
+    for ax, title in zip(axes, ("TTFT p50 (ms)", "inter-token latency p50 (ms)", "output tokens/s")):
         ax.set_title(title)
-        ax.set_xlabel("load")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"pagoda serving — {result['config']['model']} on {result['environment'].get('gpu', 'CPU')}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.legend(fontsize=6)
+    fig.suptitle(f"pagoda serve vs engine — {result['config']['model']} on {result['environment'].get('gpu', 'CPU')}")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -187,101 +282,75 @@ def plot(result: dict, png: Path) -> None:
 # ---- driver -------------------------------------------------------------------------------------------
 
 
-async def run_levels(args, http_url: str | None, grpc_target: str | None) -> list[dict]:
-    import grpc
-
-    try:
-        import httpx
-    except ImportError:  # some environments ship the same client as httpx2
-        import httpx2 as httpx
-    from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
-
-    rows = []
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as http, grpc.aio.insecure_channel(grpc_target or "x") as ch:
-        stub = pb_grpc.PagodaStub(ch)
-        senders = {"http": lambda i: http_request(http, http_url, args.model, i, args.max_tokens),
-                   "grpc": lambda i: grpc_request(stub, args.model, i, args.max_tokens)}
-        levels = [("rate", r) for r in args.rate] if args.rate else [("concurrency", c) for c in args.concurrency]
-        for kind, level in levels:
-            for protocol in args.protocols:
-                if (protocol == "http" and not http_url) or (protocol == "grpc" and not grpc_target):
-                    continue
-                n = args.requests or max(8, 2 * int(level)) if kind == "concurrency" else args.requests or 32
-                await closed_loop(senders[protocol], 1, 1)  # warm the path (connection, prefix of the template)
-                start = time.perf_counter()
-                if kind == "concurrency":
-                    samples = await closed_loop(senders[protocol], int(level), n)
-                else:
-                    samples = await poisson(senders[protocol], level, n)
-                row = summarize(protocol, f"{'c' if kind == 'concurrency' else 'rate'}={level:g}", samples,
-                                time.perf_counter() - start, args.slo_ttft, args.slo_tpot)
-                print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-                rows.append(row)
-    return rows
-
-
-@contextlib.contextmanager
-def local_app(args):
-    """A local Ray cluster with the Serve app on the embedded model and the API servers on loopback."""
-    import ray
-    from ray import serve
-
-    from pagoda.cluster.api.config import ApiConfig
-    from pagoda.cluster.api.server import ApiServers
-    from pagoda.cluster.app import deploy
-    from pagoda.cluster.config import AppConfig
-
-    app = AppConfig.from_dict({
-        "engine": {"model": args.engine_model, "dtype": "float32", "device": "cpu", "max_model_len": 512,
-                   "cpu_kv_cache_gib": 0.5, "max_num_seqs": 64, "max_num_batched_tokens": 1024},
-        "deployment": {"name": args.model, "num_replicas": 1, "cpus_per_replica": args.cpus,
-                       "max_ongoing_requests": 256},
-    })
-    ray.init(address="local", num_cpus=max(2, int(args.cpus)), include_dashboard=False, log_to_driver=False)
-    servers = None
-    try:
-        serve.start(proxy_location="Disabled")
-        servers = ApiServers.start(deploy(app), app, ApiConfig(http_port=0, grpc_port=0))
-        yield servers.http_url, servers.grpc_target, app
-    finally:
-        if servers is not None:
-            servers.stop()
-        serve.shutdown()
-        ray.shutdown()
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--http", default=None, help="OpenAI HTTP base URL of a running server (default: start one)")
-    p.add_argument("--grpc", default=None, help="gRPC target of a running server, host:port")
-    p.add_argument("--model", default="pagoda", help="served model name")
-    p.add_argument("--engine-model", default="embedded:smollm2-135m-instruct", help="local app: engine model")
-    p.add_argument("--cpus", type=float, default=1.0, help="local app: CPUs of the replica (torch threads)")
-    p.add_argument("--protocols", nargs="+", default=["grpc", "http"], choices=["grpc", "http"])
+    p.add_argument("--shape", default=None, help="random-weight model of this shape (bench/random_models.py); "
+                                                 "default: the embedded model on CPU")
+    p.add_argument("--engine-model", default="embedded:smollm2-135m-instruct")
+    p.add_argument("--model-dir", type=Path, default=Path(os.environ.get("PAGODA_MODEL_DIR", "/tmp/pagoda-models")))
+    p.add_argument("--systems", nargs="+", default=["offline", "engine", "http", "grpc"],
+                   choices=["offline", "engine", "http", "grpc"])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("--rate", type=float, nargs="+", default=None, help="Poisson arrival rates (req/s) instead")
-    p.add_argument("--requests", type=int, default=None, help="requests per level (default: max(8, 2 x concurrency))")
+    p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO: time to first token, seconds")
-    p.add_argument("--slo-tpot", type=float, default=0.25, help="goodput SLO: mean time per output token, seconds")
-    p.add_argument("--name", default="serving_cpu")
+    p.add_argument("--c1-requests", type=int, default=12, help="requests at concurrency 1")
+    p.add_argument("--requests-per-slot", type=int, default=2, help="requests per stream slot above concurrency 1")
+    p.add_argument("--variant", action="append", default=[], help="LABEL:KEY=VALUE,... (see above); default: one, "
+                                                                  "the code as it is")
+    p.add_argument("--replicas", type=int, nargs="+", default=[1])
+    p.add_argument("--replica-device", choices=["cpu"], default=None, help="serve on CPU replicas (scaling runs)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the server's local Ray cluster")
+    p.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4)),
+                   help="load processes above concurrency 1")
+    p.add_argument("--py-spy", type=int, default=0, help="seconds of py-spy profile of the server and replica "
+                                                          "processes at each level above concurrency 1")
+    p.add_argument("--http", default=None, help="a running server's OpenAI base URL instead of starting one")
+    p.add_argument("--grpc", default=None, help="a running server's gRPC target, host:port")
+    p.add_argument("--model", default=MODEL_NAME, help="a running server: the served model name")
+    p.add_argument("--vocab-size", type=int, default=32000, help="a running server: prompt ids are drawn below this")
+    p.add_argument("--name", default=None)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
 
-    if args.http or args.grpc:
-        rows = asyncio.run(run_levels(args, args.http, args.grpc))
+    rows: list[dict] = []
+    if args.http or args.grpc:  # someone else's server: the served systems only
+        work = Workload(args.prompt_len, args.max_tokens, args.vocab_size)
+        for protocol, target in (("http", args.http), ("grpc", args.grpc)):
+            if target:
+                for c in args.concurrency:
+                    rows.append(load_level(protocol, target, work, c, requests_for(args, c), args.client_procs, args.model))
         engine = {}
     else:
-        with local_app(args) as (http_url, grpc_target, app):
-            rows = asyncio.run(run_levels(args, http_url, grpc_target))
-            engine = app.to_dict()["engine"]
-    result = {"benchmark": args.name, "environment": environment(), "rows": rows,
-              "config": {"model": args.engine_model if engine else args.model, "max_tokens": args.max_tokens,
-                         "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot, "engine": engine}}
-    table = (f"Serving ({result['config']['model']}, {args.max_tokens} output tokens, SLO: TTFT <= "
-             f"{args.slo_ttft}s, TPOT <= {args.slo_tpot}s)\n\n" + markdown_table(rows, COLUMNS))
-    write_report(args.out, args.name, result, table, lambda png: plot(result, png))
+        _, engine, vocab = model_and_engine(args)
+        work = Workload(args.prompt_len, args.max_tokens, vocab)
+        if {"offline", "engine"} & set(args.systems):
+            rows += run_child_engine_phase(args, engine, work)
+        variants = [Variant.parse(v) for v in args.variant] or [Variant("")]
+        for variant in variants:
+            for replicas in args.replicas:
+                if {"http", "grpc"} & set(args.systems):
+                    rows += served_rows(args, engine, work, variant, replicas)
+    compare(rows)
+    name = args.name or ("serving_" + (args.shape or "cpu"))
+    result = {"benchmark": name, "environment": environment(), "rows": rows,
+              "config": {"model": args.shape or args.engine_model, "engine": engine, "prompt_len": args.prompt_len,
+                         "max_tokens": args.max_tokens, "variants": args.variant, "client_procs": args.client_procs}}
+    table = (f"Served path vs engine ({result['config']['model']}, {args.prompt_len}-token prompts, "
+             f"{args.max_tokens} output tokens)\n\n" + markdown_table(rows, COLUMNS))
+    write_report(args.out, name, result, table, lambda png: plot(result, png))
+
+
+def run_child_engine_phase(args, engine: dict, work: Workload) -> list[dict]:
+    spec = {"engine": engine, "workload": asdict(work), "systems": args.systems, "concurrency": args.concurrency,
+            "requests": {c: requests_for(args, c) for c in args.concurrency}}
+    ctx = multiprocessing.get_context("spawn")
+    rows = []
+    for system in [s for s in ("offline", "engine") if s in args.systems]:  # a process each: GPU memory is freed
+        with ctx.Pool(1) as pool:
+            rows += pool.apply(run_engine_phase, ({**spec, "systems": [system]},))["rows"]
+    return rows
 
 
 if __name__ == "__main__":

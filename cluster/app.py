@@ -22,6 +22,8 @@ one GPU themselves.
 
 from __future__ import annotations
 
+import os
+
 from ray import serve
 from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
 from ray.serve.config import AutoscalingPolicy, RequestRouterConfig
@@ -105,6 +107,19 @@ def request_router_config(config: AppConfig, router_class: type = PagodaRouter) 
     )
 
 
+# Serve runs a replica's user code on its own event loop thread by default, so every streamed item
+# crosses threads twice (user loop -> replica loop -> Ray). The replica's engine already runs on its
+# own thread, and nothing in LLMReplica blocks its loop, so pagoda runs user code on the replica's
+# loop: a stream that falls behind then coalesces what queued (AsyncLLMEngine) instead of Serve
+# sending every step's delta as its own item. bench/results/serving_*: what it gave. The deploying
+# process's environment may set it back to "1".
+USER_CODE_THREAD_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+
+
+def replica_env() -> dict[str, str]:
+    return {USER_CODE_THREAD_ENV: os.environ.get(USER_CODE_THREAD_ENV, "0")}
+
+
 def replica_resources(config: AppConfig) -> dict:
     """Ray resources of one replica. TP = 1: CPUs and the GPU for the engine. TP > 1 with the Ray
     backend: the replica takes bundle 0 (CPUs only) of a STRICT_PACK group whose bundles 1..k are the
@@ -113,15 +128,16 @@ def replica_resources(config: AppConfig) -> dict:
     cpus = config.deployment.cpus_per_replica
     parallel = config.engine.parallel
     tp, gpu = parallel.tensor_parallel_size, _uses_gpus(config)
+    runtime_env = {"env_vars": replica_env()}
     if tp > 1 and parallel.distributed_executor_backend == "ray":
         return {
-            "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0},
+            "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0, "runtime_env": runtime_env},
             "placement_group_bundles": replica_bundles(tp, gpu, cpus),
             "placement_group_strategy": STRATEGY,
         }
     if gpu:
-        return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": tp}}
-    return {"ray_actor_options": {"num_cpus": cpus + (tp if tp > 1 else 0), "num_gpus": 0}}
+        return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": tp, "runtime_env": runtime_env}}
+    return {"ray_actor_options": {"num_cpus": cpus + (tp if tp > 1 else 0), "num_gpus": 0, "runtime_env": runtime_env}}
 
 
 def _uses_gpus(config: AppConfig) -> bool:

@@ -11,7 +11,8 @@ A request carries its prompt as token ids, tokenized once by the caller (the ing
   engine caches (a second tokenization could differ: chat templates, special tokens).
 
 Responses stream as ``GenerateChunk``s holding *delta* ``RequestOutput``s (only the new text and
-tokens), so a long answer costs O(length) bytes on the wire, not O(length²).
+tokens), so a long answer costs O(length) bytes on the wire, not O(length²). The prompt's token ids
+go back once, in the first chunk; every chunk says how long the prompt was (``num_prompt_tokens``).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ class GenerateRequest:
 
 @dataclass(frozen=True)
 class GenerateChunk:
-    output: RequestOutput  # what is new since the previous chunk (OutputKind.DELTA)
+    output: RequestOutput  # what is new since the previous chunk (OutputKind.DELTA); prompt ids in the first only
     replica: str  # the serving replica's full Serve id (also its Ray actor name)
+    num_prompt_tokens: int  # the prompt's length as the engine ran it (image placeholders expanded)
 
 
 class ReplicaUnavailableError(EngineDeadError):

@@ -20,6 +20,7 @@ at ``max_waiting``, EngineDeadError).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 from pagoda.cluster.config import AppConfig
@@ -55,10 +56,15 @@ class LLMReplica:
         self.metrics.request_started(rid, request.priority, request.sampling_params.n)
         try:
             async with contextlib.aclosing(stream):  # closing the engine stream aborts an unfinished request
+                first = True
                 async for output in stream:
+                    prompt_tokens = len(output.prompt_token_ids)  # image tokens expanded
                     self._unprefilled.pop(rid, None)
-                    self.metrics.on_output(rid, output, len(output.prompt_token_ids))  # image tokens expanded
-                    yield GenerateChunk(output, self.replica)
+                    self.metrics.on_output(rid, output, prompt_tokens)
+                    if not first:  # the caller has the prompt: later chunks carry only what is new
+                        output = dataclasses.replace(output, prompt=None, prompt_token_ids=[])
+                    first = False
+                    yield GenerateChunk(output, self.replica, prompt_tokens)
         finally:
             self._unprefilled.pop(rid, None)
             self.metrics.request_ended(rid)

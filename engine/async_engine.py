@@ -5,6 +5,11 @@ queue (add, abort), runs ``step()`` while there is work, and posts each output t
 event loop. Callers validate on their own thread (``InputProcessor.process`` has no side
 effects), so a bad request raises ValueError straight from ``generate``.
 
+Delivery: the engine thread hands each step's outputs to each caller loop in one
+``call_soon_threadsafe`` (not one per request). A consumer that falls behind gets what queued up
+in one item: delta outputs joined (``RequestOutput.followed_by``), cumulative ones superseded.
+Nothing waits for company: an item goes as soon as the consumer asks.
+
 Cancellation: when the consumer of a stream stops early (``break``, task cancel, a client that
 disconnects), the generator's ``finally`` aborts the request, and its KV blocks return to the
 pool at the engine thread's next turn.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -74,12 +80,18 @@ class AsyncLLMEngine:
             prepared = self.engine.inputs.process(request_id, prompt, sampling_params, priority)
         stream = self._open(prepared)
         self._commands.put(("add", prepared, output_kind))
-        finished = False
+        finished, pending = False, None
         try:
             while not finished:
-                item = await stream.queue.get()
+                item, pending = (pending if pending is not None else await stream.queue.get()), None
                 if isinstance(item, BaseException):
                     raise item
+                while not item.finished and not stream.queue.empty():  # fell behind: send what queued, once
+                    later = stream.queue.get_nowait()
+                    if isinstance(later, BaseException):
+                        pending = later
+                        break
+                    item = _coalesce(item, later, output_kind)
                 finished = item.finished
                 yield item
         finally:
@@ -122,8 +134,7 @@ class AsyncLLMEngine:
             except BaseException as exc:  # a failed step kills the engine; every stream learns why
                 self._fail_all(exc)
                 return
-            for output in outputs:
-                self._deliver(output.request_id, output)
+            self._deliver_step(outputs)
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -148,6 +159,20 @@ class AsyncLLMEngine:
         elif kind == "abort":
             self.engine.abort_request(command[1])
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """One step's outputs: a single thread-safe call per caller loop (each wakes a loop through a pipe)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        with self._lock:
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is not None:
+                    by_loop[stream.loop].append((stream.queue, output))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop has closed; nobody is listening
+                pass
+
     def _deliver(self, request_id: str, item) -> None:
         with self._lock:
             stream = self._streams.get(request_id)
@@ -165,3 +190,12 @@ class AsyncLLMEngine:
             streams = list(self._streams.items())
         for request_id, _ in streams:
             self._deliver(request_id, error)
+
+
+def _put_all(items: list) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def _coalesce(item: RequestOutput, later: RequestOutput, kind: OutputKind) -> RequestOutput:
+    return item.followed_by(later) if kind is OutputKind.DELTA else later

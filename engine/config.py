@@ -88,6 +88,10 @@ class SchedulerConfig:
     # A request that stops at step n has also run in step n+1 (that token is dropped). On 2 x H100
     # (random Llama-3.1-8B, bench/results/tp_*): batch-1 decode 5-9% faster at TP 1 and 2.
     async_scheduling: bool = True
+    # Streams (delta and cumulative outputs) get an output every this many steps per request; the first
+    # token and the end always go at once. 1 streams every token; 2 halves the messages a served stream
+    # sends, each chunk then holding back at most one step (bench/results/serving_*: what it gave).
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
@@ -97,6 +101,7 @@ class SchedulerConfig:
         )
         require(self.policy in _POLICIES, f"policy must be one of {_POLICIES}, got {self.policy!r}")
         require(self.aging_steps >= 1, f"aging_steps must be >= 1, got {self.aging_steps}")
+        require(self.stream_interval >= 1, f"stream_interval must be >= 1, got {self.stream_interval}")
         require(
             self.max_waiting is None or self.max_waiting >= 1,
             f"max_waiting must be >= 1, got {self.max_waiting}",

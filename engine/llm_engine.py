@@ -66,7 +66,7 @@ class LLMEngine:
             self.tokenizer, self.model.text_config.vocab_size, self.max_model_len,
             make_mm_processor(self.model.path, self.model.hf_config, self.config.multimodal), self.config.multimodal,
         )
-        self.outputs = OutputProcessor(self.tokenizer)
+        self.outputs = OutputProcessor(self.tokenizer, config.scheduler.stream_interval)
         self._in_flight: deque[SchedulerOutput] = deque()  # submitted, result not taken yet (async scheduling)
 
     @classmethod

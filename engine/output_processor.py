@@ -6,7 +6,8 @@ are found here, on text; the engine then finishes the request in the scheduler.
 
 Output kinds (vLLM's): ``cumulative`` — all text so far; ``delta`` — only what is new;
 ``final`` — one output when every completion has finished. Text that might be the start of a stop
-string is held back until it is known not to be.
+string is held back until it is known not to be. Streams (delta, cumulative) emit on a request's
+first token, at its end, and otherwise every ``stream_interval`` steps that touched it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class _Parent:
     prepared: PreparedRequest
     kind: OutputKind
     completions: dict[str, _Completion] = field(default_factory=dict)  # child request id -> state
+    steps_held: int = 0  # steps with news since the last output (stream_interval)
+    emitted: bool = False  # an output with tokens went out
 
     @property
     def finished(self) -> bool:
@@ -59,8 +62,9 @@ def child_ids(request_id: str, n: int) -> list[str]:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, stream_interval: int = 1) -> None:
         self.tokenizer = tokenizer
+        self.stream_interval = stream_interval
         self._parents: dict[str, _Parent] = {}
         self._parent_of: dict[str, str] = {}
 
@@ -122,6 +126,11 @@ class OutputProcessor:
     def _make_output(self, parent: _Parent) -> RequestOutput | None:
         if parent.kind is OutputKind.FINAL and not parent.finished:
             return None
+        parent.steps_held += 1
+        if parent.emitted and not parent.finished and parent.steps_held < self.stream_interval:
+            return None  # the tokens stay in the completions' state; the next output carries them
+        parent.steps_held = 0
+        parent.emitted = parent.emitted or any(c.request.num_output_tokens for c in parent.completions.values())
         delta = parent.kind is OutputKind.DELTA
         want_logprobs = parent.prepared.params.logprobs is not None
         outputs = [self._completion_output(c, delta, want_logprobs) for c in parent.completions.values()]

@@ -159,3 +159,23 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    def followed_by(self, later: RequestOutput) -> RequestOutput:
+        """This delta output and the next one of the same request as one delta (a stream that fell
+        behind sends what is queued in one message): text, tokens and logprobs concatenated per
+        completion; finish state, cumulative logprob and cached count from ``later``."""
+        mine = {c.index: c for c in self.outputs}
+        theirs = {c.index for c in later.outputs}
+        outputs = [c for c in self.outputs if c.index not in theirs]  # news only in the earlier output
+        for c in later.outputs:
+            before = mine.get(c.index)
+            if before is None:
+                outputs.append(c)
+                continue
+            logprobs = None if before.logprobs is None and c.logprobs is None else [*(before.logprobs or ()),
+                                                                                   *(c.logprobs or ())]
+            outputs.append(CompletionOutput(c.index, before.text + c.text, before.token_ids + c.token_ids,
+                                            c.cumulative_logprob, logprobs, c.finish_reason, c.stop_reason))
+        outputs.sort(key=lambda c: c.index)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, later.finished,
+                             later.num_cached_tokens)

@@ -60,7 +60,7 @@ class PagodaService(pb_grpc.PagodaServicer):
                         request_id=out.request_id, index=c.index, token_ids=c.token_ids, text=c.text,
                         logprobs=_logprobs(c), finish_reason=_FINISH.get(c.finish_reason, pb.FINISH_REASON_UNSPECIFIED))
                     if out.finished and len(finished) == len(out.outputs):
-                        response.usage.CopyFrom(pb.Usage(prompt_tokens=len(out.prompt_token_ids),
+                        response.usage.CopyFrom(pb.Usage(prompt_tokens=chunk.num_prompt_tokens,
                                                          completion_tokens=sent, cached_tokens=out.num_cached_tokens))
                     yield response
         except ApiError as exc:

@@ -98,7 +98,7 @@ async def _sse(req: ParsedRequest, model: str, first, chunks: AsyncIterator, n: 
         chunk = first
         while chunk is not None:
             out = chunk.output
-            prompt_tokens, cached = len(out.prompt_token_ids), out.num_cached_tokens
+            prompt_tokens, cached = chunk.num_prompt_tokens, out.num_cached_tokens
             choices = []
             for c in out.outputs:
                 if finished[c.index] or not (c.text or c.token_ids or c.finish_reason or not started[c.index]):
@@ -120,7 +120,7 @@ async def _sse(req: ParsedRequest, model: str, first, chunks: AsyncIterator, n: 
 
 async def _accumulate(chunks: AsyncIterator, acc: Accumulator) -> None:
     async for chunk in chunks:
-        acc.add(chunk.output)
+        acc.add(chunk)
 
 
 async def _unless_disconnected(request: Request, work) -> None:

@@ -138,8 +138,10 @@ class Accumulator:
         self.prompt_tokens = 0
         self.cached_tokens = 0
 
-    def add(self, output) -> None:
-        self.prompt_tokens = len(output.prompt_token_ids)
+    def add(self, chunk) -> None:
+        """One ``GenerateChunk`` (a delta)."""
+        output = chunk.output
+        self.prompt_tokens = chunk.num_prompt_tokens
         self.cached_tokens = output.num_cached_tokens
         for c in output.outputs:
             self.text[c.index] += c.text

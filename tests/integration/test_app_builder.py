@@ -55,12 +55,16 @@ def test_pow2_policy_uses_serves_default_router():
     assert options["request_router_config"].get_request_router_class() is not PagodaRouter
 
 
+REPLICA_ENV = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}  # user code on the replica's loop
+
+
 def test_replica_resources_follow_the_device_and_tensor_parallelism():
     gpu_tp1 = deployment_options(AppConfig.from_dict({"engine": {"device": "cuda"}}))
     assert gpu_tp1["ray_actor_options"]["num_gpus"] == 1
+    assert gpu_tp1["ray_actor_options"]["runtime_env"] == REPLICA_ENV
     assert "placement_group_bundles" not in gpu_tp1
     cpu = deployment_options(AppConfig.from_dict({"engine": {"device": "cpu"}}))
-    assert cpu["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0}
+    assert cpu["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0, "runtime_env": REPLICA_ENV}
 
 
 def test_tp_replicas_reserve_a_bundle_per_rank_actor():
@@ -69,11 +73,11 @@ def test_tp_replicas_reserve_a_bundle_per_rank_actor():
                                    "deployment": {"cpus_per_replica": 2}})
     assert gpu_tp2.engine.parallel.distributed_executor_backend == "ray"
     options = deployment_options(gpu_tp2)
-    assert options["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0}
+    assert options["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0, "runtime_env": REPLICA_ENV}
     assert options["placement_group_bundles"] == [{"CPU": 2.0}, {"GPU": 1.0}, {"GPU": 1.0}]
     assert options["placement_group_strategy"] == "STRICT_PACK"
     cpu_tp2 = deployment_options(AppConfig.from_dict({"engine": {"device": "cpu", "tensor_parallel_size": 2}}))
-    assert cpu_tp2["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0}
+    assert cpu_tp2["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0, "runtime_env": REPLICA_ENV}
     assert cpu_tp2["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}]
     # Serve accepts the options (it checks that the replica fits bundle 0).
     serve.deployment(LLMReplica).options(**options).bind({})
@@ -82,10 +86,16 @@ def test_tp_replicas_reserve_a_bundle_per_rank_actor():
 def test_mp_backend_keeps_the_ranks_inside_one_replica_actor():
     engine = {"device": "cuda", "tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
     gpu_tp2 = deployment_options(AppConfig.from_dict({"engine": engine, "deployment": {"cpus_per_replica": 2}}))
-    assert gpu_tp2["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 2}  # ranks are processes of the replica
+    assert gpu_tp2["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 2, "runtime_env": REPLICA_ENV}  # ranks are processes of the replica
     assert "placement_group_bundles" not in gpu_tp2
     cpu_tp2 = deployment_options(AppConfig.from_dict({"engine": {**engine, "device": "cpu"}}))
-    assert cpu_tp2["ray_actor_options"] == {"num_cpus": 3.0, "num_gpus": 0}
+    assert cpu_tp2["ray_actor_options"] == {"num_cpus": 3.0, "num_gpus": 0, "runtime_env": REPLICA_ENV}
+
+
+def test_the_deploying_environment_may_put_user_code_back_on_its_own_thread(monkeypatch):
+    monkeypatch.setenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1")
+    options = deployment_options(AppConfig.from_dict({"engine": {"device": "cpu"}}))
+    assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}}
 
 
 def test_a_bad_executor_backend_is_named():

@@ -132,6 +132,23 @@ def test_bad_request_fails_with_the_engines_message(cluster):
         run(main())
 
 
+def test_prompt_ids_come_back_in_the_first_chunk_only_and_every_chunk_counts_them(cluster):
+    _, _, client = cluster
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+    async def main():
+        prompt_ids = await client.token_ids("List the planets in order:")
+        return prompt_ids, [chunk async for chunk in client.generate(prompt_ids, params, request_id="prompt-once")]
+
+    prompt_ids, chunks = run(main())
+    assert len(chunks) >= 2, "one chunk says nothing about later ones"
+    assert chunks[0].output.prompt_token_ids == prompt_ids
+    assert all(c.output.prompt_token_ids == [] and c.output.prompt is None for c in chunks[1:])
+    assert {c.num_prompt_tokens for c in chunks} == {len(prompt_ids)}
+    assert chunks[-1].output.finished
+    assert sum(len(c.output.outputs[0].token_ids) for c in chunks) == params.max_tokens
+
+
 def test_new_requests_avoid_a_preloaded_replica(cluster):
     _, handle, client = cluster
     # 4 distinct 380-token prompts (no shared prefix): ~100 of the replica's 145 KV blocks while the shorts arrive.

@@ -5,7 +5,9 @@ servers keep serving afterwards."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 
 import grpc
 import pytest
@@ -51,7 +53,8 @@ class FakeClient:
                 raise ReplicaUnavailableError("the serving replica died (after its first token)", tokens_sent=True)
             done = i == 2
             yield GenerateChunk(RequestOutput(request_id, None, list(token_ids), [
-                CompletionOutput(0, f"t{i}", [i], finish_reason="length" if done else None)], done), "fake")
+                CompletionOutput(0, f"t{i}", [i], finish_reason="length" if done else None)], done), "fake",
+                len(token_ids))
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +132,23 @@ def test_bad_bodies_are_400(servers):
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     r = httpx.post(servers.http_url + "/v1/chat/completions", json={"messages": []}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_accepted_http_connections_send_without_nagle(servers):
+    """TCP_NODELAY on the server's side of a keep-alive connection: with Nagle on, each SSE stream's first
+    event waited for the client's delayed ACK of the previous response (~40 ms)."""
+    conn = http.client.HTTPConnection(servers.api.host, servers.http_port, timeout=10)
+    try:
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200 and not response.will_close  # the connection stays open for reuse
+        ours = conn.sock.getsockname()
+        (transport,) = [c.transport for c in list(servers._uvicorn.server_state.connections)
+                        if c.transport.get_extra_info("peername") == ours]
+        assert transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        conn.close()
 
 
 def test_still_serving(servers, stub):

@@ -72,7 +72,7 @@ class FakeClient:
         if images and ord("x") % 900 in token_ids:
             raise ValueError("multi_modal_data.image[1]: not a decodable image (OSError: image file is truncated)")
         yield GenerateChunk(RequestOutput(request_id, None, list(token_ids), [
-            CompletionOutput(0, "ok", [1], finish_reason="stop")], True), "fake")
+            CompletionOutput(0, "ok", [1], finish_reason="stop")], True), "fake", len(token_ids))
 
 
 PROCESSOR = FakeProcessor()

@@ -6,6 +6,7 @@ import pytest
 
 from pagoda.cluster.api.errors import ApiError
 from pagoda.cluster.api.openai_protocol import Accumulator, completion_response, parse_request
+from pagoda.cluster.protocol import GenerateChunk
 from pagoda.engine.request import CompletionOutput, Logprob, RequestOutput
 
 
@@ -43,10 +44,10 @@ def test_accumulated_response_counts_usage():
     acc = Accumulator(2)
     lp = {5: Logprob(-0.5, 1, "a")}
     for finished in (False, True):
-        acc.add(RequestOutput("r", "p", [1, 2, 3], [
+        acc.add(GenerateChunk(RequestOutput("r", "p", [] if finished else [1, 2, 3], [
             CompletionOutput(0, "a", [5], logprobs=[lp], finish_reason="length" if finished else None),
             CompletionOutput(1, "a" if not finished else "", [5] if not finished else [], logprobs=[lp][: not finished],
-                             finish_reason="stop" if finished else None)], finished, 2))
+                             finish_reason="stop" if finished else None)], finished, 2), "fake", 3))
     body = completion_response(req, "m", acc)
     assert [c["text"] for c in body["choices"]] == ["aa", "a"]
     assert [c["finish_reason"] for c in body["choices"]] == ["length", "stop"]
