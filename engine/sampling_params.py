@@ -16,6 +16,10 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
+# Upper bounds that keep sampling meaningful: logits / 1e308 are all zero (uniform noise), and a
+# penalty of 1e308 turns every seen token's logit into +-inf. vLLM and OpenAI bound them too.
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 100.0
 _SEED_LIMIT = 2**63
 
 
@@ -60,14 +64,16 @@ class SamplingParams:
 
     def _validate(self) -> None:
         require(isinstance(self.n, int) and 1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}], got {self.n}")
-        require(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        require(0.0 <= self.temperature <= MAX_TEMPERATURE,
+                f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
         require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
         require(
             isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
             f"top_k must be -1 (disabled) or >= 1, got {self.top_k}",
         )
         require(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
-        require(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        require(0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
+                f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}")
         require(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         require(
             -2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"

@@ -36,6 +36,9 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     return list(tokenizer(prompt).input_ids)
 
 
+CHAT_ROLES = ("system", "user", "assistant")  # what chat templates render; tool calling is not served
+
+
 def encode_chat(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = True
 ) -> list[int]:
@@ -62,8 +65,9 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(message, dict):
             raise ValueError(f"messages[{i}] must be an object, got {type(message).__name__}")
         role = message.get("role")
-        if not isinstance(role, str) or not role:
-            raise ValueError(f"messages[{i}].role must be a non-empty string, got {role!r}")
+        if role not in CHAT_ROLES:
+            shown = repr(role) if len(repr(role)) <= 64 else repr(role)[:61] + "..."
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {shown}")
         if "content" not in message:
             raise ValueError(f"messages[{i}].content is missing")
         content = message["content"]

@@ -1,12 +1,19 @@
 """One table from failures to gRPC status and OpenAI-shaped HTTP errors (DESIGN.md, "Contracts at the edges").
 
     ValueError (bad parameter, prompt too long)      INVALID_ARGUMENT     400  invalid_request_error
-    QueueFullError, concurrency limit, too large     RESOURCE_EXHAUSTED   429  rate_limit_error (Retry-After)
+    QueueFullError, concurrency limit                RESOURCE_EXHAUSTED   429  rate_limit_error (Retry-After)
+    request body / message over the size limit       RESOURCE_EXHAUSTED   413  invalid_request_error (no retry)
     deadline passed                                  DEADLINE_EXCEEDED    504  timeout_error
     client cancelled                                 CANCELLED            —    (nobody to answer)
     EngineDeadError, ReplicaUnavailableError         UNAVAILABLE          503  service_unavailable
     unknown model                                    NOT_FOUND            404  not_found_error
     missing or wrong API key                         UNAUTHENTICATED      401  authentication_error
+    anything else (a bug)                            INTERNAL             500  server_error
+
+Anything else is pagoda's fault, not the client's and not a reason to retry: the client gets 500 /
+INTERNAL with an error id and no internals; the server logs the exception under that id. Messages
+quote client input at most ``QUOTE_CHARS`` characters long (``quoted``), and no message exceeds
+``MAX_MESSAGE_CHARS``: a 100 KB model name must not become a 100 KB gRPC trailer.
 
 Engine errors raised on a replica arrive wrapped by Ray (``RayTaskError``); ``to_api_error``
 unwraps them so the client reads the engine's own message, which names the field.
@@ -15,7 +22,9 @@ unwraps them so the client reads the engine's own message, which names the field
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -23,6 +32,10 @@ import grpc
 from pagoda.engine.errors import EngineDeadError, QueueFullError
 
 RETRY_AFTER_S = 1  # what a 429 / RESOURCE_EXHAUSTED tells the client to wait
+QUOTE_CHARS = 64  # client input quoted in a message is cut to this
+MAX_MESSAGE_CHARS = 2000  # and no message is longer (gRPC trailers are limited to a few KB)
+
+logger = logging.getLogger("pagoda.api")
 
 
 @dataclass
@@ -35,6 +48,10 @@ class ApiError(Exception):
     message: str
     param: str | None = None
     retry_after_s: int | None = None  # set for RESOURCE_EXHAUSTED
+
+    def __post_init__(self) -> None:
+        if len(self.message) > MAX_MESSAGE_CHARS:
+            self.message = self.message[:MAX_MESSAGE_CHARS] + f"... ({len(self.message) - MAX_MESSAGE_CHARS} more characters)"
 
     def __str__(self) -> str:
         return self.message
@@ -51,6 +68,25 @@ def invalid(message: str, param: str | None = None) -> ApiError:
 
 def exhausted(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error", message, None, RETRY_AFTER_S)
+
+
+def too_large(message: str) -> ApiError:
+    """Over a size limit: 413, not 429 (retrying the same body cannot succeed)."""
+    return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_request_error", message)
+
+
+def internal(exc: BaseException) -> ApiError:
+    """An unexpected failure: logged here under a fresh error id, which is all the client sees."""
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("internal error %s: %s", error_id, type(exc).__name__, exc_info=exc)
+    return ApiError(grpc.StatusCode.INTERNAL, 500, "server_error",
+                    f"internal server error (error id {error_id}); the server log has the details")
+
+
+def quoted(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)``, cut to ``limit`` characters, for quoting client input in a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..." + f" ({len(text)} characters)"
 
 
 def deadline(message: str = "deadline exceeded; the request was aborted") -> ApiError:
@@ -70,7 +106,7 @@ def unauthenticated(message: str = "missing or wrong API key") -> ApiError:
 
 
 def to_api_error(exc: BaseException) -> ApiError:
-    """The ApiError for anything a request can raise (unknown failures are UNAVAILABLE, never a crash)."""
+    """The ApiError for anything a request can raise (an unknown failure is INTERNAL, never a crash)."""
     exc = _unwrap(exc)
     if isinstance(exc, ApiError):
         return exc
@@ -82,7 +118,7 @@ def to_api_error(exc: BaseException) -> ApiError:
         return unavailable(str(exc))
     if isinstance(exc, ValueError):
         return invalid(str(exc))
-    return unavailable(f"request failed: {type(exc).__name__}: {exc}")
+    return internal(exc)
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -144,14 +145,42 @@ def _event(obj: dict) -> str:
 async def _json_body(request: Request, limit: int):
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise errors.exhausted(f"request body is {declared} bytes; the limit is {limit}")
+        raise errors.too_large(f"request body is {declared} bytes; the limit is {limit}")
     raw = await request.body()
     if len(raw) > limit:
-        raise errors.exhausted(f"request body is {len(raw)} bytes; the limit is {limit}")
+        raise errors.too_large(f"request body is {len(raw)} bytes; the limit is {limit}")
     try:
-        return json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise errors.invalid("request body nests too deeply", "body") from None
     except ValueError as exc:
         raise errors.invalid(f"request body is not valid JSON: {exc}", "body") from None
+    _check_text(body)
+    return body
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_text(body) -> None:
+    """Every string is UTF-8 text: JSON's \\ud800 escape decodes to a lone surrogate, which no tokenizer
+    takes. Walks iteratively (json.loads bounded the depth); names the first bad field."""
+    stack = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                field = path or "body"
+                raise errors.invalid(f"{field} is not valid UTF-8 text (a lone surrogate escape?)", field) from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((f"{path}.{key}" if path else str(key), key))
+                stack.append((f"{path}.{key}" if path else str(key), item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
 
 
 def _timeout(request: Request) -> float | None:
@@ -161,7 +190,9 @@ def _timeout(request: Request) -> float | None:
     try:
         seconds = float(value)
     except ValueError:
-        raise errors.invalid(f"Request-Timeout must be a number of seconds, got {value!r}", "Request-Timeout") from None
-    if seconds <= 0:
-        raise errors.invalid(f"Request-Timeout must be > 0, got {value!r}", "Request-Timeout")
+        raise errors.invalid(f"Request-Timeout must be a number of seconds, got {errors.quoted(value)}",
+                             "Request-Timeout") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise errors.invalid(f"Request-Timeout must be a finite number of seconds > 0, got {errors.quoted(value)}",
+                             "Request-Timeout")
     return seconds

@@ -48,6 +48,7 @@ def parse_request(body, chat: bool) -> ParsedRequest:
     if not isinstance(body, dict):
         raise errors.invalid("request body must be a JSON object", "body")
     model = _typed(body, "model", str)
+    _no_unsupported(body)
     sampling = {}
     for name, (target, types) in _SAMPLING_FIELDS.items():
         value = _typed(body, name, types)
@@ -87,6 +88,18 @@ def parse_request(body, chat: bool) -> ParsedRequest:
     )
 
 
+# OpenAI fields that change the answer and that pagoda does not implement, with the value that means
+# "not used" (sent by some clients by default): anything else is a 400, never silently ignored.
+_UNSUPPORTED = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {})}
+
+
+def _no_unsupported(body: dict) -> None:
+    for name, unused in _UNSUPPORTED.items():
+        value = body.get(name)
+        if not any(value == u and type(value) is type(u) for u in unused):
+            raise errors.invalid(f"{name} is not supported by this server (got {errors.quoted(value)})", name)
+
+
 def _no_images(body: dict) -> None:
     """/v1/completions is text-only (as in OpenAI's and vLLM's servers): anything image-like is a 400
     that says where images go, rather than being ignored."""
@@ -120,7 +133,7 @@ def _typed(body: dict, name: str, types):
         value = None  # true is not an int here
     if value is None or not isinstance(value, types):
         wanted = " or ".join(t.__name__ for t in types)
-        raise errors.invalid(f"{name} must be {wanted}, got {body[name]!r}", name)
+        raise errors.invalid(f"{name} must be {wanted}, got {errors.quoted(body[name])}", name)
     return value
 
 

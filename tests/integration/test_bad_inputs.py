@@ -14,7 +14,7 @@ GOOD_PROMPTS = ["The capital of Italy is", "List three fruits:", "def add(a, b):
 def _bad_requests(vocab: int, max_len: int):
     """(description, callable building the arguments of add_request, expected message pattern)."""
     return [
-        ("temperature < 0", lambda: ("x", SamplingParams(temperature=-0.5)), r"temperature must be >= 0"),
+        ("temperature < 0", lambda: ("x", SamplingParams(temperature=-0.5)), r"temperature must be in \[0, 100\]"),
         ("top_p = 0", lambda: ("x", SamplingParams(top_p=0.0)), r"top_p must be in \(0, 1\]"),
         ("top_p > 1", lambda: ("x", SamplingParams(top_p=1.5)), r"top_p must be in \(0, 1\]"),
         ("top_k = 0", lambda: ("x", SamplingParams(top_k=0)), r"top_k must be -1 \(disabled\) or >= 1"),

@@ -196,11 +196,12 @@ def test_api_key_is_401_without_it(guarded):
     assert keyed.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices[0].text is not None
 
 
-def test_backpressure_and_size_are_429_with_retry_after(app, guarded):
+def test_backpressure_is_429_with_retry_after_and_size_413_without(app, guarded):
     url = guarded.http_url + "/v1/completions"
     auth = {"Authorization": "Bearer sekret"}
     big = httpx.post(url, json={"model": MODEL, "prompt": "x" * 4096}, headers=auth)
-    assert big.status_code == 429 and big.headers["retry-after"] == "1"
+    assert big.status_code == 413 and "retry-after" not in big.headers  # the same body can never fit
+    assert "limit is 2048" in big.json()["error"]["message"]
     long_body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=30) as http, http.stream("POST", url, json=long_body, headers=auth) as r:
         assert r.status_code == 200  # holds the only slot

@@ -40,7 +40,8 @@ class FakeTokenizer:
 
 
 class FakeClient:
-    """Streams per the prompt's first character: 'o' ok, 'd' replica dead, 'q' queue full, 'm' dies mid-stream."""
+    """Streams per the prompt's first character: 'o' ok, 'd' replica dead, 'q' queue full, 'm' dies mid-stream,
+    'x' a bug (an unexpected exception whose text must not reach the client)."""
 
     async def generate(self, token_ids, params, request_id, priority=0):
         mode = chr(token_ids[0])
@@ -48,6 +49,8 @@ class FakeClient:
             raise ReplicaUnavailableError("the serving replica died (before its first token)", tokens_sent=False)
         if mode == "q":
             raise QueueFullError("waiting queue is full (max_waiting=4)")
+        if mode == "x":
+            raise RuntimeError("secret internals: /srv/pagoda/weights")
         for i in range(3):
             if mode == "m" and i == 1:
                 raise ReplicaUnavailableError("the serving replica died (after its first token)", tokens_sent=True)
@@ -88,7 +91,7 @@ def _grpc_code(stub, prompt: str) -> grpc.RpcError:
     (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     (EngineDeadError("engine step failed"), grpc.StatusCode.UNAVAILABLE, 503),
     (ReplicaUnavailableError("replica died", tokens_sent=False), grpc.StatusCode.UNAVAILABLE, 503),
-    (RuntimeError("something odd"), grpc.StatusCode.UNAVAILABLE, 503),
+    (RuntimeError("something odd"), grpc.StatusCode.INTERNAL, 500),
 ])
 def test_mapping(exc, code, status):
     e = errors.to_api_error(exc)
@@ -149,6 +152,61 @@ def test_accepted_http_connections_send_without_nagle(servers):
         assert transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         conn.close()
+
+
+def test_a_bug_is_500_internal_with_an_error_id_and_no_internals(servers, stub, caplog):
+    r = _post(servers, "x")
+    error = r.json()["error"]
+    assert r.status_code == 500 and error["type"] == "server_error" and error["code"] == "internal"
+    assert "error id" in error["message"] and "secret" not in r.text and "retry-after" not in r.headers
+    e = _grpc_code(stub, "x")
+    assert e.code() == grpc.StatusCode.INTERNAL and "secret" not in e.details()
+    error_id = error["message"].split("error id ")[1].split(")")[0]
+    assert any(error_id in rec.getMessage() and rec.exc_info for rec in caplog.records)  # the server log has it
+
+
+def _raw(servers, body: bytes, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(servers.http_url + "/v1/completions", content=body,
+                      headers={"Content-Type": "application/json", **(headers or {})}, timeout=10)
+
+
+@pytest.mark.parametrize("body, param, says", [
+    (b'{"prompt": "o\\ud800"}', "prompt", "not valid UTF-8"),  # JSON's escape for a lone surrogate
+    (b'{"prompt": "ok", "stop": ["\\udfff"]}', "stop[0]", "not valid UTF-8"),
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "body", "nests too deeply"),
+    (b'{"prompt": "ok", "temperature": Infinity}', "body", "Infinity is not a JSON number"),
+    (b'{"prompt": "ok", "temperature": NaN}', "body", "NaN is not a JSON number"),
+    (b'{"prompt": "ok", "temperature": 1e308}', "temperature", "temperature must be in [0, 100]"),
+    (b'{"prompt": "ok", "best_of": 2}', "best_of", "best_of is not supported"),
+    (b'{"prompt": "ok", "echo": true}', "echo", "echo is not supported"),
+    (b'{"prompt": "ok", "suffix": "end"}', "suffix", "suffix is not supported"),
+    (b'{"prompt": "ok", "logit_bias": {"5": 100}}', "logit_bias", "logit_bias is not supported"),
+])
+def test_invalid_or_unsupported_input_is_400_naming_the_field(servers, body, param, says):
+    r = _raw(servers, body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and says in r.json()["error"]["message"]
+
+
+def test_unsupported_fields_at_their_unused_values_are_accepted(servers):
+    body = b'{"prompt": "ok", "best_of": 1, "echo": false, "suffix": "", "logit_bias": {}}'
+    assert _raw(servers, body).status_code == 200
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf", "-1", "soon"])
+def test_a_bad_request_timeout_is_400(servers, timeout):
+    r = _raw(servers, b'{"prompt": "ok"}', {"Request-Timeout": timeout})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "Request-Timeout"
+
+
+def test_errors_quote_client_input_briefly(servers, stub):
+    name = "m" * 100_000
+    r = httpx.post(servers.http_url + "/v1/completions", json={"model": name, "prompt": "ok"}, timeout=10)
+    assert r.status_code == 404 and len(r.json()["error"]["message"]) < 300
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(pb.GenerateRequest(model=name, text="ok")))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and len(info.value.details()) < 300
+    assert len(str(errors.invalid("x" * 10_000))) <= errors.MAX_MESSAGE_CHARS + 40
 
 
 def test_still_serving(servers, stub):

@@ -46,11 +46,15 @@ def test_bad_config_names_the_field(build, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(temperature=-1.0), r"temperature must be in \[0, 100\]"),
+        (dict(temperature=1e308), r"temperature must be in \[0, 100\], got 1e\+308"),
+        (dict(temperature=float("inf")), r"temperature must be in \[0, 100\], got inf"),
+        (dict(temperature=float("nan")), r"temperature must be in \[0, 100\], got nan"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(top_k=0), "top_k must be -1"),
         (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
-        (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+        (dict(repetition_penalty=0.0), r"repetition_penalty must be in \(0, 100\]"),
+        (dict(repetition_penalty=float("inf")), r"repetition_penalty must be in \(0, 100\], got inf"),
         (dict(presence_penalty=3.0), r"presence_penalty must be in \[-2, 2\]"),
         (dict(frequency_penalty=-3.0), r"frequency_penalty must be in \[-2, 2\]"),
         (dict(max_tokens=0), "max_tokens must be >= 1"),
