@@ -89,8 +89,9 @@ class SchedulerConfig:
     # (random Llama-3.1-8B, bench/results/tp_*): batch-1 decode 5-9% faster at TP 1 and 2.
     async_scheduling: bool = True
     # Streams (delta and cumulative outputs) get an output every this many steps per request; the first
-    # token and the end always go at once. 1 streams every token; 2 halves the messages a served stream
-    # sends, each chunk then holding back at most one step (bench/results/serving_*: what it gave).
+    # token and the end always go at once. 1 streams every token (a stream that falls behind still gets
+    # what queued in one item: async_engine.py); k > 1 sends about 1/k of the messages, each chunk then
+    # holding back at most k - 1 steps.
     stream_interval: int = 1
 
     def __post_init__(self) -> None:

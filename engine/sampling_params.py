@@ -17,7 +17,7 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
 # Upper bounds that keep sampling meaningful: logits / 1e308 are all zero (uniform noise), and a
-# penalty of 1e308 turns every seen token's logit into +-inf. vLLM and OpenAI bound them too.
+# penalty of 1e308 turns every seen token's logit into +-inf (OpenAI's API stops temperature at 2).
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
 _SEED_LIMIT = 2**63
