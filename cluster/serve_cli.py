@@ -101,6 +101,7 @@ def serve_main(args: argparse.Namespace) -> int:
         return 2
     from pagoda.cluster.api.server import ApiServers
     from pagoda.cluster.app import deploy, deployment_name
+    from pagoda.cluster.serve_state import remove_state, write_state
 
     if args.address is None:
         ray_ctx = ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=args.dashboard,
@@ -114,6 +115,8 @@ def serve_main(args: argparse.Namespace) -> int:
         if api.http_port is not None or api.grpc_port is not None:
             servers = ApiServers.start(handle, config, api)
         stop = _stop_on_signals()  # from now on Ctrl-C / SIGTERM end the wait below
+        if args.address is None:  # our own cluster: `pagoda status` finds it here, not another on the host
+            write_state(config.deployment.name, ray_ctx.address_info["gcs_address"])
         _print_endpoints(config, deployment_name(config), ray_ctx, servers)
         while not stop.wait(0.5):
             pass
@@ -127,6 +130,7 @@ def serve_main(args: argparse.Namespace) -> int:
         if servers is not None:
             servers.stop()
         if args.address is None:
+            remove_state(config.deployment.name)
             serve.shutdown()  # our own cluster: everything goes
         else:
             serve.delete(config.deployment.name)  # someone else's cluster: only our application goes

@@ -1,7 +1,12 @@
 """`pagoda status`: the running application's replicas, their queues and KV usage.
 
-    pagoda status                         # the application "pagoda" on the Ray cluster at RAY_ADDRESS / auto
+    pagoda status                         # the application "pagoda": RAY_ADDRESS, else this host's `pagoda serve`
     pagoda status --address 10.0.0.5:6379 --app pagoda --json
+    pagoda status --address auto          # Ray's choice: the cluster started last on this host
+
+Without ``--address``, the cluster is ``$RAY_ADDRESS`` (set inside a KubeRay pod), else the one this
+host's `pagoda serve` of the application started (``pagoda.cluster.serve_state``). Ray's ``auto`` is
+not the default: with several clusters on a host it attaches to the newest, which need not be ours.
 
 Serve's status gives the application and replica states; each replica's engine numbers come from
 its ``stats()`` (a call lands on one replica, so it is repeated until every running one answered).
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -19,7 +25,8 @@ _TRIES_PER_REPLICA = 10
 
 def add_status_parser(sub) -> None:
     p = sub.add_parser("status", help="replicas, KV usage and queue lengths of the running application")
-    p.add_argument("--address", default="auto", help="Ray cluster address (default: %(default)s)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: $RAY_ADDRESS, else this host's `pagoda serve` of --app)")
     p.add_argument("--app", default="pagoda", help="Serve application name (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -88,16 +95,28 @@ def _short(replica_id: str) -> str:
     return replica_id if len(replica_id) <= 40 else "…" + replica_id[-39:]
 
 
+def resolve_address(address: str | None, app: str) -> str | None:
+    """The cluster to ask: the flag, else $RAY_ADDRESS, else this host's live `pagoda serve` of ``app``."""
+    from pagoda.cluster.serve_state import find_serve
+
+    return address or os.environ.get("RAY_ADDRESS") or find_serve(app)
+
+
 def status_main(args: argparse.Namespace) -> int:
     try:
         import ray
     except ImportError:
         print("error: `pagoda status` needs Ray Serve: pip install 'pagoda[cluster]'", file=sys.stderr)
         return 2
+    address = resolve_address(args.address, args.app)
+    if address is None:
+        print(f"error: no `pagoda serve` of application {args.app!r} runs on this host; pass --address "
+              "(a Ray cluster's GCS address, or 'auto') or set RAY_ADDRESS", file=sys.stderr)
+        return 1
     try:
-        ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     except Exception as exc:  # noqa: BLE001 — no cluster there: say so plainly
-        print(f"error: cannot connect to the Ray cluster at {args.address!r}: {exc}", file=sys.stderr)
+        print(f"error: cannot connect to the Ray cluster at {address!r}: {exc}", file=sys.stderr)
         return 1
     try:
         status = collect_status(args.app)

@@ -47,8 +47,9 @@ def test_serve_runs_until_interrupted_and_answers(tmp_path):
         engine: {dtype: float32, device: cpu, max_model_len: 256, cpu_kv_cache_gib: 0.05}
         deployment: {name: clitest, num_replicas: 1}
     """))
+    state = {"PAGODA_STATE_DIR": str(tmp_path / "state")}  # where `pagoda status` finds this serve
     server = subprocess.Popen(CLI + ["serve", "--config", str(config), "--num-cpus", "2"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **state})
     try:
         lines = _read_until(server, "Ctrl-C to stop", timeout_s=180)
         assert "ready" in lines[0] and "'clitest'" in lines[0]
@@ -67,6 +68,11 @@ def test_serve_runs_until_interrupted_and_answers(tmp_path):
         answer = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, timeout=120, env=env,
                                 check=False)
         assert "ANSWER" in answer.stdout and "Paris" in answer.stdout, answer.stderr[-2000:]
+        # no --address: the cluster this `pagoda serve` started, whatever else runs on the host
+        status_env = {k: v for k, v in {**os.environ, **(env or {}), **state}.items() if k != "RAY_ADDRESS"}
+        status = subprocess.run(CLI + ["status", "--app", "clitest", "--json"], capture_output=True, text=True,
+                                timeout=120, env=status_env, check=False)
+        assert status.returncode == 0 and '"deployment": "clitest-engine"' in status.stdout, status.stderr[-2000:]
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -75,6 +81,7 @@ def test_serve_runs_until_interrupted_and_answers(tmp_path):
             server.kill()
             raise
     assert rc == 0, server.stderr.read()[-2000:]
+    assert not (tmp_path / "state" / "serve-clitest.json").exists()  # removed on exit
 
 
 def _read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> list[str]:
