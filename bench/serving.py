@@ -215,8 +215,8 @@ def served_rows(args, engine: dict, work: Workload, variant: Variant, replicas: 
             target = server.http_url if protocol == "http" else server.grpc_target
             load_level(protocol, target, work, 1, 2, 1)  # warm the path
             for c in args.concurrency:
-                spy = (profile(server, args.out / "serving_profiles", args.py_spy, f"{variant.label or 'serve'}_{protocol}_c{c}")
-                       if args.py_spy and c > 1 else [])
+                tag = f"{variant.label or 'serve'}_{protocol}_c{c}"
+                spy = profile(server, args.out / "serving_profiles", args.py_spy, tag) if args.py_spy and c > 1 else []
                 row = load_level(protocol, target, work, c, requests_for(args, c), args.client_procs if c > 1 else 1)
                 for proc in spy:
                     proc.wait()
@@ -320,7 +320,8 @@ def main(argv=None) -> None:
         for protocol, target in (("http", args.http), ("grpc", args.grpc)):
             if target:
                 for c in args.concurrency:
-                    rows.append(load_level(protocol, target, work, c, requests_for(args, c), args.client_procs, args.model))
+                    rows.append(load_level(protocol, target, work, c, requests_for(args, c), args.client_procs,
+                                           args.model))
         engine = {}
     else:
         _, engine, vocab = model_and_engine(args)

@@ -51,7 +51,8 @@ class ApiError(Exception):
 
     def __post_init__(self) -> None:
         if len(self.message) > MAX_MESSAGE_CHARS:
-            self.message = self.message[:MAX_MESSAGE_CHARS] + f"... ({len(self.message) - MAX_MESSAGE_CHARS} more characters)"
+            extra = len(self.message) - MAX_MESSAGE_CHARS
+            self.message = self.message[:MAX_MESSAGE_CHARS] + f"... ({extra} more characters)"
 
     def __str__(self) -> str:
         return self.message

@@ -113,7 +113,8 @@ class Frontend:
     def check_model(self, model: str | None) -> None:
         """Empty means the default model."""
         if model and model not in (*self.info.aliases, self.info.source):
-            raise errors.not_found(f"model {errors.quoted(model)} is not served here (served: {', '.join(self.info.aliases)})")
+            served = ", ".join(self.info.aliases)
+            raise errors.not_found(f"model {errors.quoted(model)} is not served here (served: {served})")
 
     def response_model(self, model: str | None) -> str:
         """The name a response reports: the alias the request used, else the first served name."""
@@ -149,8 +150,8 @@ class Frontend:
                 ids = list(token_ids)
                 bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.info.vocab_size), None)
                 if bad is not None:
-                    raise errors.invalid(f"prompt token ids must be in [0, {self.info.vocab_size}), got {errors.quoted(bad)}",
-                                         "prompt")
+                    raise errors.invalid(
+                        f"prompt token ids must be in [0, {self.info.vocab_size}), got {errors.quoted(bad)}", "prompt")
                 return await self._with_images(Prompt(ids, None), images)
             if not isinstance(text, str):
                 raise errors.invalid(f"prompt must be a string, got {type(text).__name__}", "prompt")

@@ -86,7 +86,8 @@ def test_tp_replicas_reserve_a_bundle_per_rank_actor():
 def test_mp_backend_keeps_the_ranks_inside_one_replica_actor():
     engine = {"device": "cuda", "tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
     gpu_tp2 = deployment_options(AppConfig.from_dict({"engine": engine, "deployment": {"cpus_per_replica": 2}}))
-    assert gpu_tp2["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 2, "runtime_env": REPLICA_ENV}  # ranks are processes of the replica
+    # the ranks are processes of the replica
+    assert gpu_tp2["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 2, "runtime_env": REPLICA_ENV}
     assert "placement_group_bundles" not in gpu_tp2
     cpu_tp2 = deployment_options(AppConfig.from_dict({"engine": {**engine, "device": "cpu"}}))
     assert cpu_tp2["ray_actor_options"] == {"num_cpus": 3.0, "num_gpus": 0, "runtime_env": REPLICA_ENV}
@@ -95,7 +96,8 @@ def test_mp_backend_keeps_the_ranks_inside_one_replica_actor():
 def test_the_deploying_environment_may_put_user_code_back_on_its_own_thread(monkeypatch):
     monkeypatch.setenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1")
     options = deployment_options(AppConfig.from_dict({"engine": {"device": "cpu"}}))
-    assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}}
+    env_vars = options["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env_vars == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}
 
 
 def test_a_bad_executor_backend_is_named():
