@@ -88,7 +88,7 @@ class LLM:
 
     def _chat_prompt(self, messages: list[dict]) -> tuple[dict, list[str]]:
         """(the engine prompt of one conversation, the message part each of its images came from)."""
-        messages, images = split_images(messages)
+        messages, images = split_images(messages, text_only=self.engine.inputs.mm_processor is None)
         prompt: dict = {"prompt_token_ids": encode_chat(self.engine.tokenizer, messages)}
         if images:
             prompt["multi_modal_data"] = {"image": [source for _, source in images]}

@@ -138,11 +138,9 @@ class Frontend:
                 if images:
                     raise errors.invalid("images: a chat's images go inside its messages, as image parts", "images")
                 try:
-                    messages, images = split_images(messages)
+                    messages, images = split_images(messages, text_only=self.mm_processor is None)
                 except ValueError as exc:  # names the part: messages[1].content[0].image_url.detail
                     raise errors.invalid(str(exc), _leading_field(str(exc))) from None
-                if not images and self.mm_processor is None:
-                    messages = _joined_text_parts(messages)  # text-only templates expect string content
                 self._check_image_count(images)
                 return await self._with_images(Prompt(encode_chat(self.tokenizer, messages), None), images)
             self._check_image_count(images)
@@ -276,12 +274,6 @@ def build_frontend(client, app: AppConfig, api: ApiConfig, tokenizer=None) -> Fr
     max_len = resolve_max_model_len(app.engine.model, model.hf_config)  # what the engine replicas enforce
     mm = make_mm_processor(model.path, model.hf_config, app.engine.multimodal)  # the replicas' own settings
     return Frontend(client, tokenizer, app, api, max_len, mm)
-
-
-def _joined_text_parts(messages: list[dict]) -> list[dict]:
-    """Content given as a list of text parts, joined into one string (with "\\n", as vLLM does)."""
-    return [{**m, "content": "\n".join(p["text"] for p in m["content"])}
-            if isinstance(m, dict) and isinstance(m.get("content"), list) else m for m in messages]
 
 
 def _leading_field(message: str) -> str | None:

@@ -5,7 +5,8 @@ each image part becomes ``{"type": "image"}`` (which VLM chat templates render a
 placeholder) and its source is returned beside, in order, with the request field it came from so
 that a bad image is reported where the client put it. Images are allowed in user messages only (as
 in OpenAI's API); a text-only part list of any other role is joined into a string (with "\\n", as
-vLLM does), since templates such as GLM-4.1V's print non-user content verbatim.
+vLLM does), since templates such as GLM-4.1V's print non-user content verbatim. For a text-only
+model (``text_only``) user messages' text parts are joined too: its template expects a string.
 
 Accepted image parts: OpenAI's ``{"type": "image_url", "image_url": {"url": ..., "detail": ...}}``
 (``image_url`` also as a plain string), and vLLM's offline ``{"type": "image_pil", "image_pil": PIL}``
@@ -23,17 +24,18 @@ _PART_TYPES = ("text", *_IMAGE_TYPES)
 _DETAILS = ("auto", "low", "high")
 
 
-def split_images(messages: list[dict]) -> tuple[list[dict], list[tuple[str, object]]]:
+def split_images(messages: list[dict], text_only: bool = False) -> tuple[list[dict], list[tuple[str, object]]]:
     """``(messages for the chat template, [(field, image source), ...])``; ``messages`` is not modified.
-    ValueError naming the part (``messages[i].content[j]...``) for a part pagoda cannot take."""
+    ValueError naming the part (``messages[i].content[j]...``) for a part pagoda cannot take.
+    ``text_only``: the model takes no images, so text parts become one string in every role."""
     if not isinstance(messages, list):
         raise ValueError(f"messages must be a list, got {type(messages).__name__}")  # noqa: TRY004 - a 400
     images: list[tuple[str, object]] = []
-    out = [_message(i, message, images) for i, message in enumerate(messages)]
+    out = [_message(i, message, images, text_only) for i, message in enumerate(messages)]
     return out, images
 
 
-def _message(i: int, message: Any, images: list[tuple[str, object]]) -> Any:
+def _message(i: int, message: Any, images: list[tuple[str, object]], text_only: bool) -> Any:
     if not isinstance(message, dict) or not isinstance(message.get("content"), list):
         return message  # a string, None or malformed content: the tokenizer's message check reports the last
     parts = [_part(f"messages[{i}].content[{j}]", part, images) for j, part in enumerate(message["content"])]
@@ -41,7 +43,7 @@ def _message(i: int, message: Any, images: list[tuple[str, object]]) -> Any:
     has_images = any(p["type"] == "image" for p in parts)
     if has_images and role != "user":
         raise ValueError(f"messages[{i}]: images are allowed in user messages only, not in a {role!r} message")
-    if role != "user":
+    if role != "user" or (text_only and not has_images):
         return {**message, "content": "\n".join(p["text"] for p in parts)}
     return {**message, "content": parts}
 

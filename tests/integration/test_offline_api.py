@@ -19,6 +19,17 @@ def test_chat_answers_capital_of_france(embedded_llm):
     assert out.finished and out.outputs[0].finish_reason in ("stop", "length")
 
 
+def test_chat_text_parts_render_like_a_string_on_a_text_only_model(embedded_llm):
+    """As the HTTP front end does: one template, one rendering, whichever way the text was given."""
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "the capital of France?"}]
+    as_parts = embedded_llm.chat([{"role": "user", "content": parts}], params, use_tqdm=False)[0]
+    as_text = embedded_llm.chat([{"role": "user", "content": "What is\nthe capital of France?"}], params,
+                                use_tqdm=False)[0]
+    assert as_parts.prompt_token_ids == as_text.prompt_token_ids
+    assert as_parts.outputs[0].token_ids == as_text.outputs[0].token_ids
+
+
 def test_seeded_sampling_is_reproducible_across_batches(embedded_llm):
     params = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=20, ignore_eos=True)
     prompt = "Tell me a story about a cat."

@@ -57,6 +57,13 @@ def test_text_only_part_lists_of_other_roles_become_strings():
     assert images == []
 
 
+def test_a_text_only_model_gets_user_text_parts_as_one_string():
+    user = _user({"type": "text", "text": "What is"}, {"type": "text", "text": "the capital of France?"})
+    out, _ = split_images([user], text_only=True)
+    assert out == [{"role": "user", "content": "What is\nthe capital of France?"}]
+    assert split_images([user])[0] == [user]  # a vision-language template renders the parts itself
+
+
 @pytest.mark.parametrize("part, match", [
     ({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, r"\.type 'input_audio' is not supported"),
     ({"type": "video_url", "video_url": {"url": "x"}}, r"\.type 'video_url' is not supported"),
