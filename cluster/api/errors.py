@@ -11,7 +11,8 @@
     anything else (a bug)                            INTERNAL             500  server_error
 
 Anything else is pagoda's fault, not the client's and not a reason to retry: the client gets 500 /
-INTERNAL with an error id and no internals; the server logs the exception under that id. Messages
+INTERNAL with the request id (a fresh id when the request had none yet) and no internals; the server
+logs the exception under that id. Messages
 quote client input at most ``QUOTE_CHARS`` characters long (``quoted``), and no message exceeds
 ``MAX_MESSAGE_CHARS``: a 100 KB model name must not become a 100 KB gRPC trailer.
 
@@ -76,12 +77,12 @@ def too_large(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_request_error", message)
 
 
-def internal(exc: BaseException) -> ApiError:
-    """An unexpected failure: logged here under a fresh error id, which is all the client sees."""
-    error_id = uuid.uuid4().hex[:12]
-    logger.error("internal error %s: %s", error_id, type(exc).__name__, exc_info=exc)
+def internal(exc: BaseException, request_id: str | None = None) -> ApiError:
+    """An unexpected failure: logged here under the request's id, which is all the client sees of it."""
+    request_id = request_id or uuid.uuid4().hex
+    logger.error("internal error in request %s: %s", request_id, type(exc).__name__, exc_info=exc)
     return ApiError(grpc.StatusCode.INTERNAL, 500, "server_error",
-                    f"internal server error (error id {error_id}); the server log has the details")
+                    f"internal server error (request id {request_id}); the server log has the details")
 
 
 def quoted(value: object, limit: int = QUOTE_CHARS) -> str:
@@ -106,7 +107,7 @@ def unauthenticated(message: str = "missing or wrong API key") -> ApiError:
     return ApiError(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error", message)
 
 
-def to_api_error(exc: BaseException) -> ApiError:
+def to_api_error(exc: BaseException, request_id: str | None = None) -> ApiError:
     """The ApiError for anything a request can raise (an unknown failure is INTERNAL, never a crash)."""
     exc = _unwrap(exc)
     if isinstance(exc, ApiError):
@@ -119,7 +120,7 @@ def to_api_error(exc: BaseException) -> ApiError:
         return unavailable(str(exc))
     if isinstance(exc, ValueError):
         return invalid(str(exc))
-    return internal(exc)
+    return internal(exc, request_id)
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -238,7 +238,7 @@ class Frontend:
                     except (asyncio.CancelledError, GeneratorExit):
                         raise
                     except BaseException as exc:
-                        raise _named_images(errors.to_api_error(exc), prompt) from exc
+                        raise _named_images(errors.to_api_error(exc, rid), prompt) from exc
                     yield chunk
 
     def _check_fits(self, prompt: Prompt, params: SamplingParams) -> None:

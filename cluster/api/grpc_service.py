@@ -63,8 +63,8 @@ class PagodaService(pb_grpc.PagodaServicer):
                         response.usage.CopyFrom(pb.Usage(prompt_tokens=chunk.num_prompt_tokens,
                                                          completion_tokens=sent, cached_tokens=out.num_cached_tokens))
                     yield response
-        except ApiError as exc:
-            await _abort(context, exc)
+        except Exception as exc:  # noqa: BLE001 — every failure leaves with its status (errors.py), never UNKNOWN
+            await _abort(context, errors.to_api_error(exc))
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:
@@ -77,8 +77,8 @@ class PagodaService(pb_grpc.PagodaServicer):
             mm = self.frontend.mm_processor
             ids = prompt.expanded_token_ids(mm.image_token_id if mm is not None else None)
             return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.frontend.info.max_model_len)
-        except ApiError as exc:
-            await _abort(context, exc)
+        except Exception as exc:  # noqa: BLE001 — every failure leaves with its status (errors.py), never UNKNOWN
+            await _abort(context, errors.to_api_error(exc))
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         try:
@@ -89,8 +89,8 @@ class PagodaService(pb_grpc.PagodaServicer):
                 max_model_len=i.max_model_len, vocab_size=i.vocab_size, block_size=i.block_size,
                 tensor_parallel_size=i.tensor_parallel_size, num_replicas=i.num_replicas,
                 has_chat_template=i.has_chat_template, supports_images=i.supports_images)
-        except ApiError as exc:
-            await _abort(context, exc)
+        except Exception as exc:  # noqa: BLE001 — every failure leaves with its status (errors.py), never UNKNOWN
+            await _abort(context, errors.to_api_error(exc))
 
     def _admit(self, context: grpc.aio.ServicerContext, model: str) -> None:
         metadata = dict(context.invocation_metadata() or ())

@@ -36,6 +36,8 @@ class FakeTokenizer:
         return 1000
 
     def __call__(self, text: str):
+        if text.startswith("boom"):  # a bug before any request id exists
+            raise RuntimeError("secret tokenizer internals")
         return type("Encoding", (), {"input_ids": [ord(c) % 1000 for c in text]})()
 
 
@@ -154,15 +156,25 @@ def test_accepted_http_connections_send_without_nagle(servers):
         conn.close()
 
 
-def test_a_bug_is_500_internal_with_an_error_id_and_no_internals(servers, stub, caplog):
+def test_a_bug_is_500_internal_with_the_request_id_and_no_internals(servers, stub, caplog):
     r = _post(servers, "x")
     error = r.json()["error"]
     assert r.status_code == 500 and error["type"] == "server_error" and error["code"] == "internal"
-    assert "error id" in error["message"] and "secret" not in r.text and "retry-after" not in r.headers
-    e = _grpc_code(stub, "x")
-    assert e.code() == grpc.StatusCode.INTERNAL and "secret" not in e.details()
-    error_id = error["message"].split("error id ")[1].split(")")[0]
-    assert any(error_id in rec.getMessage() and rec.exc_info for rec in caplog.records)  # the server log has it
+    assert "request id" in error["message"] and "secret" not in r.text and "retry-after" not in r.headers
+    request_id = error["message"].split("request id ")[1].split(")")[0]
+    assert any(request_id in rec.getMessage() and rec.exc_info for rec in caplog.records)  # the server log has it
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(pb.GenerateRequest(request_id="req-42", text="x")))
+    assert info.value.code() == grpc.StatusCode.INTERNAL and "secret" not in info.value.details()
+    assert "request id req-42" in info.value.details()
+
+
+def test_a_bug_outside_the_stream_is_internal_too_never_unknown(servers, stub):
+    r = _post(servers, "boom")
+    assert r.status_code == 500 and "secret" not in r.text and "request id" in r.json()["error"]["message"]
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Tokenize(pb.TokenizeRequest(text="boom"))
+    assert info.value.code() == grpc.StatusCode.INTERNAL and "secret" not in info.value.details()
 
 
 def _raw(servers, body: bytes, headers: dict | None = None) -> httpx.Response:
