@@ -76,8 +76,8 @@ class Variant:
 # ---- the model and its configs ------------------------------------------------------------------------
 
 
-def model_and_engine(args) -> tuple[str, dict, int]:
-    """(model path, engine section, vocab size) of the run."""
+def model_and_engine(args) -> tuple[dict, int]:
+    """(engine section, vocab size) of the run."""
     if args.shape:
         from bench.random_models import make_random_model
 
@@ -92,7 +92,7 @@ def model_and_engine(args) -> tuple[str, dict, int]:
                   "max_num_seqs": max(args.concurrency), "max_num_batched_tokens": 2048}
     from transformers import AutoConfig
 
-    return path, engine, AutoConfig.from_pretrained(path).vocab_size
+    return engine, AutoConfig.from_pretrained(path).vocab_size
 
 
 def app_yaml(engine: dict, replicas: int, device: str | None, cpus: float, variant: Variant) -> dict:
@@ -324,7 +324,7 @@ def main(argv=None) -> None:
                                            args.model))
         engine = {}
     else:
-        _, engine, vocab = model_and_engine(args)
+        engine, vocab = model_and_engine(args)
         work = Workload(args.prompt_len, args.max_tokens, vocab)
         if {"offline", "engine"} & set(args.systems):
             rows += run_child_engine_phase(args, engine, work)

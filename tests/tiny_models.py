@@ -72,6 +72,16 @@ def tiny_glm4v_config(vocab_size: int, token_ids: dict[str, int] | None = None):
     )
 
 
+def _save(model, tokenizer, out: Path, tokenizer_from: Path) -> None:
+    """An HF folder: weights, config, the borrowed tokenizer and its generation config."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    gen = Path(tokenizer_from) / "generation_config.json"
+    if gen.exists():
+        shutil.copy(gen, out / "generation_config.json")
+
+
 def make_tiny_model(arch: str, out: Path, tokenizer_from: Path, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,12 +89,7 @@ def make_tiny_model(arch: str, out: Path, tokenizer_from: Path, seed: int = 0) -
     config = tiny_config(arch, vocab_size=len(tokenizer))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    gen = Path(tokenizer_from) / "generation_config.json"
-    if gen.exists():
-        shutil.copy(gen, out / "generation_config.json")
+    _save(model, tokenizer, out, tokenizer_from)
     return out
 
 
@@ -146,12 +151,7 @@ def make_tiny_glm4v(out: Path, tokenizer_from: Path, seed: int = 0, terse: bool 
     model = Glm4vForConditionalGeneration(config)
     if terse:  # the final norm zeroed: every logit is 0, so greedy answers run 0, 1, 2 (EOS) and stop
         model.model.language_model.norm.weight.data.zero_()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    gen = Path(tokenizer_from) / "generation_config.json"
-    if gen.exists():
-        shutil.copy(gen, out / "generation_config.json")
+    _save(model, tokenizer, out, tokenizer_from)
     preprocessor = {  # GLM-4.1V-9B-Thinking's, but for longest_edge
         "size": {"shortest_edge": 12544, "longest_edge": TINY_GLM4V_MAX_PIXELS}, "do_rescale": True,
         "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
