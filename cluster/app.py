@@ -63,8 +63,9 @@ def deployment_options(config: AppConfig, router_class: type = PagodaRouter) -> 
     d = config.deployment
     options = {
         "name": deployment_name(config),
-        "max_ongoing_requests": d.max_ongoing_requests,
+        "max_ongoing_requests": config.max_ongoing_requests,  # running + the engine's queue, per replica
         "health_check_period_s": d.health_check_period_s,
+        "health_check_timeout_s": d.health_check_timeout_s,
         "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
         "request_router_config": request_router_config(config, router_class),
         **replica_resources(config),

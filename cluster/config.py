@@ -5,7 +5,8 @@ cluster.
     engine:        # EngineConfig fields, flat, vLLM names (model, dtype, max_num_seqs, tensor_parallel_size, ...);
                    # with tensor_parallel_size > 1, distributed_executor_backend defaults to "ray" here;
                    # images (MultiModalConfig): limit_images_per_prompt, image_resize_max_pixels, allow_image_urls, ...
-    deployment:    # the Ray Serve deployment: name, num_replicas, max_ongoing_requests, resources
+    deployment:    # the Ray Serve deployment: name, num_replicas, max_ongoing_requests, resources, health
+                   # (health_check_period_s / _timeout_s; stall_timeout_s: no engine progress -> replaced)
     router:        # the KV-occupancy router: policy, weights, how often replicas publish stats
     autoscaling:   # Serve autoscaling (off unless enabled)
 
@@ -34,6 +35,9 @@ from pagoda.engine.config import (
 
 _ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, MultiModalConfig)
 _POLICIES = ("pagoda", "pow2")
+# Engine queue a replica accepts when engine.max_waiting is unset: a queued request costs host memory for
+# its token ids only, and the client's deadline bounds its wait (vLLM's queue has no limit at all).
+DEFAULT_REPLICA_QUEUE = 4096
 
 
 @dataclass(frozen=True)
@@ -42,18 +46,30 @@ class DeploymentOptions:
 
     name: str = "pagoda"  # Serve application name (the deployment is `<name>-engine`)
     num_replicas: int = 1  # fixed replica count; the initial count when autoscaling is on
-    max_ongoing_requests: int = 256  # per replica; above it Serve queues in the caller (backpressure)
+    # Requests one replica holds: running plus queued in its engine, where priority and deadlines apply.
+    # None: what the engine runs and queues, max_num_seqs + max_waiting (max_waiting unset counts as
+    # DEFAULT_REPLICA_QUEUE). A full replica takes no more; the router tries the others.
+    max_ongoing_requests: int | None = None
     cpus_per_replica: float = 1.0  # Ray CPUs per replica; on CPU also the engine's torch threads
     health_check_period_s: float = 5.0  # Serve calls the replica's check_health this often
+    health_check_timeout_s: float = 30.0  # a check_health that has not answered by then counts as failed
+    # A replica whose engine has requests but completes no step for this long fails check_health and Serve
+    # replaces it (a hung device, a stuck collective). It measures progress, not latency: a long prompt
+    # is many chunked-prefill steps, each completing; without chunked prefill one step must fit in it.
+    stall_timeout_s: float = 60.0
     graceful_shutdown_timeout_s: float = 10.0  # in-flight requests get this long when a replica stops
 
     def __post_init__(self) -> None:
         require(bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(),
                  f"name must be letters, digits, '-' or '_', got {self.name!r}")
         require(self.num_replicas >= 1, f"num_replicas must be >= 1, got {self.num_replicas}")
-        require(self.max_ongoing_requests >= 1, f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
+        require(self.max_ongoing_requests is None or self.max_ongoing_requests >= 1,
+                 f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
         require(self.cpus_per_replica > 0, f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
         require(self.health_check_period_s > 0, f"health_check_period_s must be > 0, got {self.health_check_period_s}")
+        require(self.health_check_timeout_s > 0,
+                 f"health_check_timeout_s must be > 0, got {self.health_check_timeout_s}")
+        require(self.stall_timeout_s > 0, f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
         require(self.graceful_shutdown_timeout_s >= 0,
                  f"graceful_shutdown_timeout_s must be >= 0, got {self.graceful_shutdown_timeout_s}")
 
@@ -127,6 +143,21 @@ class AppConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
+    @property
+    def max_ongoing_requests(self) -> int:
+        """Requests one replica accepts (Serve's ``max_ongoing_requests``): the deployment's setting, else
+        what its engine runs plus what it queues."""
+        if self.deployment.max_ongoing_requests is not None:
+            return self.deployment.max_ongoing_requests
+        sched = self.engine.scheduler
+        queue = sched.max_waiting if sched.max_waiting is not None else DEFAULT_REPLICA_QUEUE
+        return sched.max_num_seqs + queue
+
+    @property
+    def max_replicas(self) -> int:
+        """Replicas there can be: the fixed count, or autoscaling's maximum."""
+        return self.autoscaling.max_replicas if self.autoscaling.enabled else self.deployment.num_replicas
+
     def __post_init__(self) -> None:
         scaling, replicas = self.autoscaling, self.deployment.num_replicas
         if scaling.enabled:
@@ -149,7 +180,7 @@ class AppConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> AppConfig:
-        return cls.from_dict(_read_yaml(Path(path)))
+        return cls.from_dict(read_yaml(path))
 
     def to_dict(self) -> dict:
         """The YAML form (engine fields flat): ``AppConfig.from_dict(c.to_dict()) == c``."""
@@ -172,9 +203,11 @@ def load_config(path: str | Path | None) -> AppConfig:
 # ---------------------------------------------------------------------------------------- parsing
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: str | Path) -> Any:
+    """The parsed file; ValueError when it is missing or not YAML."""
     import yaml
 
+    path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     try:

@@ -22,8 +22,9 @@ Labels: ``model`` and ``replica`` everywhere (Ray adds its own, e.g. ``SessionNa
 request metrics also carry ``priority``.
 
 Sources: per-request metrics (tokens, latencies) are taken by the replica as its stream yields
-(``on_output``); engine state (queues, KV usage, prefix cache, preemptions) is polled from
-``EngineStats`` by a thread every ``POLL_PERIOD_S`` (``publish_engine``), cumulative engine counters
+(``on_output``); engine state (queues, KV usage, prefix cache, preemptions) is polled from the
+engine's latest ``EngineSnapshot`` (``AsyncLLMEngine.snapshot()``, published by the engine thread
+after each step) by a thread every ``POLL_PERIOD_S`` (``publish_engine``), cumulative engine counters
 turned into counter increments. Queue time is arrival at the replica until the engine admits the
 request into its running batch, as seen by that poll (resolution ``POLL_PERIOD_S``; never later
 than the first output).
@@ -31,13 +32,11 @@ than the first output).
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass
 
 POLL_PERIOD_S = 0.25
-logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0, 160.0, 640.0)  # vLLM's TTFT buckets
@@ -185,7 +184,8 @@ class ReplicaMetrics:
                             ("pagoda:prefix_cache_hits", stats.prefix_cache_hits),
                             ("pagoda:num_preemptions", stats.num_preemptions)):
             delta, self._engine_totals[name] = total - self._engine_totals[name], total
-            self._m[name].inc(max(0, delta), tags=self._tags)  # inc(0) makes the series visible at once
+            if delta > 0:  # Ray's Counter.inc raises on 0: a counter's series appears with its first increment
+                self._m[name].inc(delta, tags=self._tags)
         running, t = set(running_ids), time.monotonic()
         with self._lock:
             live = list(self._live.values())
@@ -208,7 +208,8 @@ class ReplicaMetrics:
 
 
 class EnginePoller:
-    """A daemon thread publishing ``engine``'s state into ``metrics`` every ``period_s`` until ``stop()``."""
+    """A daemon thread publishing the state of ``engine`` (an ``AsyncLLMEngine``: its ``snapshot()``) into
+    ``metrics`` every ``period_s`` until ``stop()``."""
 
     def __init__(self, engine, metrics: ReplicaMetrics, period_s: float = POLL_PERIOD_S) -> None:
         self._engine, self._metrics, self._period = engine, metrics, period_s
@@ -221,11 +222,8 @@ class EnginePoller:
             self.poll()
 
     def poll(self) -> None:
-        try:
-            running = [r.request_id for r in list(self._engine.scheduler.running)]  # a copy: the engine thread owns it
-            self._metrics.publish_engine(self._engine.stats(), running)
-        except Exception:  # a torn read while the engine thread mutates: the next poll retries
-            logger.debug("metrics poll skipped", exc_info=True)
+        snapshot = self._engine.snapshot()  # frozen: no torn reads while the engine thread steps
+        self._metrics.publish_engine(snapshot.stats, snapshot.running_ids)
 
     def stop(self) -> None:
         self._stop.set()

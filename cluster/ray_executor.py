@@ -2,7 +2,8 @@
 
 Same interface and failure semantics as the local ``MultiprocExecutor``
 (engine/worker/multiproc_executor.py); the engine picks it with
-``distributed_executor_backend="ray"``, which a Serve replica with TP > 1 uses.
+``distributed_executor_backend="ray"``, which a Serve replica with TP > 1 uses; the package root
+(``pagoda/__init__.py``) registers it under that name, so the engine never imports ``cluster/``.
 
 Start (``initialize``): the ranks' placement (``pagoda.cluster.placement``: bundles 1..k of the Serve
 replica's group, or a STRICT_PACK group the executor reserves and later removes) → k
@@ -202,3 +203,4 @@ def _teardown(actors: list, placement: list[RankPlacement]) -> None:
                 p.release()
     actors.clear()
     placement.clear()
+

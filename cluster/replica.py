@@ -4,11 +4,16 @@
     record_routing_stats() -> ReplicaStats wire dict             (Serve polls it for the router)
     stats() -> dict                                              (EngineStats + replica id)
     tokenize(text) -> list[int]                                  (for callers without a tokenizer)
-    check_health()                                               (Serve replaces a replica whose engine died)
+    check_health()                                               (Serve replaces a replica whose engine died
+                                                                  or stalled: cluster.health)
     record_autoscaling_stats() -> dict                           (KV usage and queues for cluster.autoscaling)
 
+Engine state: everything here that describes the engine (routing and autoscaling stats, ``stats``, the
+prefix-hit estimate, health, the metrics poll) reads ``AsyncLLMEngine.snapshot()``, the frozen state the
+engine thread publishes after each step — never the engine itself, which only its thread touches.
+
 Metrics (``pagoda.cluster.metrics``): request latencies and token counts are recorded as the stream yields;
-a poll thread publishes the engine's queues, KV usage and prefix-cache counters.
+a poll thread publishes the engine's queues, KV usage and prefix-cache counters from the snapshot.
 
 Cancellation: when the caller cancels the stream (``PagodaClient`` does as soon as its consumer
 stops), Serve cancels this generator's task; the engine's own stream aborts the request and its
@@ -21,28 +26,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 
 from pagoda.cluster.config import AppConfig
+from pagoda.cluster.health import check_engine_health
 from pagoda.cluster.metrics import EnginePoller, ReplicaMetrics
 from pagoda.cluster.protocol import GenerateChunk, GenerateRequest
 from pagoda.cluster.routing_stats import ReplicaStats, now
 from pagoda.engine.async_engine import AsyncLLMEngine
 from pagoda.engine.output_processor import OutputKind
-
-_SUMMARY_TRIES = 3  # the prefix summary is read while the engine thread runs; retry a torn read
+from pagoda.engine.snapshot import SnapshotConfig
 
 
 class LLMReplica:
     def __init__(self, config: dict) -> None:
         self.config = AppConfig.from_dict(config)
         _limit_cpu_threads(self.config)
-        self.engine = AsyncLLMEngine(self.config.engine)
+        router = self.config.router  # the routing stats carry the prefix summary: no need to rebuild it more often
+        snapshots = SnapshotConfig(router.prefix_summary_blocks, prefix_summary_period_s=router.stats_period_s)
+        self.engine = AsyncLLMEngine(self.config.engine, snapshots)
         self.replica = _replica_name()
         self._unprefilled: dict[str, int] = {}  # request id -> uncached prompt tokens, until its first output
-        self._last_summary: frozenset[int] = frozenset()
         self.metrics = ReplicaMetrics(self.config.engine.model.model, self.replica)
-        self._poller = EnginePoller(self.engine.engine, self.metrics)
+        self._poller = EnginePoller(self.engine, self.metrics)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
@@ -51,7 +58,8 @@ class LLMReplica:
         if request.images:  # the engine decodes them and expands each placeholder (ValueError names image[k])
             prompt["multi_modal_data"] = {"image": list(request.images)}
         rid = request.request_id
-        self._unprefilled[rid] = self._uncached_tokens(request.prompt_token_ids)
+        token_ids = request.prompt_token_ids  # a hint for the router: prefill work net of the prefix cache
+        self._unprefilled[rid] = len(token_ids) - self.engine.snapshot().prefix_hit_tokens(token_ids)
         stream = self.engine.generate(prompt, request.sampling_params, rid, request.priority, OutputKind.DELTA)
         self.metrics.request_started(rid, request.priority, request.sampling_params.n)
         try:
@@ -70,9 +78,8 @@ class LLMReplica:
             self.metrics.request_ended(rid)
 
     def record_routing_stats(self) -> dict:
-        engine = self.engine.engine
-        stats = engine.stats()
-        sched = self.config.engine.scheduler
+        snapshot = self.engine.snapshot()
+        stats, sched = snapshot.stats, self.config.engine.scheduler
         return ReplicaStats(
             num_running=stats.num_running,
             num_waiting=stats.num_waiting,
@@ -83,13 +90,13 @@ class LLMReplica:
             max_num_batched_tokens=sched.max_num_batched_tokens,
             pending_prefill_tokens=sum(self._unprefilled.values()),
             num_preemptions=stats.num_preemptions,
-            cached_block_hashes=self._prefix_summary(),
-            published_at=now(),
+            cached_block_hashes=snapshot.cached_block_hashes,
+            published_at=now() - (time.monotonic() - snapshot.published_at),  # when the engine was in this state
         ).to_wire()
 
     def stats(self) -> dict:
         """The engine's counters plus who answers (for `pagoda status`, metrics and tests)."""
-        s = self.engine.stats()
+        s = self.engine.stats()  # the snapshot's
         return {"replica": self.replica, **{k: getattr(s, k) for k in s.__dataclass_fields__}}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -101,8 +108,8 @@ class LLMReplica:
         return list(self.engine.tokenizer(text).input_ids)
 
     def check_health(self) -> None:
-        if not self.engine.is_running:
-            raise RuntimeError(f"engine of {self.replica} is not running")
+        """Raises when the engine died or has work but completed no step for ``deployment.stall_timeout_s``."""
+        check_engine_health(self.engine, self.config.deployment.stall_timeout_s, self.replica)
 
     def __del__(self) -> None:
         poller = getattr(self, "_poller", None)
@@ -112,36 +119,14 @@ class LLMReplica:
         if engine is not None:
             engine.shutdown()
 
-    # ---- helpers ------------------------------------------------------------------------------------
-
-    def _uncached_tokens(self, token_ids: list[int]) -> int:
-        """Prefill work this request adds, net of the prefix cache (a read-only lookup; a hint)."""
-        try:
-            return len(token_ids) - self.engine.engine.kv.get_prefix_hit(token_ids).num_tokens
-        except Exception:  # noqa: BLE001 — the engine thread changed the pool under us: count it all
-            return len(token_ids)
-
-    def _prefix_summary(self) -> frozenset[int]:
-        """Most recently used cached block hashes. The engine thread owns the pool and may change it
-        mid-read (a torn walk raises); retry, else publish the last good summary."""
-        limit = self.config.router.prefix_summary_blocks
-        if limit == 0 or not self.config.engine.cache.enable_prefix_caching:
-            return frozenset()
-        for _ in range(_SUMMARY_TRIES):
-            try:
-                self._last_summary = frozenset(self.engine.engine.kv.cached_block_hashes(limit))
-                break
-            except (RuntimeError, AttributeError):
-                continue
-        return self._last_summary
-
 
 def _replica_name() -> str:
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     try:
         return serve.get_replica_context().replica_id.to_full_id_str()
-    except RuntimeError:  # constructed outside Serve (unit use)
+    except (RuntimeError, RayServeException):  # constructed outside Serve (unit use; Ray 2.60 raises the latter)
         return "local"
 
 

@@ -4,9 +4,10 @@ Serve's controller polls each replica every ``router.stats_period_s`` and broadc
 every router, so the numbers are a snapshot that ages until the next one; the router blends them
 with the requests it has sent since (``pagoda.cluster.inflight``).
 
-The prefix summary is the replica's most recently used prefix-cache block hashes
-(``KVCacheManager.cached_block_hashes``), packed as little-endian uint64 bytes: 8 bytes a block,
-32 KiB for the default 4096 blocks.
+The engine numbers and the prefix summary come from the engine's latest ``EngineSnapshot``
+(``pagoda.engine.snapshot``). The summary is the replica's most recently used prefix-cache block
+hashes (``KVCacheManager.cached_block_hashes``, rebuilt at most once per stats period while the
+engine is busy), packed as little-endian uint64 bytes: 8 bytes a block, 32 KiB for the default 4096.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class ReplicaStats:
     pending_prefill_tokens: int  # prompt tokens of requests that have not produced a first token yet
     num_preemptions: int  # since start
     cached_block_hashes: frozenset[int] = field(default_factory=frozenset)  # the prefix summary
-    published_at: float = 0.0  # replica's time.time() when taken; router entries newer than this are not in it
+    published_at: float = 0.0  # replica's time.time() of the engine snapshot; router entries newer are not in it
 
     def to_wire(self) -> dict:
         """A plain dict for ``record_routing_stats`` (hashes packed as bytes)."""

@@ -6,7 +6,10 @@
     pagoda serve --http-port 8000 --grpc-port 50051   # the API front doors (defaults; 0 picks a port, -1 turns one off)
     pagoda serve --config glm4v.yaml --image-resize-max-pixels 5000000 --limit-images-per-prompt 1   # Open-AutoGLM
 
-The config is validated before Ray starts, so a bad file fails in a second with the field named.
+The config is the application YAML (``pagoda.cluster.config``) plus an optional ``api:`` section of
+``ApiConfig`` fields (where the servers listen, the key, ``max_concurrent_requests``, TLS) — the same
+file the KubeRay ingress reads; the API flags override that section. It is validated before Ray
+starts, so a bad file fails in a second with the field named.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ def add_serve_parser(sub) -> None:
                    help="Ray cluster to deploy onto, e.g. 'auto'; default: start a local one")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with the local cluster")
-    p.add_argument("--host", default="127.0.0.1", help="interface the gRPC and HTTP APIs bind (default: loopback)")
-    p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port (-1: off)")
-    p.add_argument("--grpc-port", type=int, default=50051, help="pagoda.v1 gRPC port (-1: off)")
-    p.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $PAGODA_API_KEY; none: open)")
+    # API flags override the config's `api:` section (ApiConfig fields), which overrides ApiConfig's defaults.
+    p.add_argument("--host", default=None, help="interface the gRPC and HTTP APIs bind (default: loopback)")
+    p.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP port (default: 8000; -1: off)")
+    p.add_argument("--grpc-port", type=int, default=None, help="pagoda.v1 gRPC port (default: 50051; -1: off)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: api.api_key, else $PAGODA_API_KEY; none: open)")
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="the model name(s) clients use; responses report the one a request used "
                         "(default: the application's name)")
@@ -79,16 +83,38 @@ def with_image_overrides(config, overrides: dict):
     return dataclasses.replace(config, engine=dataclasses.replace(engine, multimodal=multimodal))
 
 
-def serve_main(args: argparse.Namespace) -> int:
-    from pagoda.cluster.api.config import ApiConfig
-    from pagoda.cluster.config import load_config
+def api_overrides(args: argparse.Namespace) -> dict:
+    """The ApiConfig fields the API flags set (a port of -1 turns that server off)."""
+    fields = {"host": args.host, "api_key": args.api_key, "served_model_name": args.served_model_name,
+              "tls_cert_file": args.tls_cert, "tls_key_file": args.tls_key, "tls_client_ca_file": args.tls_client_ca}
+    overrides = {k: v for k, v in fields.items() if v is not None}
+    for name in ("http_port", "grpc_port"):
+        port = getattr(args, name)
+        if port is not None:
+            overrides[name] = None if port < 0 else port
+    return overrides
 
+
+def load_serve_config(path: str | None, args: argparse.Namespace):
+    """(AppConfig, ApiConfig) from the YAML (its `api:` section too) and the flags; ValueError names the field."""
+    from pagoda.cluster.api.config import ApiConfig
+    from pagoda.cluster.config import AppConfig, read_yaml
+
+    sections = read_yaml(path) if path is not None else {}
+    if not isinstance(sections, dict):
+        raise ValueError(f"config must be a mapping of sections, got {type(sections).__name__}")
+    api_section = sections.pop("api", None) or {}
+    if not isinstance(api_section, dict):
+        raise ValueError(f"api must be a mapping, got {type(api_section).__name__}")
+    api = ApiConfig.from_dict({**api_section, **api_overrides(args)})
+    if api.api_key is None and os.environ.get("PAGODA_API_KEY"):
+        api = dataclasses.replace(api, api_key=os.environ["PAGODA_API_KEY"])
+    return with_image_overrides(AppConfig.from_dict(sections), image_overrides(args)), api
+
+
+def serve_main(args: argparse.Namespace) -> int:
     try:
-        config = with_image_overrides(load_config(args.config), image_overrides(args))
-        api = ApiConfig(host=args.host, http_port=None if args.http_port < 0 else args.http_port,
-                        grpc_port=None if args.grpc_port < 0 else args.grpc_port, api_key=args.api_key,
-                        served_model_name=args.served_model_name,
-                        tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, tls_client_ca_file=args.tls_client_ca)
+        config, api = load_serve_config(args.config, args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,10 @@ Nothing waits for company: an item goes as soon as the consumer asks.
 Cancellation: when the consumer of a stream stops early (``break``, task cancel, a client that
 disconnects), the generator's ``finally`` aborts the request, and its KV blocks return to the
 pool at the engine thread's next turn.
+
+State: other threads read the engine only through ``snapshot()`` (``pagoda.engine.snapshot``): the
+engine thread publishes a frozen ``EngineSnapshot`` after every step and every batch of commands;
+``stats()`` is its stats. ``SnapshotConfig`` sets the prefix-cache summary it carries.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pagoda.engine.llm_engine import EngineStats, LLMEngine
 from pagoda.engine.output_processor import OutputKind
 from pagoda.engine.request import RequestOutput
 from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.snapshot import EngineSnapshot, SnapshotConfig, SnapshotPublisher
 
 
 @dataclass
@@ -40,8 +45,9 @@ class _Stream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
-        self.engine = LLMEngine(config)
+    def __init__(self, config: EngineConfig, snapshots: SnapshotConfig | None = None) -> None:
+        self.engine = LLMEngine(config)  # the engine thread's alone once it starts; others read snapshot()
+        self._snapshots = SnapshotPublisher(self.engine, snapshots)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()  # guards _streams
@@ -51,8 +57,8 @@ class AsyncLLMEngine:
         self._thread.start()
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> "AsyncLLMEngine":
-        return cls(EngineConfig.from_kwargs(**kwargs))
+    def from_kwargs(cls, snapshots: SnapshotConfig | None = None, **kwargs) -> AsyncLLMEngine:
+        return cls(EngineConfig.from_kwargs(**kwargs), snapshots)
 
     @property
     def tokenizer(self):
@@ -60,7 +66,8 @@ class AsyncLLMEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._dead is None and not self._stopping
+        """Not failed, not shut down, and the engine thread is alive."""
+        return self._dead is None and not self._stopping and self._thread.is_alive()
 
     # ------------------------------------------------------------------ the caller's side
     async def generate(
@@ -113,8 +120,12 @@ class AsyncLLMEngine:
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's latest published state; safe from any thread."""
+        return self._snapshots.latest
+
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        return self._snapshots.latest.stats
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -125,8 +136,9 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
         while not self._stopping:
-            block = not self.engine.has_unfinished_requests()
-            self._drain_commands(block)
+            idle = not self.engine.has_unfinished_requests()
+            if self._drain_commands(block=idle) or idle:
+                self._snapshots.after_commands(waited=idle)
             if not self.engine.has_unfinished_requests():
                 continue
             try:
@@ -134,19 +146,21 @@ class AsyncLLMEngine:
             except BaseException as exc:  # a failed step kills the engine; every stream learns why
                 self._fail_all(exc)
                 return
+            self._snapshots.after_step()  # before delivering: a caller that sees its end sees it in stats too
             self._deliver_step(outputs)
 
-    def _drain_commands(self, block: bool) -> None:
+    def _drain_commands(self, block: bool) -> bool:
+        """Apply every queued command, waiting up to 0.5 s for the first when ``block``; whether any came."""
         try:
             command = self._commands.get(block=block, timeout=0.5 if block else None)
         except queue.Empty:
-            return
+            return False
         while True:
             self._apply(command)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return True
 
     def _apply(self, command: tuple) -> None:
         kind = command[0]

@@ -5,14 +5,35 @@ the cluster application.
     pagoda chat
     pagoda serve --config deploy/pagoda.yaml      (Ray is imported only by this one)
     pagoda status                                 (replicas, KV usage, queues of the running application)
+
+``serve`` and ``status`` belong to ``cluster/``, which the engine never imports: the package root
+(``pagoda/__init__.py``) registers them in ``pagoda.engine.plugins`` as ``CliCommand`` objects named by
+module, and this module finds them there.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from pagoda.engine import plugins
 from pagoda.engine.config import EMBEDDED_MODEL
+
+
+@dataclass(frozen=True)
+class CliCommand:
+    """A subcommand another room adds (registered in ``pagoda.engine.plugins`` under ``CLI_COMMAND``)."""
+
+    add_parser: Callable[[argparse._SubParsersAction], None]  # adds its parser (argparse only, no heavy imports)
+    main: Callable[[argparse.Namespace], int]  # runs it; returns the exit code
+
+
+def plugin_commands() -> dict[str, CliCommand]:
+    """The subcommands other rooms add, by name (``serve`` and ``status`` from ``cluster/``)."""
+    return {name: plugins.resolve(plugins.CLI_COMMAND, name) for name in plugins.names(plugins.CLI_COMMAND)}
+
 
 _SAMPLING_FLAGS = [  # (flag, type, default, help)
     ("--temperature", float, 0.0, "sampling temperature; 0 is greedy (default: %(default)s)"),
@@ -50,7 +71,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: dict[str, CliCommand] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagoda", description="pagoda: paged-KV LLM engine and serving cluster")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="answer one prompt, streaming tokens")
@@ -61,24 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (gen, chat):
         _add_engine_flags(p)
         _add_sampling_flags(p)
-    from pagoda.cluster.serve_cli import add_serve_parser  # argparse only; Ray loads inside serve_main
-    from pagoda.cluster.status_cli import add_status_parser
-
-    add_serve_parser(sub)
-    add_status_parser(sub)
+    for command in (plugin_commands() if commands is None else commands).values():
+        command.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        from pagoda.cluster.serve_cli import serve_main
-
-        return serve_main(args)
-    if args.command == "status":
-        from pagoda.cluster.status_cli import status_main
-
-        return status_main(args)
+    commands = plugin_commands()
+    args = build_parser(commands).parse_args(argv)
+    if args.command in commands:
+        return commands[args.command].main(args)
     from pagoda.engine.cli_session import CliSession  # heavy imports only after --help
 
     try:

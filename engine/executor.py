@@ -6,6 +6,11 @@ processes for TP>1 (``engine/worker/multiproc_executor.py``), and Ray actors
 methods. A failed rank surfaces from ``execute_model`` (or ``submit``/``take_output``) as
 ``EngineDeadError``.
 
+Backends for TP>1 are a registry by name (``register_executor_backend``, in ``engine/plugins.py``): "mp"
+is registered here; the engine never imports ``cluster/``, whose Ray executor the package root
+(``pagoda/__init__.py``) registers as "ray" by module name, imported on first use — so
+``LLM(..., distributed_executor_backend="ray")`` works with nothing but ``pagoda.engine`` imported.
+
 Async scheduling uses ``submit(step)`` then ``take_output()``, which returns the results in
 submission order. The engine keeps at most two steps submitted: it submits step n+1 before
 taking step n, so step n+1 is queued on the device while the host handles step n. The base
@@ -18,11 +23,13 @@ from __future__ import annotations
 import abc
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from pagoda.engine import plugins
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
@@ -140,17 +147,37 @@ def check_parallel_config(config: EngineConfig, hf_config) -> None:
         )
 
 
-def make_executor(config: EngineConfig, model: ResolvedModel) -> Executor:
-    """UniProcExecutor for TP=1; above, MultiprocExecutor (a process per rank) or, with
-    ``distributed_executor_backend="ray"``, RayExecutor (an actor per rank). Validates first."""
-    check_parallel_config(config, model.hf_config)
-    if config.parallel.tensor_parallel_size == 1:
-        return UniProcExecutor(config, model)
-    if config.parallel.distributed_executor_backend == "ray":
-        # Imported only when asked for: engine/ has no Ray dependency (Ray is the `cluster` extra).
-        from pagoda.cluster.ray_executor import RayExecutor
+ExecutorFactory = Callable[[EngineConfig, "ResolvedModel"], Executor]  # an unstarted executor for TP > 1
 
-        return RayExecutor(config, model)
+
+def register_executor_backend(name: str, factory: ExecutorFactory | str) -> None:
+    """Make ``distributed_executor_backend=name`` build its executor with ``factory(config, model)``
+    (or "module:attribute", imported on first use)."""
+    plugins.register(plugins.EXECUTOR_BACKEND, name, factory)
+
+
+def executor_backend(name: str) -> ExecutorFactory:
+    """The factory registered as ``name``."""
+    try:
+        return plugins.resolve(plugins.EXECUTOR_BACKEND, name)
+    except KeyError:
+        raise ValueError(f"distributed_executor_backend {name!r} is not registered "
+                         f"(known: {plugins.names(plugins.EXECUTOR_BACKEND)})") from None
+
+
+def _multiproc_executor(config: EngineConfig, model: ResolvedModel) -> Executor:
     from pagoda.engine.worker.multiproc_executor import MultiprocExecutor
 
     return MultiprocExecutor(config, model)
+
+
+register_executor_backend("mp", _multiproc_executor)
+
+
+def make_executor(config: EngineConfig, model: ResolvedModel) -> Executor:
+    """UniProcExecutor for TP=1; above, the ``distributed_executor_backend``'s: MultiprocExecutor (a process
+    per rank, "mp") or RayExecutor (an actor per rank, "ray"). Validates first."""
+    check_parallel_config(config, model.hf_config)
+    if config.parallel.tensor_parallel_size == 1:
+        return UniProcExecutor(config, model)
+    return executor_backend(config.parallel.distributed_executor_backend)(config, model)

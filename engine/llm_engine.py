@@ -70,7 +70,7 @@ class LLMEngine:
         self._in_flight: deque[SchedulerOutput] = deque()  # submitted, result not taken yet (async scheduling)
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> "LLMEngine":
+    def from_kwargs(cls, **kwargs) -> LLMEngine:
         return cls(EngineConfig.from_kwargs(**kwargs))
 
     # ------------------------------------------------------------------ requests
@@ -88,16 +88,25 @@ class LLMEngine:
 
     def add_prepared(self, prepared: PreparedRequest, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
         """Queue a validated request. The one admission check of every front end (offline, asyncio, Serve):
-        QueueFullError when ``max_waiting`` requests already wait."""
-        if self.outputs.has(prepared.request_id):
-            raise ValueError(f"request_id {prepared.request_id!r} is already in use")
-        limit = self.config.scheduler.max_waiting
-        if limit is not None and self.scheduler.num_waiting >= limit:
-            raise QueueFullError(f"waiting queue is full (max_waiting={limit})")
+        QueueFullError when ``max_waiting`` requests already wait beyond the running batch's free places."""
+        ids = child_ids(prepared.request_id, prepared.params.n)
+        # Checked before anything is registered: a refused request must touch nobody else's, and with n > 1
+        # its completions ("x#1") may name another request ("x#1" sent as an id of its own), or vice versa.
+        clash = next((i for i in (prepared.request_id, *ids) if self.outputs.has(i) or i in self.scheduler.requests),
+                     None)
+        if clash is not None:
+            also = "" if clash == prepared.request_id else f" (its completion id {clash!r} is another request's)"
+            raise ValueError(f"request_id {prepared.request_id!r} is already in use{also}")
+        sched = self.config.scheduler
+        # The queue is what waits beyond the places the next step can fill: a burst that arrives between two
+        # steps is not refused for seats that are free (a replica takes max_num_seqs + max_waiting requests).
+        queued = self.scheduler.num_waiting - max(0, sched.max_num_seqs - self.scheduler.num_running)
+        if sched.max_waiting is not None and queued >= sched.max_waiting:
+            raise QueueFullError(f"waiting queue is full (max_waiting={sched.max_waiting})")
         children = [
             Request(child, list(prepared.prompt_token_ids), _child_params(prepared.params, i), self.model.eos_token_ids,
                     prepared.arrival_time, prepared.priority, prepared.mm)
-            for i, child in enumerate(child_ids(prepared.request_id, prepared.params.n))
+            for i, child in enumerate(ids)
         ]
         self.outputs.add(prepared, output_kind, children)
         for child in children:

@@ -14,7 +14,14 @@ shell in the repository root never imports them as top-level ``engine``/``kernel
 ``import pagoda`` and ``pagoda.engine.kv_cache`` need no torch.
 """
 
+from pagoda.engine import plugins
 from pagoda.engine.sampling_params import SamplingParams
+
+# The composition root: cluster/ plugs into the engine here, by module name (imported on first use), so
+# the engine never imports cluster/ and `import pagoda` loads neither Ray nor torch.
+plugins.register(plugins.EXECUTOR_BACKEND, "ray", "pagoda.cluster.ray_executor:RayExecutor")
+plugins.register(plugins.CLI_COMMAND, "serve", "pagoda.cluster.cli_commands:SERVE")
+plugins.register(plugins.CLI_COMMAND, "status", "pagoda.cluster.cli_commands:STATUS")
 
 _LAZY = {
     "LLM": "pagoda.engine.llm",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -15,7 +16,14 @@ class ApiConfig:
     # None: the application's name.
     served_model_name: str | tuple[str, ...] | None = None
     api_key: str | None = None  # when set: `Authorization: Bearer <key>` (HTTP header, gRPC metadata)
-    max_concurrent_requests: int = 256  # generations in flight per server process; beyond: 429 / RESOURCE_EXHAUSTED
+    # Generations in flight in this server process; beyond: 429 / RESOURCE_EXHAUSTED with Retry-After, at
+    # once. None: follow the deployment's capacity — every replica's max_ongoing_requests (what its engine
+    # runs and queues) plus max_queued_requests waiting here for a replica to have room.
+    max_concurrent_requests: int | None = None
+    # Requests held in this process (FIFO, for whichever replica frees first) while every replica is full.
+    # Counted here, not by Serve's max_queued_requests: Serve counts a burst's not-yet-assigned requests as
+    # queued and refused 16 of 24 while the replicas had 8 free places (measured, Ray 2.60).
+    max_queued_requests: int = 1024
     # Largest request body / gRPC message. Images ride inside: a 1080x2400 phone screenshot is 1-3 MB as
     # PNG, 1.33x that as a base64 data URL, and Open-AutoGLM sends one per step with the history. 32 MiB
     # lets one image at MultiModalConfig.max_image_bytes (20 MiB) through as a data URL (27 MiB).
@@ -23,6 +31,22 @@ class ApiConfig:
     tls_cert_file: str | None = None  # gRPC TLS: the server's PEM certificate chain
     tls_key_file: str | None = None  # gRPC TLS: its PEM private key
     tls_client_ca_file: str | None = None  # gRPC mTLS: clients must present a certificate signed by this CA
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> ApiConfig:
+        """From a YAML ``api:`` section; ValueError names the field (``api.http_port: unknown field``)."""
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ValueError(f"api must be a mapping, got {type(data).__name__}")  # noqa: TRY004 — a config error
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"api.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            message = str(exc)  # messages start with the field they are about
+            raise ValueError(f"api.{message}" if message.split(" ", 1)[0] in known else f"api: {message}") from None
 
     def __post_init__(self) -> None:
         names = self.served_model_name
@@ -39,8 +63,10 @@ class ApiConfig:
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535] or None, got {port}")
-        if self.max_concurrent_requests < 1:
+        if self.max_concurrent_requests is not None and self.max_concurrent_requests < 1:
             raise ValueError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
+        if self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

@@ -1,7 +1,8 @@
 """One table from failures to gRPC status and OpenAI-shaped HTTP errors (DESIGN.md, "Contracts at the edges").
 
     ValueError (bad parameter, prompt too long)      INVALID_ARGUMENT     400  invalid_request_error
-    QueueFullError, concurrency limit                RESOURCE_EXHAUSTED   429  rate_limit_error (Retry-After)
+    QueueFullError, API admission limit,             RESOURCE_EXHAUSTED   429  rate_limit_error (Retry-After)
+    Serve's BackPressureError (its max_queued_requests)
     request body / message over the size limit       RESOURCE_EXHAUSTED   413  invalid_request_error (no retry)
     deadline passed                                  DEADLINE_EXCEEDED    504  timeout_error
     client cancelled                                 CANCELLED            —    (nobody to answer)
@@ -29,6 +30,7 @@ import uuid
 from dataclasses import dataclass
 
 import grpc
+from ray.serve.exceptions import BackPressureError
 
 from pagoda.engine.errors import EngineDeadError, QueueFullError
 
@@ -114,6 +116,8 @@ def to_api_error(exc: BaseException, request_id: str | None = None) -> ApiError:
         return exc
     if isinstance(exc, QueueFullError):
         return exhausted(str(exc))
+    if isinstance(exc, BackPressureError):  # Serve's own caller queue, if a Serve config sets its limit
+        return exhausted(f"every replica is full and so is Serve's queue: {exc} Retry later.")
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return deadline()
     if isinstance(exc, EngineDeadError):

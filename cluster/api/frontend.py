@@ -99,6 +99,9 @@ class Frontend:
             supports_images=mm_processor is not None,
         )
         self._in_flight = 0
+        # Admission: the cap, else what the replicas hold (running + their engines' queues) plus the queue here.
+        self.max_in_flight = (api.max_concurrent_requests if api.max_concurrent_requests is not None
+                              else app.max_replicas * app.max_ongoing_requests + api.max_queued_requests)
 
     # ---- checks ---------------------------------------------------------------------------------
 
@@ -252,11 +255,19 @@ class Frontend:
                 f"prompt length ({length}{images}) + max_tokens ({params.max_tokens}) must be <= "
                 f"max_model_len ({self.info.max_model_len})", "max_tokens" if length < self.info.max_model_len else "prompt")
 
+    def check_capacity(self) -> None:
+        """Refuse at once when no place is free: before the body is parsed or the prompt tokenized, so a
+        burst's refusals cost next to nothing (``generate`` takes the place itself)."""
+        if self._in_flight >= self.max_in_flight:
+            cap = self.api.max_concurrent_requests
+            why = (f"max_concurrent_requests={cap}" if cap is not None else
+                   "every replica's queue is full and so is the API's (api.max_queued_requests="
+                   f"{self.api.max_queued_requests})")
+            raise errors.exhausted(f"too many requests in flight ({self._in_flight}: {why}); retry later")
+
     @contextlib.contextmanager
     def _slot(self):
-        if self._in_flight >= self.api.max_concurrent_requests:
-            raise errors.exhausted(
-                f"too many requests in flight (max_concurrent_requests={self.api.max_concurrent_requests}); retry later")
+        self.check_capacity()
         self._in_flight += 1
         try:
             yield

@@ -58,14 +58,7 @@ class ApiIngress:
 def build_app(args: dict | None = None):
     """Serve builder: the engine application behind the API ingress (``api`` holds ApiConfig fields)."""
     args = dict(args or {})
-    api_fields = args.pop("api", None) or {}
-    if not isinstance(api_fields, dict):
-        raise ValueError(f"api must be a mapping, got {type(api_fields).__name__}")
-    known = {f.name for f in dataclasses.fields(ApiConfig)}
-    unknown = sorted(set(api_fields) - known)
-    if unknown:
-        raise ValueError(f"api.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
-    api = ApiConfig(**api_fields)
+    api = ApiConfig.from_dict(args.pop("api", None))
     config = AppConfig.from_dict(args)
     ingress = serve.deployment(ApiIngress).options(
         name=config.deployment.name + INGRESS_SUFFIX, num_replicas=1,

@@ -77,6 +77,7 @@ def error_response(exc: ApiError) -> JSONResponse:
 
 async def _generate(frontend: Frontend, request: Request, chat: bool):
     frontend.check_key(request.headers.get("authorization"))
+    frontend.check_capacity()
     req = parse_request(await _json_body(request, frontend.api.max_message_bytes), chat)
     frontend.check_model(req.model)
     prompt = await frontend.prompt(**req.prompt)  # images: fetched and measured off the event loop
@@ -179,8 +180,9 @@ def _check_text(body) -> None:
                 raise errors.invalid(f"{field} is not valid UTF-8 text (a lone surrogate escape?)", field) from None
         elif isinstance(value, dict):
             for key, item in value.items():
-                stack.append((f"{path}.{key}" if path else str(key), key))
-                stack.append((f"{path}.{key}" if path else str(key), item))
+                name = key.encode("utf-8", "backslashreplace").decode("utf-8")  # a bad key named, not echoed raw
+                stack.append((f"{path}.{name}" if path else name, key))
+                stack.append((f"{path}.{name}" if path else name, item))
         elif isinstance(value, list):
             stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
 

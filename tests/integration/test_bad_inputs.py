@@ -68,3 +68,22 @@ def test_duplicate_request_id_is_rejected(embedded_llm):
     engine.abort_request("dup")
     assert not engine.has_unfinished_requests()
     assert engine.kv.usage() == 0
+
+
+@pytest.mark.parametrize(("first", "second"), [(("x", 3), ("x#1", 1)), (("y#1", 1), ("y", 3))],
+                         ids=["then-child-id", "then-parent-id"])
+def test_a_completion_id_clash_is_refused_without_touching_the_other_request(embedded_llm, first, second):
+    """With n > 1 a request runs as <id>#0..<id>#n-1; a new request whose id or completion ids clash is refused
+    before anything is registered, and the abort a refused stream sends afterwards leaves the first alone."""
+    engine = embedded_llm.engine
+    (first_id, first_n), (second_id, second_n) = first, second
+    engine.add_request(first_id, "hello", SamplingParams(max_tokens=4, n=first_n, ignore_eos=True),
+                       output_kind=OutputKind.FINAL)
+    with pytest.raises(ValueError, match="is already in use"):
+        engine.add_request(second_id, "hi", SamplingParams(max_tokens=2, n=second_n))
+    engine.abort_request(second_id)  # the clean-up of a refused stream
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({out.request_id: out for out in engine.step() if out.finished})
+    assert list(finished) == [first_id] and [len(c.token_ids) for c in finished[first_id].outputs] == [4] * first_n
+    assert engine.kv.usage() == 0

@@ -5,6 +5,7 @@ servers keep serving afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -43,10 +44,12 @@ class FakeTokenizer:
 
 class FakeClient:
     """Streams per the prompt's first character: 'o' ok, 'd' replica dead, 'q' queue full, 'm' dies mid-stream,
-    'x' a bug (an unexpected exception whose text must not reach the client)."""
+    'x' a bug (an unexpected exception whose text must not reach the client), 's' ok after a second."""
 
     async def generate(self, token_ids, params, request_id, priority=0):
         mode = chr(token_ids[0])
+        if mode == "s":
+            await asyncio.sleep(1.0)
         if mode == "d":
             raise ReplicaUnavailableError("the serving replica died (before its first token)", tokens_sent=False)
         if mode == "q":
@@ -219,6 +222,26 @@ def test_errors_quote_client_input_briefly(servers, stub):
         list(stub.Generate(pb.GenerateRequest(model=name, text="ok")))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and len(info.value.details()) < 300
     assert len(str(errors.invalid("x" * 10_000))) <= errors.MAX_MESSAGE_CHARS + 40
+
+
+def test_a_burst_of_grpc_streams_is_served_not_cancelled_by_the_transport(servers):
+    """3,000 streams at once: more calls wait for the asyncio server to pick them up than gRPC core lets
+    wait by default (1,000 soft, 3,000 hard), and it cancelled the excess (CANCELLED, nothing to retry)."""
+
+    async def burst() -> list[str]:
+        async with grpc.aio.insecure_channel(servers.grpc_target) as channel:
+            stub = pb_grpc.PagodaStub(channel)
+
+            async def one() -> str:
+                try:
+                    return "".join([r.text async for r in stub.Generate(pb.GenerateRequest(text="slow"))])
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name
+
+            return await asyncio.gather(*(one() for _ in range(3000)))
+
+    results = asyncio.run(burst())
+    assert results.count("t0t1t2") == 3000, {r: results.count(r) for r in set(results)}
 
 
 def test_still_serving(servers, stub):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pagoda.cluster.config import AppConfig, load_config
+from pagoda.cluster.config import DEFAULT_REPLICA_QUEUE, AppConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,8 +21,17 @@ def test_defaults_need_no_file():
 def test_shipped_example_loads_and_round_trips():
     config = AppConfig.from_yaml(ROOT / "deploy" / "pagoda.yaml")
     assert config.deployment.num_replicas == 2
-    assert config.engine.scheduler.max_waiting == 256
+    assert config.engine.scheduler.max_waiting == 4096
+    assert config.max_ongoing_requests == 64 + 4096  # a replica takes what its engine runs and queues
     assert AppConfig.from_dict(config.to_dict()) == config
+
+
+def test_replica_capacity_follows_the_engine_unless_set():
+    assert AppConfig().max_ongoing_requests == 128 + DEFAULT_REPLICA_QUEUE  # max_waiting unset
+    assert AppConfig.from_dict({"engine": {"max_num_seqs": 8, "max_waiting": 16}}).max_ongoing_requests == 24
+    assert AppConfig.from_dict({"deployment": {"max_ongoing_requests": 5}}).max_ongoing_requests == 5
+    assert AppConfig.from_dict({"deployment": {"num_replicas": 3}}).max_replicas == 3
+    assert AppConfig.from_dict({"autoscaling": {"enabled": True, "max_replicas": 6}}).max_replicas == 6
 
 
 def test_autoglm_example_carries_open_autoglms_serving_settings():

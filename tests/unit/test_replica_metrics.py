@@ -23,7 +23,12 @@ class _Recorder:
         assert set(tags) == set(self.tag_keys), (self.name, tags)
         LOG[self.name].append((value, tags))
 
-    inc = set = observe = lambda self, value=1.0, tags=None: self._record(value, tags)
+    set = observe = lambda self, value=1.0, tags=None: self._record(value, tags)
+
+    def inc(self, value=1.0, tags=None) -> None:
+        if value <= 0:  # as Ray's Counter.inc (2.60)
+            raise ValueError(f"value must be >0, got {value}")
+        self._record(value, tags)
 
 
 @pytest.fixture
@@ -74,8 +79,8 @@ def test_engine_counters_become_increments_and_admission_gives_queue_time(metric
     assert values("pagoda:request_queue_time_seconds") == []
     metrics.publish_engine(stats(25, 4, 1), running_ids=["b#1"])  # n=2: the engine runs "b#0", "b#1"
     metrics.publish_engine(stats(25, 4, 1), running_ids=["b#0", "b#1"])
-    assert values("pagoda:prefix_cache_queries") == [10, 15, 0]
-    assert values("pagoda:num_preemptions") == [0, 1, 0]
+    assert values("pagoda:prefix_cache_queries") == [10, 15]  # no increment of 0: Ray's Counter refuses it
+    assert values("pagoda:num_preemptions") == [1]
     assert len(values("pagoda:request_queue_time_seconds")) == 1
     assert values("pagoda:kv_cache_usage_perc") == [0.5] * 3
 

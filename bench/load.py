@@ -1,0 +1,394 @@
+"""Load: bursts of concurrent streams against `pagoda serve` on loopback — who is served, who is refused
+and how fast, and whether anything hangs, fails or leaks.
+
+    python -m bench.load                                        # 100, 1,000, 5,000 streams, HTTP and gRPC
+    python -m bench.load --concurrency 200 --protocols http     # the size CI runs (tests/integration)
+    python -m bench.load --queue-run                            # a small configured queue: the refusals' latency
+
+A level is one burst: ``concurrency`` streams start together (split over ``--client-procs`` load
+processes, so the client is not the ceiling), each a short request (``--prompt-len`` random token ids,
+``--max-tokens`` out, ``ignore_eos``) sent once. Every stream ends as one of:
+
+- ``ok``: all its tokens arrived;
+- ``refused``: 429 / RESOURCE_EXHAUSTED (the documented answer when the queues are full);
+- ``failed``: any other status or a stream that broke (5xx / INTERNAL / UNAVAILABLE are counted apart);
+- ``hung``: no end within ``--stream-timeout-s``.
+
+After each level the server's engines must be empty again: no running or waiting request and KV
+usage 0 (``pagoda status``). The server runs the application's defaults with a tiny random model on
+CPU (``--shape``): what admission, queues and the API process do under a burst, not model speed.
+Writes bench/results/<name>.json|md|png. The seed's own table (99.8 / 98.7 / 95.2% success at
+100 / 1,000 / 5,000 concurrent; 12 / 45 / 120 ms) is printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import queue
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.report import environment, markdown_table, write_report
+from bench.serving import MODEL_NAME, Variant
+from bench.serving_load import Workload, percentiles
+from bench.serving_server import Server
+
+SEED_TABLE = {100: (99.8, 12), 1000: (98.7, 45), 5000: (95.2, 120)}  # concurrency -> (success %, latency ms)
+REFUSED_HTTP, REFUSED_GRPC = 429, "RESOURCE_EXHAUSTED"
+SERVER_FAULTS = ("500", "503", "INTERNAL", "UNAVAILABLE", "UNKNOWN")
+
+
+@dataclass
+class Outcome:
+    kind: str  # ok | refused | failed | hung
+    start: float
+    ttft_s: float | None = None
+    end_s: float | None = None  # seconds from start to the stream's end (or to the refusal)
+    code: str = ""  # HTTP status or gRPC code of a refusal or failure
+    error: str = ""
+    retry_after: str | None = None  # a refusal's Retry-After
+
+
+# ---- senders --------------------------------------------------------------------------------------------
+
+
+async def http_once(session, url: str, work: Workload, i: int, timeout_s: float) -> Outcome:
+    body = {"model": MODEL_NAME, "prompt": work.prompt(i), "max_tokens": work.max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    start = time.perf_counter()
+    out = Outcome("failed", start)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with session.post(url + "/v1/completions", json=body) as r:
+                if r.status != 200:
+                    text = (await r.text())[:2000]
+                    kind = "refused" if r.status == REFUSED_HTTP else "failed"
+                    return Outcome(kind, start, None, time.perf_counter() - start, str(r.status), text,
+                                   r.headers.get("Retry-After"))
+                tokens, done = 0, False
+                async for line in r.content:
+                    if line.startswith(b"data: [DONE]"):
+                        done = True
+                    elif line.startswith(b"data: {"):
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            out.code, out.error = str(event["error"].get("code") or "stream"), str(event["error"])[:300]
+                        elif event.get("choices") and event["choices"][0].get("text") is not None:
+                            tokens += 1
+                            if out.ttft_s is None:
+                                out.ttft_s = time.perf_counter() - start
+                out.end_s = time.perf_counter() - start
+                if done and not out.error and out.ttft_s is not None:
+                    out.kind = "ok"
+                elif not out.error:
+                    out.code, out.error = "truncated", f"stream ended after {tokens} chunks without [DONE]"
+    except TimeoutError:
+        out.kind, out.error = "hung", f"no end after {timeout_s}s"
+    except Exception as exc:  # noqa: BLE001 — a broken connection is a data point
+        out.code, out.error = type(exc).__name__, str(exc)[:300]
+    return out
+
+
+async def grpc_once(stub, pb, work: Workload, i: int, timeout_s: float) -> Outcome:
+    import grpc
+
+    request = pb.GenerateRequest(model=MODEL_NAME, token_ids=pb.TokenIds(ids=work.prompt(i)), sampling=pb.SamplingParams(
+        max_tokens=work.max_tokens, temperature=0.0, ignore_eos=True))
+    start = time.perf_counter()
+    out = Outcome("failed", start)
+    call = stub.Generate(request)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for r in call:
+                if r.token_ids and out.ttft_s is None:
+                    out.ttft_s = time.perf_counter() - start
+        out.kind, out.end_s = ("ok" if out.ttft_s is not None else "failed"), time.perf_counter() - start
+    except TimeoutError:
+        call.cancel()
+        out.kind, out.error = "hung", f"no end after {timeout_s}s"
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code().name
+        retry = dict(exc.trailing_metadata() or ()).get("retry-after")
+        out = Outcome("refused" if code == REFUSED_GRPC else "failed", start, out.ttft_s,
+                      time.perf_counter() - start, code, (exc.details() or "")[:300], retry)
+    except Exception as exc:  # noqa: BLE001
+        out.code, out.error = type(exc).__name__, str(exc)[:300]
+    return out
+
+
+def _client_proc(protocol: str, target: str, work: dict, indices: list[int], start_at: float, timeout_s: float,
+                 q) -> None:
+    """One load process: all of ``indices`` started together at ``start_at``; puts its outcomes on ``q``."""
+    _raise_fd_limit()
+
+    async def go() -> list[Outcome]:
+        work_ = Workload(**work)
+        if protocol == "http":
+            import aiohttp
+
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             timeout=aiohttp.ClientTimeout(total=None)) as session:
+                await _until(start_at)
+                return await asyncio.gather(*(http_once(session, target, work_, i, timeout_s) for i in indices))
+        import grpc
+
+        from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
+        from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
+
+        async with grpc.aio.insecure_channel(target) as channel:
+            await channel.channel_ready()
+            stub = pb_grpc.PagodaStub(channel)
+            await _until(start_at)
+            return await asyncio.gather(*(grpc_once(stub, pb, work_, i, timeout_s) for i in indices))
+
+    q.put([asdict(o) for o in asyncio.run(go())])
+
+
+async def _until(t: float) -> None:
+    while time.perf_counter() < t:
+        await asyncio.sleep(0.002)
+
+
+def _raise_fd_limit() -> None:
+    """Thousands of sockets: lift the soft open-files limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def burst(protocol: str, target: str, work: Workload, concurrency: int, procs: int, timeout_s: float) -> list[Outcome]:
+    """``concurrency`` streams started together, split over ``procs`` processes."""
+    procs = max(1, min(procs, concurrency))
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    start_at = time.perf_counter() + 3.0 + concurrency / 2000  # every process has imported and connected
+    shares = [list(range(k, concurrency, procs)) for k in range(procs)]
+    workers = [ctx.Process(target=_client_proc, args=(protocol, target, asdict(work), s, start_at, timeout_s, q))
+               for s in shares]
+    for w in workers:
+        w.start()
+    results: list[list[dict]] = []
+    while len(results) < len(workers):
+        try:
+            results.append(q.get(timeout=5))
+        except queue.Empty:
+            dead = [w for w in workers if w.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a load process exited with {dead[0].exitcode}") from None
+    for w in workers:
+        w.join()
+    return [Outcome(**d) for batch in results for d in batch]
+
+
+# ---- the server's state ---------------------------------------------------------------------------------
+
+
+def engine_state(server: Server, state_dir: Path) -> dict:
+    """Running, waiting and KV usage summed over the replicas (``pagoda status --json``)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PAGODA_STATE_DIR"] = str(state_dir)
+    if "RAY_AUTH_MODE=token" in Path(server.log.name).read_text():  # Ray's local clusters may want its token
+        env["RAY_AUTH_MODE"] = "token"
+    proc = subprocess.run([sys.executable, "-m", "pagoda.engine.cli", "status", "--app", MODEL_NAME, "--json"],
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pagoda status failed: {proc.stderr[-2000:]}")
+    replicas = json.loads(proc.stdout)["replicas"]
+    return {"replicas": len(replicas), "running": sum(r["num_running"] for r in replicas),
+            "waiting": sum(r["num_waiting"] for r in replicas),
+            "kv_usage": max((r["kv_cache_usage"] for r in replicas), default=0.0),
+            "preemptions": sum(r["num_preemptions"] for r in replicas)}
+
+
+def settled_state(server: Server, state_dir: Path, timeout_s: float = 30.0) -> dict:
+    """The engines' state once they are empty, or the last one seen after ``timeout_s`` (a leak)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = engine_state(server, state_dir)
+        if (state["running"], state["waiting"], state["kv_usage"]) == (0, 0, 0.0) or time.monotonic() > deadline:
+            return state
+        time.sleep(1.0)
+
+
+# ---- summary --------------------------------------------------------------------------------------------
+
+
+def summarize(protocol: str, concurrency: int, outcomes: list[Outcome], after: dict) -> dict:
+    by = {k: [o for o in outcomes if o.kind == k] for k in ("ok", "refused", "failed", "hung")}
+    ok, refused = by["ok"], by["refused"]
+    row = {"protocol": protocol, "concurrency": concurrency, "requests": len(outcomes),
+           "success_pct": 100.0 * len(ok) / max(1, len(outcomes)), "refused": len(refused),
+           "failed": len(by["failed"]), "hung": len(by["hung"]),
+           "server_faults": sum(o.code in SERVER_FAULTS for o in by["failed"]),
+           "refusals_without_retry_after": sum(o.retry_after is None for o in refused)}
+    for name, values in (("ttft", [o.ttft_s for o in ok]), ("e2e", [o.end_s for o in ok]),
+                         ("refusal", [o.end_s for o in refused]), ("failure", [o.end_s for o in by["failed"]])):
+        p = percentiles([v for v in values if v is not None])
+        row[f"{name}_p50_ms"], row[f"{name}_p99_ms"] = 1000 * p["p50"], 1000 * p["p99"]
+    row.update({f"after_{k}": v for k, v in after.items()})
+    failures = {}
+    for o in by["failed"] + by["hung"]:
+        failures.setdefault(f"{o.kind} {o.code}", o.error)
+    row["failure_kinds"] = failures
+    row["failures_after_first_token"] = sum(o.ttft_s is not None for o in by["failed"])
+    row["refusal_kinds"] = sorted({_message(o.error)[:60] for o in refused})
+    seed = SEED_TABLE.get(concurrency)
+    row["seed_success_pct"], row["seed_latency_ms"] = (seed if seed else (None, None))
+    return row
+
+
+def _message(error: str) -> str:
+    """An error body's message (an OpenAI error JSON, or a gRPC status' details as they are)."""
+    try:
+        return json.loads(error)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return error
+
+
+COLUMNS = ["protocol", "concurrency", "requests", "success_pct", "refused", "failed", "hung", "server_faults",
+           "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "refusal_p50_ms", "refusal_p99_ms",
+           "after_running", "after_waiting", "after_kv_usage", "seed_success_pct", "seed_latency_ms"]
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in result["runs"]:
+        for protocol in sorted({r["protocol"] for r in run["rows"]}):
+            rows = [r for r in run["rows"] if r["protocol"] == protocol]
+            xs = [r["concurrency"] for r in rows]
+            a.plot(xs, [r["success_pct"] for r in rows], marker="o", label=f"{run['label']} {protocol}")
+            b.plot(xs, [r["ttft_p99_ms"] for r in rows], marker="o", label=f"{run['label']} {protocol} TTFT p99")
+            b.plot(xs, [r["refusal_p99_ms"] for r in rows], marker="x", ls=":", label=f"{run['label']} {protocol} 429 p99")
+    seed = sorted(SEED_TABLE.items())
+    a.plot([c for c, _ in seed], [s for _, (s, _) in seed], "k--", label="seed's table")
+    for ax, title in ((a, "requests served (%)"), (b, "ms")):
+        ax.set_xscale("log")
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+# ---- main -----------------------------------------------------------------------------------------------
+
+
+def app_config(args, model: str, overrides: dict) -> dict:
+    """The application's defaults, except the model (tiny, random, on CPU) and ``overrides``."""
+    app = {"engine": {"model": model, "device": "cpu", "dtype": "float32", "max_model_len": 512},
+           "deployment": {"name": MODEL_NAME, "num_replicas": args.replicas, "cpus_per_replica": 1}}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        app.setdefault(section, {})[name] = value
+    return app
+
+
+async def refusal_probe(server: Server, work: Workload, holders: int, probes: int = 50) -> dict:
+    """Refusal latency on its own: ``holders`` long streams fill every queue, then ``probes`` requests are sent
+    one after another on one connection per protocol (no burst to queue behind); their latencies, ms."""
+    import aiohttp
+    import grpc
+
+    from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
+    from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
+
+    long = Workload(work.prompt_len, 400, work.vocab_size, seed=7)
+    result = {}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session, \
+            grpc.aio.insecure_channel(server.grpc_target) as channel:
+        stub = pb_grpc.PagodaStub(channel)
+        fill = [asyncio.create_task(http_once(session, server.http_url, long, i, 120)) for i in range(holders)]
+        await asyncio.sleep(3.0)  # every holder admitted or refused
+        for protocol in ("http", "grpc"):
+            times, codes = [], set()
+            for i in range(probes):
+                out = (await http_once(session, server.http_url, work, i, 10) if protocol == "http"
+                       else await grpc_once(stub, pb, work, i, 10))
+                times.append(1000 * (out.end_s or 0.0))
+                codes.add(out.code or out.kind)
+            p = percentiles(times)
+            result[protocol] = {"probes": probes, "codes": sorted(codes), "p50_ms": p["p50"], "p99_ms": p["p99"]}
+        for task in fill:
+            task.cancel()
+        await asyncio.gather(*fill, return_exceptions=True)
+    return result
+
+
+def run_server(args, label: str, app: dict, concurrencies: list[int], work: Workload,
+               probe_holders: int = 0) -> dict:
+    state_dir = args.out / "load_logs" / f"{label}-state"
+    server = Server(app, Variant(label, env={"PAGODA_STATE_DIR": str(state_dir)}), args.num_cpus,
+                    args.out / "load_logs")
+    rows = []
+    try:
+        server.wait_ready()
+        for protocol in args.protocols:
+            target = server.http_url if protocol == "http" else server.grpc_target
+            for c in concurrencies:
+                outcomes = burst(protocol, target, work, c, args.client_procs, args.stream_timeout_s)
+                row = summarize(protocol, c, outcomes, settled_state(server, state_dir))
+                rows.append(row)
+                print(json.dumps({"label": label, **{k: row[k] for k in COLUMNS}}), flush=True)
+        probe = asyncio.run(refusal_probe(server, work, probe_holders)) if probe_holders else None
+        if probe:
+            print(json.dumps({"label": label, "refusal_probe": probe}), flush=True)
+            settled_state(server, state_dir)
+    finally:
+        server.stop()
+    return {"label": label, "config": app, "rows": rows, "refusal_probe": probe}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen3-cpu-tiny", help="random-weight model (bench/random_models.py)")
+    p.add_argument("--model-dir", type=Path, default=Path(os.environ.get("PAGODA_MODEL_DIR", "/tmp/pagoda-models")))
+    p.add_argument("--protocols", nargs="+", choices=("http", "grpc"), default=["http", "grpc"])
+    p.add_argument("--concurrency", nargs="+", type=int, default=[100, 1000, 5000])
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--client-procs", type=int, default=4)
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the server's local Ray cluster")
+    p.add_argument("--stream-timeout-s", type=float, default=300.0, help="a stream with no end by then is hung")
+    p.add_argument("--queue-run", action="store_true",
+                   help="also a server with a small queue (running 4 + waiting 8 + 8 in the API process) "
+                        "under --queue-run-concurrency streams: how fast the rest are refused")
+    p.add_argument("--queue-run-concurrency", type=int, default=1000)
+    p.add_argument("--name", default="load_cpu")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = p.parse_args(argv)
+    _raise_fd_limit()
+
+    from bench.random_models import make_random_model
+
+    model = str(make_random_model(args.shape, args.model_dir / args.shape))
+    from transformers import AutoConfig
+
+    work = Workload(args.prompt_len, args.max_tokens, AutoConfig.from_pretrained(model).vocab_size)
+    runs = [run_server(args, "defaults", app_config(args, model, {}), args.concurrency, work)]
+    if args.queue_run:
+        small = {"engine.max_num_seqs": 4, "engine.max_waiting": 8, "api.max_queued_requests": 8}
+        runs.append(run_server(args, "small-queue", app_config(args, model, small), [args.queue_run_concurrency], work,
+                               probe_holders=2 * (4 + 8 + 8)))
+    result = {"env": environment(), "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}
+    table = "\n\n".join(f"**{run['label']}** ({json.dumps(run['config'])})\n\n" + markdown_table(run["rows"], COLUMNS)
+                        + (f"\n\nRefusals one at a time, every queue full: {json.dumps(run['refusal_probe'])}"
+                           if run.get("refusal_probe") else "")
+                        for run in runs)
+    write_report(args.out, args.name, result, f"Load bursts on loopback, {args.shape} on CPU, "
+                 f"{args.prompt_len}-token prompts, {args.max_tokens} out\n\n" + table,
+                 lambda png: plot(result, png))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""A test-only LLMReplica whose engine can be made to hang, as a dead device or a stuck collective would
+(``stall``): the engine thread blocks at the start of its next step and never returns from it."""
+
+from __future__ import annotations
+
+import threading
+
+from pagoda.cluster.replica import LLMReplica
+
+
+class StallingReplica(LLMReplica):
+    def stall(self) -> None:
+        never = threading.Event()  # nobody sets it: the replica is killed with its engine thread still waiting
+        step = self.engine.engine.step
+
+        def hung_step():
+            never.wait()
+            return step()
+
+        self.engine.engine.step = hung_step

@@ -1,0 +1,30 @@
+"""Steady mixed load (HTTP and gRPC, prompts of many lengths, clients that drop their streams) and a run
+under KV pressure (more prompt tokens than the pool holds, served through preemption): no failed or
+hung stream, no server fault, and the engines empty afterwards — ``bench.soak`` at the size CI affords
+(the 10-minute run with its memory growth is in bench/results/soak_cpu.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_steady_load_and_kv_pressure_leave_nothing_behind(tmp_path):
+    cmd = [sys.executable, "-m", "bench.soak", "--duration-s", "20", "--warmup-s", "5", "--sample-s", "2",
+           "--concurrency", "8", "--max-prompt", "128", "--max-tokens", "16", "--disconnect-every", "10",
+           "--pressure-duration-s", "15", "--pressure-blocks", "48", "--num-cpus", "2",
+           "--model-dir", str(tmp_path / "models"), "--out", str(tmp_path), "--name", "soak"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {row["run"]: row for row in json.loads((tmp_path / "soak.json").read_text())["rows"]}
+    for row in rows.values():
+        assert row["ok"] > 0 and row["failed"] == row["hung"] == row["refused"] == row["server_faults"] == 0, row
+        assert (row["after_running"], row["after_waiting"], row["after_kv_usage"]) == (0, 0, 0.0), row
+    assert rows["steady"]["dropped"] > 0  # clients that left early were freed like the rest
+    assert rows["kv-pressure"]["after_preemptions"] > 0  # the pool was too small: served through preemption
