@@ -13,10 +13,16 @@ What it adds to ``handle.options(stream=True).generate.remote(...)``:
   generating on the replica;
 - turns a replica that dies mid-request into ``ReplicaUnavailableError`` instead of a raw Ray
   error, and retries on another replica only if no token was sent yet.
+
+Retries are counted (``PagodaClient.retries``) and each is logged as a WARNING starting with
+``RETRY_LOG`` on the ``pagoda.client`` logger: the client lives wherever the API servers run (an
+ingress Serve replica on KubeRay), so its log is how an operator, or ``bench.chaos`` reading the Ray
+session's logs, sees them from outside — the counter alone dies with an ingress replica.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -28,6 +34,9 @@ from pagoda.cluster.protocol import GenerateChunk, GenerateRequest, ReplicaUnava
 from pagoda.engine.sampling_params import SamplingParams
 
 _REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
+RETRY_LOG = "pagoda retry:"  # every retry's log line starts with it (bench/chaos.py counts them)
+
+logger = logging.getLogger("pagoda.client")
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class PagodaClient:
         self.handle = handle
         self.tokenizer = tokenizer
         self.max_retries = max_retries  # re-sends of a request whose replica died before its first token
+        self.retries = 0  # such re-sends so far, over all requests of this client
 
     async def token_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if not isinstance(prompt, str):
@@ -88,6 +98,10 @@ class PagodaClient:
                         f"({'after' if sent else 'before'} its first token; {attempt + 1} attempt(s)): "
                         f"{type(exc).__name__}", tokens_sent=sent,
                     ) from exc
+                self.retries += 1
+                logger.warning("%s request %r: its replica died before the first token (%s); re-sent to another "
+                               "replica (attempt %d of %d)", RETRY_LOG, request.request_id, type(exc).__name__,
+                               attempt + 2, self.max_retries + 1)
             finally:
                 if not finished:
                     stream.cancel()  # consumer left early or the replica failed: abort it there

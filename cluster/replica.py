@@ -19,13 +19,17 @@ Cancellation: when the caller cancels the stream (``PagodaClient`` does as soon 
 stops), Serve cancels this generator's task; the engine's own stream aborts the request and its
 KV blocks go back to the pool. Engine errors reach the caller as the engine raised them
 (ValueError for bad input — an undecodable image names ``multi_modal_data.image[k]`` —, QueueFullError
-at ``max_waiting``, EngineDeadError).
+at ``max_waiting``), except a dead engine's (a failed step: a lost TP rank, a device error): then the
+replica ends its process, so callers see the actor die — requests with no token yet are retried on
+another replica — and Serve replaces it at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -35,8 +39,11 @@ from pagoda.cluster.metrics import EnginePoller, ReplicaMetrics
 from pagoda.cluster.protocol import GenerateChunk, GenerateRequest
 from pagoda.cluster.routing_stats import ReplicaStats, now
 from pagoda.engine.async_engine import AsyncLLMEngine
+from pagoda.engine.errors import EngineDeadError
 from pagoda.engine.output_processor import OutputKind
 from pagoda.engine.snapshot import SnapshotConfig
+
+logger = logging.getLogger("pagoda.replica")
 
 
 class LLMReplica:
@@ -73,6 +80,8 @@ class LLMReplica:
                         output = dataclasses.replace(output, prompt=None, prompt_token_ids=[])
                     first = False
                     yield GenerateChunk(output, self.replica, prompt_tokens)
+        except EngineDeadError:
+            _exit_replica(self.replica)  # never returns
         finally:
             self._unprefilled.pop(rid, None)
             self.metrics.request_ended(rid)
@@ -118,6 +127,16 @@ class LLMReplica:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _exit_replica(replica: str) -> None:
+    """The engine is dead (a step failed: a lost TP rank, a device error): end this replica's process now.
+    Alive, it would keep taking requests — answering each at once made it look idlest to the router — until
+    three health checks failed. Gone, its callers get the actor's death, which ``PagodaClient`` retries on
+    another replica for every request that had no token yet, the router drops it, and Serve replaces it."""
+    logger.error("engine of %s is dead: exiting the replica so that Serve replaces it", replica)
+    logging.shutdown()
+    os._exit(1)
 
 
 def _replica_name() -> str:

@@ -46,15 +46,19 @@ def collect_status(app: str) -> AppStatus | None:
 
     from ray import serve
 
+    from pagoda.cluster.app import DEPLOYMENT_SUFFIX
+
     app_status = serve.status().applications.get(app)
     if app_status is None:
         return None
-    name, deployment = next(iter(app_status.deployments.items()), ("", None))
+    # The engine deployment, also when an API ingress deployment fronts it (the KubeRay application).
+    name = app + DEPLOYMENT_SUFFIX
+    deployment = app_status.deployments.get(name)
     states = {_plain(k): v for k, v in (deployment.replica_states if deployment is not None else {}).items()}
     result = AppStatus(app, _plain(app_status.status), name, states)
     running = states.get("RUNNING", 0)
     if running:
-        result.replicas = asyncio.run(_replica_stats(serve.get_app_handle(app), running))
+        result.replicas = asyncio.run(_replica_stats(serve.get_deployment_handle(name, app), running))
     return result
 
 

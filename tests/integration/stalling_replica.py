@@ -1,5 +1,6 @@
 """A test-only LLMReplica whose engine can be made to hang, as a dead device or a stuck collective would
-(``stall``): the engine thread blocks at the start of its next step and never returns from it."""
+(``stall``: the engine thread blocks at the start of its next step and never returns from it), or to fail
+(``fail``: its next step raises, as a lost tensor-parallel rank makes it)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,9 @@ class StallingReplica(LLMReplica):
             return step()
 
         self.engine.engine.step = hung_step
+
+    def fail(self) -> None:
+        def failing_step():
+            raise RuntimeError("injected: a rank of the tensor-parallel group is gone")
+
+        self.engine.engine.step = failing_step

@@ -90,3 +90,13 @@ def test_a_stalled_replica_is_replaced_and_new_requests_succeed(app):
     assert stuck.replica != before.replica  # the request that sat in the stuck engine was re-sent (no token out)
     assert running_replicas(cfg) == 1
     print(f"stalled replica replaced; a new request completed {took:.1f}s after the stall")
+
+
+def test_a_dead_engine_takes_its_replica_down_and_a_request_without_tokens_is_retried(app):
+    """A step that raises kills the engine; the replica then ends its process instead of answering 503 until
+    three health checks fail. The request in that step had no token yet, so the client re-sends it, and
+    the replacement Serve starts answers it."""
+    cfg, handle, client = app
+    handle.fail.remote().result()
+    out = asyncio.run(asyncio.wait_for(client.complete("The capital of France is", GREEDY), timeout=120))
+    assert len(out.token_ids) == GREEDY.max_tokens and client.retries >= 1
