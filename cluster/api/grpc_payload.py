@@ -9,6 +9,7 @@ INVALID_ARGUMENT naming the message type, before the servicer is called.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import grpc
@@ -37,12 +38,19 @@ class DecodeErrorsAreInvalidArgument(grpc.aio.ServerInterceptor):
 
         if handler.response_streaming:
             behavior = handler.unary_stream
+            if inspect.isasyncgenfunction(behavior):  # a handler that yields its responses
 
-            async def unary_stream(request, context):
-                if isinstance(request, Undecodable):
-                    await _reject(request, context)
-                async for response in behavior(request, context):
-                    yield response
+                async def unary_stream(request, context):
+                    if isinstance(request, Undecodable):
+                        await _reject(request, context)
+                    async for response in behavior(request, context):
+                        yield response
+            else:  # one that writes them with context.write (grpc_health's Watch)
+
+                async def unary_stream(request, context):
+                    if isinstance(request, Undecodable):
+                        await _reject(request, context)
+                    return await behavior(request, context)
 
             return handler._replace(request_deserializer=safe_decode, unary_stream=unary_stream)
         behavior = handler.unary_unary
