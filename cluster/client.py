@@ -74,13 +74,16 @@ class PagodaClient:
         request_id: str | None = None,
         priority: int = 0,
         images: Sequence[bytes] = (),
+        tenant: str | None = None,
     ) -> AsyncIterator[GenerateChunk]:
         """Delta chunks until the request finishes. Raises what the engine raises (ValueError,
         QueueFullError) and ReplicaUnavailableError when the serving replica dies. ``images`` are encoded
-        images for a vision-language model; the prompt holds one image placeholder token per image."""
+        images for a vision-language model; the prompt holds one image placeholder token per image.
+        ``priority``: lower runs first (< 0 also routes to the least-loaded replica); ``tenant``: whose share
+        of the engine the request spends (``GenerateRequest.tenant``)."""
         request = GenerateRequest(
             request_id or uuid.uuid4().hex, await self.token_ids(prompt), params or SamplingParams(), priority,
-            prompt if isinstance(prompt, str) else None, tuple(images),
+            prompt if isinstance(prompt, str) else None, tuple(images), tenant=tenant,
         )
         for attempt in range(self.max_retries + 1):
             stream = self.handle.options(stream=True).generate.remote(request)
@@ -108,13 +111,13 @@ class PagodaClient:
 
     async def complete(
         self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None,
-        priority: int = 0,
+        priority: int = 0, tenant: str | None = None,
     ) -> Completion:
         """Run one request (n=1) to the end and assemble its text and tokens."""
         start = time.perf_counter()
         first = None
         text, token_ids, finish_reason, replica, cached, rid = [], [], None, "", 0, request_id
-        async for chunk in self.generate(prompt, params, request_id, priority):
+        async for chunk in self.generate(prompt, params, request_id, priority, tenant=tenant):
             out = chunk.output
             completion = out.outputs[0]
             if first is None and completion.token_ids:

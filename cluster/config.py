@@ -80,9 +80,9 @@ class RouterWeights:
 
     queue: float = 1.0  # running + waiting requests, per max_num_seqs
     backlog: float = 1.0  # prefill tokens ahead of the request's first token, per max_num_batched_tokens
-    kv: float = 1.0  # KV occupancy after admitting the request, in [0, 1]
+    kv: float = 1.0  # KV occupancy after admitting the request, in [0, 1] (not for priority < 0)
     overflow: float = 8.0  # extra, per unit of KV demand beyond capacity (waiting or preemption)
-    prefix: float = 0.5  # bonus for the fraction of the prompt already cached on the replica
+    prefix: float = 0.5  # bonus for the fraction of the prompt already cached on the replica (not for priority < 0)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -19,7 +19,11 @@ The relabeling rule is the only place the renaming is written down; tests apply 
 and to ``ray_series`` and expect ``prometheus_series``.
 
 Labels: ``model`` and ``replica`` everywhere (Ray adds its own, e.g. ``SessionName``, ``NodeAddress``);
-request metrics also carry ``priority``.
+request metrics also carry ``priority`` and ``tenant``. Tenants are names clients choose, and every
+label value is a series Prometheus keeps, so the ``tenant`` label takes a bounded set of values
+(``tenant_tag``): the tenant's own name when it is one of the engine's configured ``tenant_weights``,
+``default`` for a request without a tenant, ``other`` for any other tenant. (A configured tenant
+named ``default`` or ``other`` shares that series.)
 
 Sources: per-request metrics (tokens, latencies) are taken by the replica as its stream yields
 (``on_output``); engine state (queues, KV usage, prefix cache, preemptions) is polled from the
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 POLL_PERIOD_S = 0.25
@@ -46,7 +51,9 @@ _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 
 RAY_EXPORT_PREFIX = "ray_"  # what Ray's exporter puts before an application metric's name
 REPLICA_TAGS = ("model", "replica")
-REQUEST_TAGS = ("model", "replica", "priority")
+REQUEST_TAGS = ("model", "replica", "priority", "tenant")
+DEFAULT_TENANT_TAG = "default"  # the tenant label of requests without a tenant
+OTHER_TENANT_TAG = "other"  # ... and of those whose tenant has no configured weight
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,14 @@ def prometheus_series(spec: MetricSpec) -> tuple[str, ...]:
     return _samples(spec.name, spec.kind)
 
 
+def tenant_tag(tenant: str | None, known: Collection[str]) -> str:
+    """The ``tenant`` label of a request: its tenant if ``known`` (configured), else one of two fixed values,
+    so a client inventing tenant names cannot create series without bound."""
+    if tenant is None:
+        return DEFAULT_TENANT_TAG
+    return tenant if tenant in known else OTHER_TENANT_TAG
+
+
 def _samples(base: str, kind: str) -> tuple[str, ...]:
     """A metric's sample names in the Prometheus text format."""
     if kind == "counter":
@@ -109,7 +124,7 @@ class _Live:
     """One request in flight on this replica (monotonic times)."""
 
     arrival: float
-    priority: str
+    tags: dict[str, str]  # the request metrics' labels: model, replica, priority, tenant
     engine_ids: tuple[str, ...]  # the engine's ids for it (one per completion when n > 1)
     admitted: bool = False
     first_token: float | None = None
@@ -118,9 +133,10 @@ class _Live:
 
 class ReplicaMetrics:
     """The metrics of one replica. Request hooks run on the replica's event loop, ``publish_engine``
-    on the poll thread; a lock guards the in-flight table they share."""
+    on the poll thread; a lock guards the in-flight table they share. ``tenants``: the engine's configured
+    tenant names, the only ones that label a series of their own (``tenant_tag``)."""
 
-    def __init__(self, model: str, replica: str) -> None:
+    def __init__(self, model: str, replica: str, tenants: Collection[str] = ()) -> None:
         from ray.util import metrics as ray_metrics
 
         kinds = {"gauge": ray_metrics.Gauge, "counter": ray_metrics.Counter, "histogram": ray_metrics.Histogram}
@@ -130,6 +146,7 @@ class ReplicaMetrics:
             self._m[spec.name] = kinds[spec.kind](spec.ray_name, description=spec.description,
                                                   tag_keys=spec.tag_keys, **kwargs)
         self._tags = {"model": model, "replica": replica}
+        self._tenants = frozenset(tenants)
         self._live: dict[str, _Live] = {}
         self._lock = threading.Lock()
         self._engine_totals = {"pagoda:prefix_cache_queries": 0, "pagoda:prefix_cache_hits": 0,
@@ -137,11 +154,12 @@ class ReplicaMetrics:
 
     # ---- per request (replica event loop) --------------------------------------------------------
 
-    def request_started(self, request_id: str, priority: int, n: int) -> None:
+    def request_started(self, request_id: str, priority: int, n: int, tenant: str | None = None) -> None:
         from pagoda.engine.output_processor import child_ids
 
+        tags = {**self._tags, "priority": str(priority), "tenant": tenant_tag(tenant, self._tenants)}
         with self._lock:
-            self._live[request_id] = _Live(time.monotonic(), str(priority), tuple(child_ids(request_id, n)))
+            self._live[request_id] = _Live(time.monotonic(), tags, tuple(child_ids(request_id, n)))
 
     def on_output(self, request_id: str, output, num_prompt_tokens: int) -> None:
         """A delta output streamed for ``request_id``: tokens, TTFT, inter-token latency, and at the end e2e."""
@@ -154,19 +172,19 @@ class ReplicaMetrics:
         if new_tokens:
             if live.first_token is None:
                 live.first_token = t
-                self._observe("pagoda:time_to_first_token_seconds", t - live.arrival, live.priority)
-                self._inc("pagoda:prompt_tokens", num_prompt_tokens, live.priority)
+                self._observe("pagoda:time_to_first_token_seconds", t - live.arrival, live)
+                self._inc("pagoda:prompt_tokens", num_prompt_tokens, live)
                 self._admit(live, t)
             elif live.last_token is not None:
                 gap = (t - live.last_token) / new_tokens
                 for _ in range(new_tokens):
-                    self._observe("pagoda:inter_token_latency_seconds", gap, live.priority)
+                    self._observe("pagoda:inter_token_latency_seconds", gap, live)
             live.last_token = t
-            self._inc("pagoda:generation_tokens", new_tokens, live.priority)
+            self._inc("pagoda:generation_tokens", new_tokens, live)
         if output.finished:
-            self._observe("pagoda:e2e_request_latency_seconds", t - live.arrival, live.priority)
+            self._observe("pagoda:e2e_request_latency_seconds", t - live.arrival, live)
             if all(c.finish_reason in ("stop", "length") for c in output.outputs):
-                self._inc("pagoda:request_success", 1, live.priority)
+                self._inc("pagoda:request_success", 1, live)
 
     def request_ended(self, request_id: str) -> None:
         with self._lock:
@@ -198,13 +216,13 @@ class ReplicaMetrics:
     def _admit(self, live: _Live, t: float) -> None:
         if not live.admitted:
             live.admitted = True
-            self._observe("pagoda:request_queue_time_seconds", t - live.arrival, live.priority)
+            self._observe("pagoda:request_queue_time_seconds", t - live.arrival, live)
 
-    def _inc(self, name: str, value: float, priority: str) -> None:
-        self._m[name].inc(value, tags={**self._tags, "priority": priority})
+    def _inc(self, name: str, value: float, live: _Live) -> None:
+        self._m[name].inc(value, tags=live.tags)
 
-    def _observe(self, name: str, value: float, priority: str) -> None:
-        self._m[name].observe(max(0.0, value), tags={**self._tags, "priority": priority})
+    def _observe(self, name: str, value: float, live: _Live) -> None:
+        self._m[name].observe(max(0.0, value), tags=live.tags)
 
 
 class EnginePoller:

@@ -31,12 +31,15 @@ class GenerateRequest:
     request_id: str  # unique per request; the replica aborts it by this id
     prompt_token_ids: list[int]  # the prompt, tokenized by the caller (see the module docstring)
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
-    priority: int = 0  # lower runs first (vLLM convention)
+    priority: int = 0  # lower runs first (vLLM convention); < 0 is also routed by time to first token only
     prompt: str | None = None  # the prompt text, echoed back in outputs when given
     # Encoded images (PNG, JPEG, WebP bytes), in prompt order; prompt_token_ids hold ONE image placeholder
     # token per image, which the replica's engine expands to the image's tokens (the ids the router hashes
     # stay short, and a placeholder block never matches an engine block keyed by image content).
     images: tuple[bytes, ...] = ()
+    # Whose share of the engine it spends (the "fair" scheduling policy); None: the default tenant. Checked by
+    # the engine's ``check_tenant`` (the API front ends check it first, to name the field).
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,8 @@ class LLMReplica:
         self.engine = AsyncLLMEngine(self.config.engine, snapshots)
         self.replica = _replica_name()
         self._unprefilled: dict[str, int] = {}  # request id -> uncached prompt tokens, until its first output
-        self.metrics = ReplicaMetrics(self.config.engine.model.model, self.replica)
+        tenants = [name for name, _ in self.config.engine.scheduler.tenant_weights]  # the metrics' tenant tags
+        self.metrics = ReplicaMetrics(self.config.engine.model.model, self.replica, tenants)
         self._poller = EnginePoller(self.engine, self.metrics)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
@@ -67,8 +68,9 @@ class LLMReplica:
         rid = request.request_id
         token_ids = request.prompt_token_ids  # a hint for the router: prefill work net of the prefix cache
         self._unprefilled[rid] = len(token_ids) - self.engine.snapshot().prefix_hit_tokens(token_ids)
-        stream = self.engine.generate(prompt, request.sampling_params, rid, request.priority, OutputKind.DELTA)
-        self.metrics.request_started(rid, request.priority, request.sampling_params.n)
+        stream = self.engine.generate(prompt, request.sampling_params, rid, request.priority, OutputKind.DELTA,
+                                      tenant=request.tenant)
+        self.metrics.request_started(rid, request.priority, request.sampling_params.n, request.tenant)
         try:
             async with contextlib.aclosing(stream):  # closing the engine stream aborts an unfinished request
                 first = True

@@ -12,7 +12,8 @@ Inputs to the policy, per replica:
   looked idlest at the last snapshot.
 
 Only ``generate`` calls are scored and counted; other methods (``stats``, ``tokenize``) are cheap
-and go to a random replica.
+and go to a random replica. A ``generate`` call's prompt and priority make its ``RoutingRequest``
+(high priority ranks by time to first token: see ``routing_policy``).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class PagodaRouter(RequestRouter):
                          if isinstance(a, GenerateRequest)), None)
         if generate is None:
             return RoutingRequest.unknown()
-        request = RoutingRequest.from_token_ids(generate.prompt_token_ids, self.limits.block_size)
+        request = RoutingRequest.from_token_ids(generate.prompt_token_ids, self.limits.block_size, generate.priority)
         self._requests[key] = request
         while len(self._requests) > _HASH_CACHE_SIZE:
             self._requests.popitem(last=False)

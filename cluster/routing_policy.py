@@ -16,6 +16,17 @@ busier by more than the hit is worth, so affinity never piles everything on one 
 term is dimensionless (a full batch, a full step of prefill, a full pool each count 1), so the
 default weights of 1 mean "one full batch of queueing is worth one step of prefill".
 
+A request of high priority (``priority < 0``, better than the default 0; lower runs first, vLLM's
+convention) is ranked by how soon its first token can come, nothing else:
+
+    cost = queue * ... + backlog * ... + overflow * ...      (the same terms as above)
+
+The prefix bonus and the KV-fill term are dropped: they trade one request's latency for the
+cluster's cache hit rate and KV headroom, which is the right trade for bulk traffic and the wrong
+one for a request that asked to go first. A prefix hit still counts where it saves time, through
+the prefill tokens it takes out of ``backlog``; so an idle replica wins over a busier one that
+holds the prompt's prefix unless the saved prefill outweighs the longer queue.
+
 A request's prefix is looked up the way the engine does (``KVCacheManager.get_prefix_hit``):
 the leading run of its full blocks, hashed with ``pagoda.engine.kv_cache.block_hash.hash_full_blocks``,
 found in the replica's published summary or among the blocks this router has sent it since
@@ -46,12 +57,18 @@ class EngineLimits:
 class RoutingRequest:
     num_prompt_tokens: int
     block_hashes: tuple[int, ...]  # keys of the prompt's full blocks that could be cache hits
+    priority: int = 0  # the request's (lower runs first); < 0 ranks by time to first token (module docstring)
 
     @classmethod
-    def from_token_ids(cls, token_ids: Sequence[int], block_size: int) -> RoutingRequest:
+    def from_token_ids(cls, token_ids: Sequence[int], block_size: int, priority: int = 0) -> RoutingRequest:
         # Like get_prefix_hit: only blocks inside the first n-1 tokens can hit (the last token is computed).
         n = len(token_ids)
-        return cls(n, tuple(hash_full_blocks(token_ids[: max(0, n - 1)], block_size)))
+        return cls(n, tuple(hash_full_blocks(token_ids[: max(0, n - 1)], block_size)), priority)
+
+    @property
+    def latency_first(self) -> bool:
+        """High priority: ranked by expected time to its first token only."""
+        return self.priority < 0
 
     @classmethod
     def unknown(cls) -> RoutingRequest:
@@ -104,13 +121,13 @@ def score(request: RoutingRequest, replica: ReplicaView, weights: RouterWeights,
         kv_demand = 0.0  # unknown pool: the load terms decide
     hit_fraction = hit_tokens / request.num_prompt_tokens if request.num_prompt_tokens else 0.0
 
-    cost = (
+    cost = (  # time to the first token: the queue, the prefill ahead, waiting for KV blocks
         weights.queue * queue / (s.max_num_seqs if s else limits.max_num_seqs)
         + weights.backlog * backlog / (s.max_num_batched_tokens if s else limits.max_num_batched_tokens)
-        + weights.kv * min(kv_demand, 1.0)
         + weights.overflow * max(0.0, kv_demand - 1.0)
-        - weights.prefix * hit_fraction
     )
+    if not request.latency_first:  # bulk traffic also keeps pools evenly filled and follows its prefix
+        cost += weights.kv * min(kv_demand, 1.0) - weights.prefix * hit_fraction
     return Score(replica.replica_id, cost, queue, backlog, kv_demand, hit_tokens, new_tokens, new_blocks)
 
 

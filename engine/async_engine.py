@@ -77,14 +77,16 @@ class AsyncLLMEngine:
         request_id: str,
         priority: int = 0,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
+        tenant: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream outputs until the request finishes. Raises ValueError on bad input, QueueFullError at the
         queue limit (``LLMEngine.add_prepared`` decides, on the engine thread), EngineDeadError once the
         engine has failed."""
         if has_images(prompt):  # decoding and resizing a screenshot takes tens of ms: not on the event loop
-            prepared = await asyncio.to_thread(self.engine.inputs.process, request_id, prompt, sampling_params, priority)
+            prepared = await asyncio.to_thread(self.engine.inputs.process, request_id, prompt, sampling_params, priority,
+                                               None, tenant)
         else:
-            prepared = self.engine.inputs.process(request_id, prompt, sampling_params, priority)
+            prepared = self.engine.inputs.process(request_id, prompt, sampling_params, priority, None, tenant)
         stream = self._open(prepared)
         self._commands.put(("add", prepared, output_kind))
         finished, pending = False, None

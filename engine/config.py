@@ -18,7 +18,6 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
-_POLICIES = ("fcfs", "priority")
 _EXECUTOR_BACKENDS = ("mp", "ray")
 
 
@@ -75,13 +74,27 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous-batching limits and the ordering policy."""
+    """Continuous-batching limits, the scheduling policy and the latency targets."""
 
     max_num_seqs: int = 128  # running requests per step
     max_num_batched_tokens: int = 2048  # tokens (prefill + decode) per step
     enable_chunked_prefill: bool = True  # split long prompts across steps
-    policy: Literal["fcfs", "priority"] = "fcfs"
-    aging_steps: int = 32  # priority policy: a waiting request gains one priority level per this many steps
+    # Who runs, who is admitted and who is preempted (engine/policy.py): "fcfs", "priority" (lower value first,
+    # with aging; a waiting request preempts lower-priority running ones), "fair" (priority, then weighted fair
+    # share between tenants by tokens served).
+    policy: str = "fcfs"
+    # priority and fair: a waiting request gains one priority level per this many steps it waits. Large, because
+    # under overload every request waits long: 32 steps (0.5 s on a GPU) let the low-priority backlog catch up
+    # with new high-priority requests within a second (bench/results/scheduling_*).
+    aging_steps: int = 1000
+    # fair: each tenant's weight (default 1.0); a tenant's share of the engine's tokens under saturation is
+    # its weight over the sum of the busy tenants' weights. Given as a dict, kept as sorted (name, weight) pairs.
+    tenant_weights: tuple[tuple[str, float], ...] = ()
+    # Latency targets (engine/slo.py): each step's decode batch and prefill tokens follow the measured step
+    # times so that the time per output token stays under target_tpot_ms; target_ttft_ms gives queued prompts
+    # more of the step when their wait approaches it. None: fixed limits (max_num_seqs, max_num_batched_tokens).
+    target_tpot_ms: float | None = None
+    target_ttft_ms: float | None = None
     max_waiting: int | None = None  # queue limit; None is unbounded (the cluster sets one for backpressure)
     # Schedule step n+1 while step n runs, so the host's work (outputs, detokenizing, scheduling,
     # the next step's inputs) overlaps the device's; a decode takes its pending token on the device.
@@ -100,7 +113,29 @@ class SchedulerConfig:
             self.max_num_batched_tokens >= 1,
             f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}",
         )
-        require(self.policy in _POLICIES, f"policy must be one of {_POLICIES}, got {self.policy!r}")
+        from pagoda.engine.policy import POLICIES  # the registry is the one list of names
+
+        require(self.policy in POLICIES, f"policy must be one of {tuple(POLICIES)}, got {self.policy!r}")
+        weights = dict(self.tenant_weights) if isinstance(self.tenant_weights, dict) else None
+        if weights is None:
+            require(isinstance(self.tenant_weights, (tuple, list)) and all(
+                isinstance(p, (tuple, list)) and len(p) == 2 for p in self.tenant_weights),
+                "tenant_weights must be a mapping of tenant name to weight")
+            weights = dict(self.tenant_weights)
+        for name, weight in weights.items():
+            require(isinstance(name, str) and bool(name), f"tenant_weights names must be non-empty strings, got {name!r}")
+            require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 < weight < float("inf"),
+                    f"tenant_weights values must be positive finite numbers, got {weight!r} for {name!r}")
+        object.__setattr__(self, "tenant_weights", tuple(sorted((n, float(w)) for n, w in weights.items())))
+        for name in ("target_tpot_ms", "target_ttft_ms"):
+            value = getattr(self, name)
+            require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and 0 < value < float("inf")),
+                    f"{name} must be a positive finite number of milliseconds, got {value!r}")
+        require(self.target_ttft_ms is None or self.target_tpot_ms is not None,
+                "target_ttft_ms needs target_tpot_ms (the controller that acts on both is on only with a TPOT target)")
+        require(self.target_tpot_ms is None or self.enable_chunked_prefill,
+                "target_tpot_ms needs enable_chunked_prefill (the controller splits prompts to keep steps short)")
         require(self.aging_steps >= 1, f"aging_steps must be >= 1, got {self.aging_steps}")
         require(self.stream_interval >= 1, f"stream_interval must be >= 1, got {self.stream_interval}")
         require(

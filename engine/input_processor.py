@@ -9,6 +9,7 @@ for a phone screenshot, which is why the asyncio engine runs such prompts on a w
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,23 @@ class PreparedRequest:
     priority: int  # lower runs first
     arrival_time: float  # time.monotonic() at arrival
     mm: MultiModalInputs | None = None  # the prompt's images; prompt_token_ids hold their expanded placeholders
+    tenant: str | None = None  # whose share of the engine it spends (the fair-share policy); None: the default tenant
+
+
+MAX_TENANT_LEN = 128
+_TENANT_CHARS = re.compile(r"[A-Za-z0-9._:@/-]+")
+
+
+def check_tenant(tenant: str | None) -> None:
+    """A tenant is None or a short printable name (it becomes a metrics tag and a scheduler key)."""
+    if tenant is None:
+        return
+    if not isinstance(tenant, str) or not tenant:
+        raise ValueError(f"tenant must be a non-empty string, got {tenant!r}"[:200])
+    if len(tenant) > MAX_TENANT_LEN:
+        raise ValueError(f"tenant must be at most {MAX_TENANT_LEN} characters, got {len(tenant)}")
+    if not _TENANT_CHARS.fullmatch(tenant):
+        raise ValueError("tenant may hold only letters, digits and . _ : @ / -")
 
 
 def has_images(prompt: PromptType) -> bool:
@@ -63,6 +81,7 @@ class InputProcessor:
         params: SamplingParams | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
+        tenant: str | None = None,
     ) -> PreparedRequest:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -71,6 +90,7 @@ class InputProcessor:
             raise ValueError("request_id must be a non-empty string")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
+        check_tenant(tenant)
         images = self._images(prompt)  # decoded first: a bad image is the cheapest error to find
         text, token_ids = self._tokenize(prompt)
         self._check_token_ids(token_ids)
@@ -81,7 +101,7 @@ class InputProcessor:
             raise ValueError("prompt has an image placeholder token but multi_modal_data.image gives no image")
         params.validate_for_model(len(token_ids), self.vocab_size, self.max_model_len)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        return PreparedRequest(request_id, text, token_ids, params, priority, arrival, mm)
+        return PreparedRequest(request_id, text, token_ids, params, priority, arrival, mm, tenant)
 
     def _images(self, prompt: PromptType) -> list:
         """The prompt's images, decoded and within the limits; [] for a prompt without."""

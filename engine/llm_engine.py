@@ -14,6 +14,7 @@ a resolved copy of the config, never by mutating the one passed in.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ class EngineStats:
     num_preemptions: int  # since start
     prefix_cache_queries: int  # prompt tokens looked up, since start
     prefix_cache_hits: int  # of which found in the cache
+    max_running: int  # this step's limits (engine/slo.py): the configured ones, or what the SLO controller set
+    prefill_budget: int
 
 
 class LLMEngine:
@@ -67,7 +70,8 @@ class LLMEngine:
             make_mm_processor(self.model.path, self.model.hf_config, self.config.multimodal), self.config.multimodal,
         )
         self.outputs = OutputProcessor(self.tokenizer, config.scheduler.stream_interval)
-        self._in_flight: deque[SchedulerOutput] = deque()  # submitted, result not taken yet (async scheduling)
+        self._in_flight: deque[tuple[SchedulerOutput, float]] = deque()  # submitted (and when), result not taken yet
+        self._last_result_at = 0.0  # when the previous step's result was taken: a step runs from max(submit, this)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> LLMEngine:
@@ -82,9 +86,10 @@ class LLMEngine:
         priority: int = 0,
         arrival_time: float | None = None,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
+        tenant: str | None = None,
     ) -> None:
         """Validate and queue a prompt; raises ValueError (bad input) or QueueFullError."""
-        self.add_prepared(self.inputs.process(request_id, prompt, params, priority, arrival_time), output_kind)
+        self.add_prepared(self.inputs.process(request_id, prompt, params, priority, arrival_time, tenant), output_kind)
 
     def add_prepared(self, prepared: PreparedRequest, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
         """Queue a validated request. The one admission check of every front end (offline, asyncio, Serve):
@@ -105,7 +110,7 @@ class LLMEngine:
             raise QueueFullError(f"waiting queue is full (max_waiting={sched.max_waiting})")
         children = [
             Request(child, list(prepared.prompt_token_ids), _child_params(prepared.params, i), self.model.eos_token_ids,
-                    prepared.arrival_time, prepared.priority, prepared.mm)
+                    prepared.arrival_time, prepared.priority, prepared.mm, prepared.tenant)
             for i, child in enumerate(ids)
         ]
         self.outputs.add(prepared, output_kind, children)
@@ -128,15 +133,20 @@ class LLMEngine:
             raise EngineDeadError(str(self._dead))
         scheduled = self.scheduler.schedule()
         if not self.config.scheduler.async_scheduling:
+            started = time.perf_counter()
             result = self._guarded(self.executor.execute_model, scheduled)
+            self.scheduler.step_done(scheduled, time.perf_counter() - started)
             return self._emit(self.scheduler.update_from_output(scheduled, result))
         self._guarded(self.executor.submit, scheduled)
-        self._in_flight.append(scheduled)
+        self._in_flight.append((scheduled, time.perf_counter()))
         keep = 0 if scheduled.is_empty else 1  # nothing new to overlap with: drain
         outputs: list[RequestOutput] = []
         while len(self._in_flight) > keep:
-            done = self._in_flight.popleft()
+            done, submitted_at = self._in_flight.popleft()
             result = self._guarded(self.executor.take_output)
+            now = time.perf_counter()
+            self.scheduler.step_done(done, now - max(submitted_at, self._last_result_at))
+            self._last_result_at = now
             outputs += self._emit(self.scheduler.update_from_output(done, result))
         return outputs
 
@@ -157,7 +167,8 @@ class LLMEngine:
         queries, hits = self.kv.prefix_cache_stats
         return EngineStats(
             self.scheduler.num_running, self.scheduler.num_waiting, self.kv.usage(), self.num_blocks,
-            self.scheduler.num_preemptions, queries, hits,
+            self.scheduler.num_preemptions, queries, hits, self.scheduler.limits.max_running,
+            self.scheduler.limits.prefill_budget,
         )
 
     def shutdown(self) -> None:

@@ -57,6 +57,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # lower value runs first (vLLM convention)
     mm: MultiModalInputs | None = None  # the prompt's images (placeholders already expanded in prompt_token_ids)
+    tenant: str | None = None  # whose share it spends under the fair-share policy
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list = field(default_factory=list)  # one entry per output token when logprobs were asked

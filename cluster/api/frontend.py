@@ -33,6 +33,7 @@ from pagoda.cluster.api import errors
 from pagoda.cluster.api.config import ApiConfig
 from pagoda.cluster.config import AppConfig
 from pagoda.cluster.protocol import GenerateChunk
+from pagoda.engine.input_processor import check_tenant
 from pagoda.engine.multimodal.chat import split_images
 from pagoda.engine.multimodal.image_io import image_bytes, image_header_size
 from pagoda.engine.multimodal.processor import expand_placeholders
@@ -221,16 +222,19 @@ class Frontend:
             raise errors.invalid(str(exc)) from None
 
     async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
-                       priority: int = 0, timeout_s: float | None = None) -> AsyncIterator[GenerateChunk]:
+                       priority: int = 0, timeout_s: float | None = None, *,
+                       tenant: str | None = None) -> AsyncIterator[GenerateChunk]:
         """Delta chunks until the request finishes; raises ApiError. ``timeout_s`` is the client's
-        deadline: when it passes, the request is aborted in the engine and DEADLINE_EXCEEDED raised."""
+        deadline: when it passes, the request is aborted in the engine and DEADLINE_EXCEEDED raised.
+        ``tenant``: whose share of the engine it spends (None: the default tenant)."""
         self._check_fits(prompt, params)
+        check_request_tenant(tenant)
         with self._slot():
             loop = asyncio.get_running_loop()
             deadline = None if timeout_s is None else loop.time() + timeout_s
             rid = request_id or uuid.uuid4().hex
             extra = {"images": prompt.images} if prompt.images else {}
-            stream = self.client.generate(prompt.token_ids, params, rid, priority, **extra)
+            stream = self.client.generate(prompt.token_ids, params, rid, priority, tenant=tenant, **extra)
             async with contextlib.aclosing(stream):  # closing it cancels the Serve stream: the engine aborts
                 while True:
                     try:
@@ -285,6 +289,14 @@ def build_frontend(client, app: AppConfig, api: ApiConfig, tokenizer=None) -> Fr
     max_len = resolve_max_model_len(app.engine.model, model.hf_config)  # what the engine replicas enforce
     mm = make_mm_processor(model.path, model.hf_config, app.engine.multimodal)  # the replicas' own settings
     return Frontend(client, tokenizer, app, api, max_len, mm)
+
+
+def check_request_tenant(tenant: str | None) -> None:
+    """The engine's rule for tenant names (``check_tenant``), as a 400 / INVALID_ARGUMENT naming ``tenant``."""
+    try:
+        check_tenant(tenant)
+    except ValueError as exc:
+        raise errors.invalid(str(exc), "tenant") from None
 
 
 def _leading_field(message: str) -> str | None:

@@ -10,6 +10,9 @@ set, is read from ``authorization: Bearer <key>`` metadata; health checks need n
 Images: a chat turn carries them as ``ChatMessage.parts`` (encoded bytes), the text and token-id
 forms as ``GenerateRequest.images`` with one placeholder token per image in the prompt; a bad one
 is INVALID_ARGUMENT naming it (``messages[1].parts[0].image``, ``images[0]``).
+
+``GenerateRequest.tenant``: empty is no tenant (proto3 has no unset string); a bad name is INVALID_ARGUMENT
+naming ``tenant``, as over HTTP.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class PagodaService(pb_grpc.PagodaServicer):
             prompt = await self._prompt(request)
             params = self.frontend.sampling_params(**_sampling_kwargs(request.sampling))
             stream = self.frontend.generate(prompt, params, request.request_id or None, request.priority,
-                                            context.time_remaining())
+                                            context.time_remaining(), tenant=request.tenant or None)
             sent, finished = 0, set()
             async for chunk in stream:
                 out = chunk.output

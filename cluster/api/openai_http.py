@@ -82,7 +82,7 @@ async def _generate(frontend: Frontend, request: Request, chat: bool):
     frontend.check_model(req.model)
     prompt = await frontend.prompt(**req.prompt)  # images: fetched and measured off the event loop
     params = frontend.sampling_params(**req.sampling)
-    chunks = frontend.generate(prompt, params, req.request_id, req.priority, _timeout(request))
+    chunks = frontend.generate(prompt, params, req.request_id, req.priority, _timeout(request), tenant=req.tenant)
     if not req.stream:
         acc = Accumulator(params.n)
         await _unless_disconnected(request, _accumulate(chunks, acc))

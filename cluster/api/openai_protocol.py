@@ -3,7 +3,8 @@
 Pure functions over dicts (no web framework), so each shape is unit-testable. Field names follow
 OpenAI's API (``max_tokens``/``max_completion_tokens``, ``stop``, ``n``, ``logprobs``,
 ``top_logprobs``, ``stream_options.include_usage``) plus vLLM's extensions (``top_k``, ``min_p``,
-``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``) and ``priority``.
+``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``) and ``priority``, plus pagoda's
+``tenant`` (a string: whose share of the engine the request spends; ``Frontend.generate`` checks the name).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class ParsedRequest:
     sampling: dict  # keyword arguments of SamplingParams
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
-    priority: int = 0
+    priority: int = 0  # lower runs first (vLLM's extension)
+    tenant: str | None = None  # pagoda's extension: the fair-share policy's tenant; None is the default one
     top_logprobs: int = 0  # chat: alternatives per token (logprobs=True)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -84,7 +86,7 @@ def parse_request(body, chat: bool) -> ParsedRequest:
     return ParsedRequest(
         chat=chat, model=model, prompt=prompt, sampling=sampling,
         stream=bool(_typed(body, "stream", bool)), include_usage=bool(stream_options.get("include_usage")),
-        priority=_typed(body, "priority", int) or 0, top_logprobs=top,
+        priority=_typed(body, "priority", int) or 0, tenant=_typed(body, "tenant", str), top_logprobs=top,
     )
 
 

@@ -6,7 +6,10 @@ shortage (the act half raises only when the check half was skipped, which is a c
     hit = mgr.get_prefix_hit(tokens)                   # lookup, no side effects
     if mgr.can_allocate(hit, n): mgr.allocate(req_id, tokens, hit, n)
     if mgr.can_append(req_id, n): mgr.append(req_id, tokens, n)
-    mgr.free(req_id)                                   # finish, abort or preemption
+    mgr.free(req_id, protect=False)                    # finish, abort or preemption
+
+``free(..., protect=True)`` is for requests the scheduler protects (e.g. high priority): their
+cached blocks are evicted only after every unprotected free block (see ``block_pool``).
 
 Invariants (``check_invariants`` verifies them all, on top of the pool's):
 - a table covers exactly its tokens: ``len(table) == ceil(num_tokens / block_size)``;
@@ -90,15 +93,32 @@ class KVCacheManager:
 
     def can_allocate(self, hit: PrefixHit, num_new_tokens: int) -> bool:
         """Whether ``allocate(..., hit, num_new_tokens)`` would find enough free blocks."""
-        # Resurrecting a free cached hit block takes it out of the free list too.
-        resurrected = sum(self.pool.blocks[i].ref_count == 0 for i in hit.block_ids)
-        needed = self._blocks_needed(hit.num_tokens + num_new_tokens, len(hit.block_ids))
-        return needed + resurrected <= self.pool.num_free_blocks
+        return self.allocate_shortage(hit, num_new_tokens) == 0
 
     def can_append(self, req_id: str, num_new_tokens: int) -> bool:
         """Whether ``append(req_id, ..., num_new_tokens)`` would find enough free blocks."""
+        return self.append_shortage(req_id, num_new_tokens) == 0
+
+    def allocate_shortage(self, hit: PrefixHit, num_new_tokens: int, reserve: int = 0) -> int:
+        """Free blocks missing for ``allocate(..., hit, num_new_tokens)`` while ``reserve`` blocks stay free for
+        others; 0 when it fits."""
+        # Resurrecting a free cached hit block takes it out of the free list too.
+        resurrected = sum(self.pool.blocks[i].ref_count == 0 for i in hit.block_ids)
+        needed = self._blocks_needed(hit.num_tokens + num_new_tokens, len(hit.block_ids))
+        return max(0, needed + resurrected + reserve - self.pool.num_free_blocks)
+
+    def append_shortage(self, req_id: str, num_new_tokens: int) -> int:
+        """Free blocks missing for ``append(req_id, ..., num_new_tokens)``; 0 when it fits."""
+        return max(0, self.blocks_to_append(req_id, num_new_tokens) - self.pool.num_free_blocks)
+
+    def blocks_to_append(self, req_id: str, num_new_tokens: int) -> int:
+        """New blocks ``append(req_id, ..., num_new_tokens)`` would take."""
         table = self._table(req_id)
-        return self._blocks_needed(table.num_tokens + num_new_tokens, len(table.blocks)) <= self.pool.num_free_blocks
+        return self._blocks_needed(table.num_tokens + num_new_tokens, len(table.blocks))
+
+    def num_freeable_blocks(self, req_id: str) -> int:
+        """Blocks ``free(req_id)`` would return to the free list: those no other request holds."""
+        return sum(block.ref_count == 1 for block in self._table(req_id).blocks)
 
     # ---- actions -------------------------------------------------------------------------
 
@@ -146,12 +166,17 @@ class KVCacheManager:
         self._cache_full_blocks(table, token_ids)
         return [b.block_id for b in new_blocks]
 
-    def free(self, req_id: str) -> None:
-        """Release ``req_id``'s blocks (finish, abort or preemption). Unknown ids are a no-op."""
+    def free(self, req_id: str, *, protect: bool = False) -> None:
+        """Release ``req_id``'s blocks (finish, abort or preemption). Unknown ids are a no-op.
+
+        With ``protect``, the cached blocks this frees last go to the pool's protected tier: a hit
+        can still reuse them, and they are evicted only once no unprotected free block is left. A
+        block another request still holds takes the tier of whichever request frees it last.
+        """
         table = self._tables.pop(req_id, None)
         if table is not None:
             # Tail first: deep blocks are the least likely to be shared, so they are evicted first.
-            self.pool.free_blocks(reversed(table.blocks))
+            self.pool.free_blocks(reversed(table.blocks), protect=protect)
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix; running requests keep their blocks. Returns hashes dropped."""
@@ -176,7 +201,7 @@ class KVCacheManager:
 
     @property
     def num_free_blocks(self) -> int:
-        """Free blocks, evictable cached ones included."""
+        """Free blocks, evictable cached ones of both tiers included."""
         return self.pool.num_free_blocks
 
     def usage(self) -> float:
@@ -184,7 +209,8 @@ class KVCacheManager:
         return self.pool.usage()
 
     def cached_block_hashes(self, limit: int | None = None) -> list[int]:
-        """Hashes in the prefix cache, most recently used first (the router's prefix summary)."""
+        """Hashes in the prefix cache, most recently used first (the router's prefix summary);
+        free ones in reverse eviction order, protected tier first (``BlockPool.cached_hashes``)."""
         return self.pool.cached_hashes(limit)
 
     @property

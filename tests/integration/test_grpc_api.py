@@ -71,7 +71,8 @@ def collect(responses) -> tuple[dict[int, str], dict[int, list[int]], dict[int, 
 
 
 def test_generate_streams_text_with_usage(stub, tokenizer):
-    texts, ids, finish, responses = collect(generate(stub, max_tokens=12, sampling={"ignore_eos": True}))
+    texts, ids, finish, responses = collect(generate(stub, max_tokens=12, sampling={"ignore_eos": True},
+                                                     priority=-1, tenant="team-a"))
     assert len(responses) >= 2 and texts[0] and len(ids[0]) == 12
     assert finish == {0: pb.FINISH_REASON_LENGTH}
     last = responses[-1]
@@ -189,6 +190,8 @@ def test_invalid_argument_names_the_field(stub):
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in e.details()
     e = _code(generate, stub, token_ids=pb.TokenIds(ids=[10**7]))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "token ids" in e.details()
+    e = _code(generate, stub, tenant="x" * 129)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details().startswith("tenant must be at most 128")
 
 
 def test_unknown_model_is_not_found(stub):

@@ -32,6 +32,7 @@ MAX_TOKENS = 56
 PREFIX = "You are a careful assistant. Answer in one short sentence, and never repeat the question back. "
 PROMPTS = [PREFIX + q for q in ("Name a color.", "Name a fruit.", "Name a river.", "Name a mountain.")]
 PRIORITIES = [0, 1, 0, 1]
+TENANTS = ["team-a", None, "walk-in", "team-a"]  # team-a has a weight (its own series); walk-in has none ("other")
 
 
 def _free_port() -> int:
@@ -50,7 +51,8 @@ def served(embedded_path):
         serve.start(proxy_location="Disabled")
         config = AppConfig.from_dict({
             "engine": {"model": str(embedded_path), "dtype": "float32", "device": "cpu", "max_model_len": 128,
-                       "cpu_kv_cache_gib": 0.0075, "max_num_seqs": 8, "max_num_batched_tokens": 256},
+                       "cpu_kv_cache_gib": 0.0075, "max_num_seqs": 8, "max_num_batched_tokens": 256,
+                       "tenant_weights": {"team-a": 2.0}},
             "deployment": {"name": "metrics", "num_replicas": 1, "graceful_shutdown_timeout_s": 1},
         })
         handle = deploy(config)
@@ -72,7 +74,7 @@ def scrape(port: int, model: str) -> dict[str, dict[tuple, float]]:
             name = labels["__name__"]
             assert not name.startswith(RAY_EXPORT_PREFIX + "pagoda_"), f"{sample.name} kept Ray's name"
             if name.startswith("pagoda:") and labels.get("model") == model:
-                key = tuple(sorted((k, v) for k, v in labels.items() if k in ("priority", "le", "replica")))
+                key = tuple(sorted((k, v) for k, v in labels.items() if k in ("priority", "tenant", "le", "replica")))
                 out.setdefault(name, {})[key] = sample.value
     return out
 
@@ -88,7 +90,8 @@ def test_every_metric_is_exported_with_counts_equal_to_the_load(served):
 
     async def load():
         ids = [await client.token_ids(p) for p in PROMPTS]
-        outs = await asyncio.gather(*(client.complete(i, params, priority=p) for i, p in zip(ids, PRIORITIES)))
+        outs = await asyncio.gather(*(client.complete(i, params, priority=p, tenant=t)
+                                      for i, p, t in zip(ids, PRIORITIES, TENANTS)))
         return ids, outs, await handle.stats.remote()
 
     prompt_ids, outs, engine = asyncio.run(load())
@@ -122,13 +125,15 @@ def test_every_metric_is_exported_with_counts_equal_to_the_load(served):
             assert name in series, f"{spec.name}: {name} not among the relabeled series"
     per_priority = {p: total(series, "pagoda:request_success_total", priority=p) for p in (0, 1)}
     assert per_priority == {0: 2, 1: 2}
+    per_tenant = {t: total(series, "pagoda:request_success_total", tenant=t) for t in ("team-a", "default", "other")}
+    assert per_tenant == {"team-a": 2, "default": 1, "other": 1}
     gauges = ("pagoda:num_requests_running", "pagoda:num_requests_waiting", "pagoda:kv_cache_usage_perc")
     assert all(g in series for g in gauges), sorted(series)  # total() reads a missing series as 0
     assert total(series, "pagoda:num_requests_waiting") == 0
     assert 0 <= total(series, "pagoda:kv_cache_usage_perc") <= 1
     buckets = series["pagoda:time_to_first_token_seconds_bucket"]
     assert sum(v for labels, v in buckets.items() if ("le", "+Inf") in labels) == len(PROMPTS)
-    assert BY_NAME["pagoda:time_to_first_token_seconds"].tag_keys == ("model", "replica", "priority")
+    assert BY_NAME["pagoda:time_to_first_token_seconds"].tag_keys == ("model", "replica", "priority", "tenant")
 
 
 def test_status_reports_replicas_kv_and_queues(served):

@@ -120,7 +120,7 @@ def test_stop_string_cuts_the_text(client):
 
 def test_max_tokens_and_logprobs(client):
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2,
-                                  extra_body={"ignore_eos": True, "priority": -1})
+                                  extra_body={"ignore_eos": True, "priority": -1, "tenant": "team-a"})
     lp = r.choices[0].logprobs
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
     assert len(lp.tokens) == len(lp.token_logprobs) == 5 and all(x <= 0 for x in lp.token_logprobs)
@@ -172,6 +172,8 @@ def test_bad_parameter_is_400_naming_the_field(client):
     assert e.status_code == 400 and e.body["param"] == "max_tokens" and "max_model_len (512)" in e.body["message"]
     e = _error(client, max_tokens="many")
     assert e.status_code == 400 and e.body["param"] == "max_tokens"
+    e = _error(client, max_tokens=4, extra_body={"tenant": "two words"})
+    assert e.status_code == 400 and e.body["param"] == "tenant" and "letters, digits" in e.body["message"]
 
 
 def test_unknown_model_is_404(client):

@@ -34,11 +34,12 @@ class Harness:
         self._in_flight: deque[tuple[SchedulerOutput, ModelRunnerOutput]] = deque()
 
     def add(self, prompt_len: int = 8, max_tokens: int = 4, priority: int = 0, prompt: list[int] | None = None,
-            arrival: float | None = None) -> Request:
+            arrival: float | None = None, tenant: str | None = None) -> Request:
         rid = f"r{next(self._ids)}"
         tokens = prompt if prompt is not None else [1 + (i * 7 + len(rid)) % 50 for i in range(prompt_len)]
         request = Request(rid, list(tokens), SamplingParams(max_tokens=max_tokens, temperature=0.0), (EOS,),
-                          arrival_time=float(next(self._ids)) if arrival is None else arrival, priority=priority)
+                          arrival_time=float(next(self._ids)) if arrival is None else arrival, priority=priority,
+                          tenant=tenant)
         self.scheduler.add_request(request)
         return request
 

@@ -1,7 +1,7 @@
 """The error table at the edges (DESIGN.md) without Ray: the mapping itself, then both real servers on
 loopback over a scripted fake client — UNAVAILABLE/503 when the replica dies, RESOURCE_EXHAUSTED/429
-when the engine queue is full, an error event when a stream fails after its first token — and the
-servers keep serving afterwards."""
+when the engine queue is full, an error event when a stream fails after its first token, a bad tenant
+name 400/INVALID_ARGUMENT — and the servers keep serving afterwards."""
 
 from __future__ import annotations
 
@@ -44,9 +44,14 @@ class FakeTokenizer:
 
 class FakeClient:
     """Streams per the prompt's first character: 'o' ok, 'd' replica dead, 'q' queue full, 'm' dies mid-stream,
-    'x' a bug (an unexpected exception whose text must not reach the client), 's' ok after a second."""
+    'x' a bug (an unexpected exception whose text must not reach the client), 's' ok after a second.
+    Records the (priority, tenant) of every request it is sent."""
 
-    async def generate(self, token_ids, params, request_id, priority=0):
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, str | None]] = []
+
+    async def generate(self, token_ids, params, request_id, priority=0, tenant=None):
+        self.sent.append((priority, tenant))
         mode = chr(token_ids[0])
         if mode == "s":
             await asyncio.sleep(1.0)
@@ -140,6 +145,35 @@ def test_bad_bodies_are_400(servers):
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     r = httpx.post(servers.http_url + "/v1/chat/completions", json={"messages": []}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_priority_and_tenant_reach_the_client(servers, stub):
+    sent = servers.frontend.client.sent
+    r = httpx.post(servers.http_url + "/v1/completions", json={"prompt": "ok", "priority": -2, "tenant": "team-a"},
+                   timeout=10)
+    assert r.status_code == 200 and sent[-1] == (-2, "team-a")
+    assert _post(servers, "ok").status_code == 200 and sent[-1] == (0, None)
+    list(stub.Generate(pb.GenerateRequest(text="ok", priority=-1, tenant="org/team-b:svc@eu.1")))
+    assert sent[-1] == (-1, "org/team-b:svc@eu.1")
+    list(stub.Generate(pb.GenerateRequest(text="ok", tenant="")))  # proto3: empty is unset, the default tenant
+    assert sent[-1] == (0, None)
+
+
+@pytest.mark.parametrize("tenant, says", [
+    ("two words", "only letters, digits"), ("x" * 129, "at most 128 characters"), ("ümlaut", "only letters"),
+])
+def test_a_bad_tenant_is_400_invalid_argument_naming_it(servers, stub, tenant, says):
+    sent = len(servers.frontend.client.sent)
+    r = httpx.post(servers.http_url + "/v1/completions", json={"prompt": "ok", "tenant": tenant}, timeout=10)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "tenant" and says in error["message"], error
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(pb.GenerateRequest(text="ok", tenant=tenant)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith("tenant")
+    assert len(servers.frontend.client.sent) == sent  # refused before reaching a replica
+    for bad in ("", 5):  # over HTTP an empty or non-string tenant is a mistake too
+        r = httpx.post(servers.http_url + "/v1/completions", json={"prompt": "ok", "tenant": bad}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tenant"
 
 
 def test_accepted_http_connections_send_without_nagle(servers):

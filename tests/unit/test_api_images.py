@@ -67,7 +67,7 @@ class FakeClient:
     def __init__(self) -> None:
         self.sent: list[tuple] = []
 
-    async def generate(self, token_ids, params, request_id, priority=0, images=()):
+    async def generate(self, token_ids, params, request_id, priority=0, images=(), tenant=None):
         self.sent.append((list(token_ids), tuple(images)))
         if images and ord("x") % 900 in token_ids:
             raise ValueError("multi_modal_data.image[1]: not a decodable image (OSError: image file is truncated)")

@@ -13,8 +13,9 @@ from pagoda.engine.request import CompletionOutput, Logprob, RequestOutput
 def test_completion_body_maps_to_sampling_params():
     req = parse_request({"model": "m", "prompt": "hi", "max_tokens": 5, "temperature": 0, "n": 2, "stop": "x",
                          "logprobs": 1, "priority": -3, "top_k": 4, "stream": True,
-                         "stream_options": {"include_usage": True}}, chat=False)
+                         "stream_options": {"include_usage": True}, "tenant": "team-a"}, chat=False)
     assert req.prompt == {"text": "hi"} and req.priority == -3 and req.stream and req.include_usage
+    assert req.tenant == "team-a" and parse_request({"prompt": "hi"}, chat=False).tenant is None
     assert req.sampling == {"max_tokens": 5, "temperature": 0, "n": 2, "stop": ["x"], "logprobs": 1, "top_k": 4}
 
 
@@ -31,6 +32,7 @@ def test_chat_body_and_token_prompts():
     ({"prompt": "x", "stop": [1]}, "stop"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": 3}, "prompt"),
+    ({"prompt": "x", "tenant": 7}, "tenant"),  # the name itself is checked by Frontend.generate (test_api_errors)
     ([], "body"),
 ])
 def test_bad_fields_are_named(body, param):

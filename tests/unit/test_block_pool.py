@@ -1,7 +1,7 @@
-"""BlockPool and block hashes: free-list order (LRU), ref counts, the prefix-cache map.
+"""BlockPool and block hashes: free-list order (LRU, two tiers), ref counts, the prefix-cache map.
 
 Plain tests pin the behaviours by name; a hypothesis state machine drives random operations
-against a model of the free-list order and checks every invariant after every step.
+against a model of both tiers' order and checks every invariant after every step.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -22,6 +22,11 @@ from pagoda.engine.kv_cache.block_pool import BlockPool
 def free_ids(pool: BlockPool) -> list[int]:
     """Free list, head (next evicted) first. White-box: the order is the LRU contract."""
     return [b.block_id for b in pool._free]
+
+
+def protected_ids(pool: BlockPool) -> list[int]:
+    """Protected free list, head first; evicted only after every block in ``free_ids``."""
+    return [b.block_id for b in pool._protected]
 
 
 # ---- block hashes ---------------------------------------------------------------------------
@@ -225,25 +230,140 @@ def test_check_invariants_names_the_corruption(corrupt, message):
         pool.check_invariants()
 
 
+# ---- pool: the protected tier ---------------------------------------------------------------
+
+
+def cached_pool(num_blocks: int) -> tuple[BlockPool, list]:
+    """A pool whose blocks are all in use, block ``i`` cached under hash ``100 + i``."""
+    pool = BlockPool(num_blocks)
+    blocks = pool.get_new_blocks(num_blocks)
+    for block in blocks:
+        pool.cache_full_block(block, 100 + block.block_id)
+    return pool, blocks
+
+
+def test_unprotected_blocks_are_all_evicted_oldest_first_before_any_protected_one():
+    pool, b = cached_pool(6)
+    for block, protect in [(b[0], True), (b[1], False), (b[2], True), (b[3], False), (b[4], False)]:
+        pool.free_blocks([block], protect=protect)  # interleaved tiers, oldest first
+    assert free_ids(pool) == [1, 3, 4] and protected_ids(pool) == [0, 2]
+    pool.check_invariants()
+    taken = pool.get_new_blocks(3)
+    assert [x.block_id for x in taken] == [1, 3, 4]  # the whole ordinary tier, LRU
+    assert all(pool.get_cached_block(100 + i) is b[i] for i in (0, 2))  # protected survive
+    assert pool.get_new_blocks(1)[0] is b[0]  # then the protected tier, LRU
+    assert pool.get_cached_block(100) is None and pool.get_cached_block(102) is b[2]
+    pool.check_invariants()
+
+
+def test_freed_unhashed_block_never_goes_to_the_protected_tier():
+    pool = BlockPool(2)
+    cached, plain = pool.get_new_blocks(2)
+    pool.cache_full_block(cached, 7)
+    pool.free_blocks([cached, plain], protect=True)
+    assert protected_ids(pool) == [0] and free_ids(pool) == [1]  # nothing to keep: recycled first
+    assert not plain.protected
+    pool.check_invariants()
+
+
+def test_hit_resurrects_a_protected_block_and_the_tier_follows_the_last_freer():
+    pool, b = cached_pool(4)
+    pool.free_blocks([b[0], b[1]], protect=True)
+    pool.free_blocks([b[2]])
+    pool.touch([pool.get_cached_block(100)])  # a prefix hit on the protected tier
+    assert protected_ids(pool) == [1] and free_ids(pool) == [2] and pool.num_free_blocks == 2
+    pool.touch([b[0]])  # shared by a second request
+    pool.free_blocks([b[0]], protect=True)  # a protected holder leaves first: still in use
+    assert protected_ids(pool) == [1] and b[0].ref_count == 1
+    pool.free_blocks([b[0]])  # the last freer is unprotected: ordinary tier
+    assert free_ids(pool) == [2, 0] and protected_ids(pool) == [1]
+    pool.touch([b[2]])  # and back: an ordinary block freed by a protected request
+    pool.free_blocks([b[2]], protect=True)
+    assert free_ids(pool) == [0] and protected_ids(pool) == [1, 2]
+    pool.check_invariants()
+    assert [x.block_id for x in pool.get_new_blocks(3)] == [0, 1, 2]
+
+
+def test_reset_prefix_cache_clears_both_tiers_and_keeps_the_eviction_order():
+    pool, b = cached_pool(5)
+    pool.free_blocks([b[0], b[1]], protect=True)
+    pool.free_blocks([b[2], b[3]])
+    assert pool.reset_prefix_cache() == 5
+    assert all(pool.get_cached_block(100 + i) is None and x.block_hash is None for i, x in enumerate(b))
+    assert protected_ids(pool) == [] and free_ids(pool) == [2, 3, 0, 1]  # ordinary first, as before
+    assert pool.cached_hashes() == [] and pool.num_free_blocks == 4
+    pool.check_invariants()
+    pool.free_blocks([b[4]], protect=True)  # unhashed now: nothing to protect
+    assert free_ids(pool) == [4, 2, 3, 0, 1] and protected_ids(pool) == []
+    pool.check_invariants()
+
+
+def test_num_free_blocks_and_usage_count_both_tiers():
+    pool, b = cached_pool(4)
+    pool.free_blocks([b[0]], protect=True)
+    pool.free_blocks([b[1]])
+    assert pool.num_free_blocks == 2 and pool.usage() == 0.5
+    pool.free_blocks([b[2]], protect=True)
+    assert pool.num_free_blocks == 3 and pool.usage() == 0.25
+    with pytest.raises(ValueError, match="only 3 free"):
+        pool.get_new_blocks(4)
+    assert len(pool.get_new_blocks(3)) == 3 and pool.usage() == 1.0
+
+
+def test_cached_hashes_list_free_blocks_in_reverse_eviction_order():
+    pool, b = cached_pool(5)
+    pool.free_blocks([b[0]], protect=True)
+    pool.free_blocks([b[1]])
+    pool.free_blocks([b[2]], protect=True)
+    pool.free_blocks([b[3]])  # the most recently freed, but evicted before any protected block
+    assert pool.cached_hashes() == [104, 102, 100, 103, 101]  # in use, protected, ordinary
+    assert pool.cached_hashes(limit=3) == [104, 102, 100]
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda p: setattr(p.blocks[1], "protected", True), "ordinary free list is marked protected"),
+        (lambda p: setattr(p.blocks[2], "protected", False), "protected free list is not marked"),
+        (lambda p: p._evict(p.blocks[2]), "unhashed block 2 in the protected"),
+        (lambda p: p._protected.append(p.blocks[0]), "free lists"),
+    ],
+)
+def test_check_invariants_names_a_tier_corruption(corrupt, message):
+    pool, b = cached_pool(4)
+    pool.free_blocks([b[1]])
+    pool.free_blocks([b[2]], protect=True)
+    pool.check_invariants()
+    corrupt(pool)
+    with pytest.raises(AssertionError, match=message):
+        pool.check_invariants()
+
+
 # ---- pool: random operations against a model of the free list --------------------------------
 
 
 class PoolMachine(RuleBasedStateMachine):
-    """Model: the exact free-list order and each block's reference count."""
+    """Model: the exact order of both free-list tiers and each block's reference count."""
 
     def __init__(self) -> None:
         super().__init__()
         self.pool = BlockPool(6)
-        self.model_free = list(range(6))  # head first
+        self.model_free = list(range(6))  # ordinary tier, head first
+        self.model_protected: list[int] = []  # protected tier, head first
         self.held: list[int] = []  # one entry per reference the "tables" hold
 
-    @precondition(lambda self: self.model_free)
+    @precondition(lambda self: self.model_free or self.model_protected)
     @rule(data=st.data())
     def allocate(self, data):
-        n = data.draw(st.integers(1, len(self.model_free)))
+        eviction_order = self.model_free + self.model_protected
+        n = data.draw(st.integers(1, len(eviction_order)))
         blocks = self.pool.get_new_blocks(n)
-        assert [b.block_id for b in blocks] == self.model_free[:n]
+        assert [b.block_id for b in blocks] == eviction_order[:n]
+        taken = len(self.model_free)
+        if n > taken:
+            event("allocation reached the protected tier")
         del self.model_free[:n]
+        del self.model_protected[: max(0, n - taken)]
         self.held += [b.block_id for b in blocks]
 
     @precondition(lambda self: self.held)
@@ -259,32 +379,49 @@ class PoolMachine(RuleBasedStateMachine):
         block = self.pool.get_cached_block(block_hash)
         if block is not None:
             if block.ref_count == 0:
-                self.model_free.remove(block.block_id)
+                tier = self.model_protected if block.block_id in self.model_protected else self.model_free
+                event("hit on a protected block" if tier is self.model_protected else "hit on an ordinary block")
+                tier.remove(block.block_id)
             self.pool.touch([block])
             self.held.append(block.block_id)
 
     @precondition(lambda self: self.held)
-    @rule(data=st.data())
-    def free(self, data):
+    @rule(data=st.data(), protect=st.booleans())
+    def free(self, data, protect):
         block_id = self.held.pop(data.draw(st.integers(0, len(self.held) - 1)))
         block = self.pool.blocks[block_id]
-        self.pool.free_blocks([block])
+        self.pool.free_blocks([block], protect=protect)
         if block.ref_count == 0:
             if block.block_hash is None:
                 self.model_free.insert(0, block_id)
+            elif protect:
+                self.model_protected.append(block_id)
             else:
                 self.model_free.append(block_id)
 
     @rule()
     def reset(self):
         self.pool.reset_prefix_cache()
+        self.model_free += self.model_protected  # eviction order unchanged, one tier
+        self.model_protected = []
 
     @invariant()
     def consistent(self):
         self.pool.check_invariants()
         assert free_ids(self.pool) == self.model_free
+        assert protected_ids(self.pool) == self.model_protected
         for block in self.pool.blocks:
             assert block.ref_count == self.held.count(block.block_id)
+        num_free = len(self.model_free) + len(self.model_protected)
+        assert self.pool.num_free_blocks == num_free and self.pool.usage() == (6 - num_free) / 6
+
+    @invariant()
+    def cached_hashes_follow_reverse_eviction_order(self):
+        hashes = self.pool.cached_hashes()
+        free_newest_first = [self.pool.blocks[i].block_hash for i in reversed(self.model_free + self.model_protected)]
+        free_hashes = [h for h in free_newest_first if h is not None]
+        assert hashes[len(hashes) - len(free_hashes) :] == free_hashes
+        assert all(self.pool.get_cached_block(h).ref_count > 0 for h in hashes[: len(hashes) - len(free_hashes)])
 
     def teardown(self):
         self.pool.free_blocks([self.pool.blocks[i] for i in self.held])

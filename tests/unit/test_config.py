@@ -32,6 +32,14 @@ def test_from_kwargs_routes_flat_arguments_to_their_group():
         (lambda: CacheConfig(gpu_memory_utilization=1.5), r"gpu_memory_utilization must be in \(0, 1\]"),
         (lambda: SchedulerConfig(max_num_seqs=0), "max_num_seqs must be >= 1"),
         (lambda: SchedulerConfig(policy="lifo"), "policy must be one of"),
+        (lambda: SchedulerConfig(tenant_weights={"a": 0}), "tenant_weights values must be positive finite numbers"),
+        (lambda: SchedulerConfig(tenant_weights={"a": float("inf")}), "tenant_weights values must be positive"),
+        (lambda: SchedulerConfig(tenant_weights="a=1"), "tenant_weights must be a mapping"),
+        (lambda: SchedulerConfig(target_tpot_ms=0), "target_tpot_ms must be a positive finite number"),
+        (lambda: SchedulerConfig(target_tpot_ms=float("nan")), "target_tpot_ms must be a positive finite number"),
+        (lambda: SchedulerConfig(target_ttft_ms=500), "target_ttft_ms needs target_tpot_ms"),
+        (lambda: SchedulerConfig(target_tpot_ms=50, enable_chunked_prefill=False),
+         "target_tpot_ms needs enable_chunked_prefill"),
         (lambda: ModelConfig(dtype="int3"), "dtype must be one of"),
         (lambda: ModelConfig(max_model_len=0), "max_model_len must be >= 1"),
         (lambda: ParallelConfig(distributed_executor_backend="slurm"),
@@ -106,3 +114,10 @@ def test_max_model_len_defaults_to_the_limit_and_may_not_exceed_it():
     assert resolve_max_model_len(ModelConfig(max_model_len=1000), mistral) == 1000
     with pytest.raises(ValueError, match=r"max_model_len \(8192\) must be <= the model's sliding_window \(4096\)"):
         resolve_max_model_len(ModelConfig(max_model_len=8192), mistral)
+
+
+def test_tenant_weights_are_kept_as_sorted_pairs():
+    config = SchedulerConfig(policy="fair", tenant_weights={"b": 3, "a": 1})
+    assert config.tenant_weights == (("a", 1.0), ("b", 3.0))
+    assert SchedulerConfig(policy="fair", tenant_weights=config.tenant_weights) == config  # the stored form is accepted again
+    hash(config)  # still a frozen, hashable value

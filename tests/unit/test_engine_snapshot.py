@@ -44,7 +44,7 @@ def wait_for(engine: AsyncLLMEngine, condition, timeout_s: float = 10.0) -> Engi
 
 
 def summary_of(manager: KVCacheManager, limit: int | None = None) -> EngineSnapshot:
-    stats = EngineStats(0, 0, manager.usage(), manager.num_blocks, 0, 0, 0)
+    stats = EngineStats(0, 0, manager.usage(), manager.num_blocks, 0, 0, 0, 8, 64)
     return EngineSnapshot(stats, (), False, frozenset(manager.cached_block_hashes(limit)), manager.block_size, 0, 0.0, 0.0)
 
 

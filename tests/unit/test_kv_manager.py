@@ -244,6 +244,104 @@ def test_usage_counts_used_blocks_only():
     assert mgr.usage() == 0.0 and mgr.num_free_blocks == 4  # cached blocks are still free
 
 
+# ---- protected requests ----------------------------------------------------------------------
+
+
+def cached_prompt(mgr: KVCacheManager, req_id: str, first: int, *, protect: bool) -> list[int]:
+    """Run and free a 2-block prompt (one full, cached block and one partial); its tokens."""
+    tokens = [first] * mgr.block_size + [0]
+    start(mgr, req_id, tokens)
+    mgr.free(req_id, protect=protect)
+    return tokens
+
+
+def is_cached(mgr: KVCacheManager, tokens: list[int]) -> bool:
+    return mgr.get_prefix_hit(tokens).num_tokens > 0
+
+
+def test_protected_requests_blocks_are_evicted_after_every_unprotected_one():
+    mgr = KVCacheManager(num_blocks=8, block_size=2)
+    vip1 = cached_prompt(mgr, "vip1", 1, protect=True)  # freed first: the oldest
+    plain1 = cached_prompt(mgr, "plain1", 2, protect=False)
+    vip2 = cached_prompt(mgr, "vip2", 3, protect=True)
+    plain2 = cached_prompt(mgr, "plain2", 4, protect=False)  # freed last: the newest
+    assert mgr.num_free_blocks == 8 and mgr.usage() == 0.0
+    start(mgr, "big", [9] * 11)  # 6 blocks: 4 partial (unhashed) ones, then plain1's, then plain2's
+    assert not is_cached(mgr, plain1) and not is_cached(mgr, plain2)
+    assert is_cached(mgr, vip1) and is_cached(mgr, vip2)
+    mgr.append("big", [9] * 13, 2)  # one more: the oldest protected block goes
+    assert not is_cached(mgr, vip1) and is_cached(mgr, vip2)
+    mgr.check_invariants()
+
+
+def test_protected_blocks_hit_by_an_unprotected_request_follow_its_tier():
+    mgr = KVCacheManager(num_blocks=6, block_size=2)
+    vip = cached_prompt(mgr, "vip", 1, protect=True)
+    other = cached_prompt(mgr, "other", 2, protect=True)
+    (shared,) = mgr.get_prefix_hit(vip).block_ids
+    assert mgr.pool.blocks[shared].protected
+    assert start(mgr, "reader", vip)[0] == shared  # resurrected from the protected tier
+    mgr.free("reader")  # the last freer is unprotected: the block becomes ordinary
+    assert not mgr.pool.blocks[shared].protected and mgr.num_free_blocks == 6
+    mgr.check_invariants()
+    start(mgr, "big", [9] * 9)  # 5 blocks: the 4 holding nothing, then the once protected one
+    assert not is_cached(mgr, vip) and is_cached(mgr, other)
+    mgr.check_invariants()
+
+
+def test_free_protect_applies_to_blocks_it_frees_last():
+    mgr = KVCacheManager(num_blocks=6, block_size=2)
+    prompt = [1, 1, 0]
+    start(mgr, "plain", prompt)
+    start(mgr, "vip", prompt)  # shares the full block
+    (shared,) = mgr.get_prefix_hit(prompt).block_ids
+    mgr.free("vip", protect=True)  # plain still holds it
+    assert mgr.pool.blocks[shared].ref_count == 1
+    mgr.free("plain")
+    assert not mgr.pool.blocks[shared].protected
+    start(mgr, "plain", prompt)
+    start(mgr, "vip", prompt)
+    mgr.free("plain")
+    mgr.free("vip", protect=True)  # now vip frees last
+    assert mgr.pool.blocks[shared].protected
+    mgr.check_invariants()
+
+
+def test_reset_prefix_cache_forgets_protected_blocks_too():
+    mgr = KVCacheManager(num_blocks=8, block_size=2)
+    vip = cached_prompt(mgr, "vip", 1, protect=True)
+    plain = cached_prompt(mgr, "plain", 2, protect=False)
+    assert mgr.reset_prefix_cache() == 2
+    assert not is_cached(mgr, vip) and not is_cached(mgr, plain) and mgr.cached_block_hashes() == []
+    assert not any(b.protected for b in mgr.pool.blocks) and mgr.num_free_blocks == 8
+    mgr.check_invariants()
+
+
+def test_usage_and_num_free_blocks_count_both_tiers():
+    mgr = KVCacheManager(num_blocks=8, block_size=2)
+    start(mgr, "vip", [1, 1, 2, 2, 0])  # 3 blocks
+    start(mgr, "plain", [3, 3, 0])  # 2 blocks
+    assert mgr.num_free_blocks == 3 and mgr.usage() == 5 / 8
+    mgr.free("vip", protect=True)
+    assert mgr.num_free_blocks == 6 and mgr.usage() == 2 / 8
+    mgr.free("plain")
+    assert mgr.num_free_blocks == 8 and mgr.usage() == 0.0
+    assert mgr.can_allocate(PrefixHit(), 16) and not mgr.can_allocate(PrefixHit(), 17)
+    start(mgr, "all", [5] * 16)  # every block, protected ones included
+    assert mgr.num_free_blocks == 0 and mgr.usage() == 1.0
+    assert set(mgr.cached_block_hashes()) == set(hash_full_blocks([5] * 16, 2))  # every old hash evicted
+    mgr.check_invariants()
+
+
+def test_cached_block_hashes_put_protected_free_blocks_before_ordinary_ones():
+    mgr = KVCacheManager(num_blocks=8, block_size=2)
+    vip = cached_prompt(mgr, "vip", 1, protect=True)
+    plain = cached_prompt(mgr, "plain", 2, protect=False)  # freed later, but evicted sooner
+    start(mgr, "running", [3, 3, 0])
+    running = hash_full_blocks([3, 3], 2)
+    assert mgr.cached_block_hashes() == running + hash_full_blocks(vip, 2) + hash_full_blocks(plain, 2)
+
+
 # ---- random scheduling against a simulated KV cache -------------------------------------------
 
 TOKENS = st.lists(st.integers(0, 1), min_size=1, max_size=12)
@@ -296,8 +394,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self._compute(req_id, hit.num_tokens)
 
     @precondition(lambda self: self.running)
-    @rule(data=st.data(), token=st.integers(0, 1))
-    def step_running(self, data, token):
+    @rule(data=st.data(), token=st.integers(0, 1), protect=st.booleans())
+    def step_running(self, data, token, protect):
         req_id = data.draw(st.sampled_from(sorted(self.running)))
         tokens = self.running[req_id]
         done = self.mgr.num_tokens(req_id)
@@ -305,7 +403,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             tokens.append(token)  # sampled last step; decode it now
         num_new = data.draw(st.integers(1, len(tokens) - done))
         if not self.mgr.can_append(req_id, num_new):
-            self._preempt(req_id)  # what the scheduler does on shortage
+            self._preempt(req_id, protect)  # what the scheduler does on shortage
             event("preempted on shortage")
             return
         old = self.mgr.block_table(req_id)
@@ -314,22 +412,22 @@ class SchedulerMachine(RuleBasedStateMachine):
         self._compute(req_id, done)
 
     @precondition(lambda self: self.running)
-    @rule(data=st.data())
-    def preempt(self, data):
-        self._preempt(data.draw(st.sampled_from(sorted(self.running))))
+    @rule(data=st.data(), protect=st.booleans())
+    def preempt(self, data, protect):
+        self._preempt(data.draw(st.sampled_from(sorted(self.running))), protect)
 
     @precondition(lambda self: self.running)
-    @rule(data=st.data())
-    def finish(self, data):
+    @rule(data=st.data(), protect=st.booleans())
+    def finish(self, data, protect):
         req_id = data.draw(st.sampled_from(sorted(self.running)))
-        self.mgr.free(req_id)
+        self._free(req_id, protect)
         del self.running[req_id]
 
     @precondition(lambda self: self.waiting)
-    @rule(data=st.data())
-    def abort_waiting(self, data):
+    @rule(data=st.data(), protect=st.booleans())
+    def abort_waiting(self, data, protect):
         req_id = data.draw(st.sampled_from(sorted(self.waiting)))
-        self.mgr.free(req_id)  # never allocated (or already preempted): no-op
+        self.mgr.free(req_id, protect=protect)  # never allocated (or already preempted): no-op
         del self.waiting[req_id]
 
     @rule()
@@ -378,9 +476,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.history.append(list(tokens))
         self.next_id += 1
 
-    def _preempt(self, req_id: str) -> None:
-        self.mgr.free(req_id)
+    def _preempt(self, req_id: str, protect: bool) -> None:
+        self._free(req_id, protect)
         self.waiting[req_id] = self.running.pop(req_id)
+
+    def _free(self, req_id: str, protect: bool) -> None:
+        """Free and check the tier: a cached block this frees last follows ``protect``."""
+        blocks = [self.mgr.pool.blocks[i] for i in self.mgr.block_table(req_id)]
+        self.mgr.free(req_id, protect=protect)
+        for block in blocks:
+            if block.ref_count == 0:
+                assert block.protected == (protect and block.block_hash is not None), block
+                event("freed into the protected tier" if block.protected else "freed into the ordinary tier")
 
     def _blocks_for(self, hit: PrefixHit, num_new: int) -> int:
         needed = math.ceil((hit.num_tokens + num_new) / self.bs) - len(hit.block_ids)

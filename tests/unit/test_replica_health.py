@@ -149,7 +149,7 @@ def test_the_check_reads_only_the_snapshot():
     from pagoda.engine.snapshot import EngineSnapshot
 
     def engine(has_work: bool, progress_at: float):
-        stats = EngineStats(1 if has_work else 0, 0, 0.5, 10, 0, 0, 0)
+        stats = EngineStats(1 if has_work else 0, 0, 0.5, 10, 0, 0, 0, 8, 64)
         snapshot = EngineSnapshot(stats, (), has_work, frozenset(), 16, 7, progress_at, progress_at)
         return SimpleNamespace(is_running=True, snapshot=lambda: snapshot)
 

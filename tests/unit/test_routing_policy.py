@@ -31,8 +31,8 @@ def replica(rid: str, live: LiveLoad | None = None, **kw) -> ReplicaView:
     return ReplicaView(rid, stats(**kw), live or LiveLoad())
 
 
-def request(tokens) -> RoutingRequest:
-    return RoutingRequest.from_token_ids(tokens, BS)
+def request(tokens, priority: int = 0) -> RoutingRequest:
+    return RoutingRequest.from_token_ids(tokens, BS, priority)
 
 
 def order(req, replicas, weights=W) -> list[str]:
@@ -140,6 +140,35 @@ def test_zero_weights_ignore_their_term():
     assert order(request(tokens), [holder, replica("other")], no_prefix) == ["other", "holder"]
 
 
+# ---- high priority: time to first token only ---------------------------------------------------------
+
+
+def test_high_priority_takes_the_least_loaded_replica_past_a_busier_prefix_holder():
+    tokens = PREFIX + [7, 8, 9]
+    holder = replica("holder", num_running=20, num_waiting=4, kv_usage=0.1,
+                     cached_block_hashes=frozenset(hash_full_blocks(PREFIX, BS)))
+    idle = replica("idle")
+    assert order(request(tokens), [idle, holder]) == ["holder", "idle"]  # bulk: the prefix is worth the queue
+    assert order(request(tokens, priority=-1), [idle, holder]) == ["idle", "holder"]
+    assert order(request(tokens, priority=5), [idle, holder]) == ["holder", "idle"]  # low priority: as bulk
+    # What a hit saves still counts (fewer prefill tokens in the backlog): a lightly loaded holder keeps it.
+    light = replica("holder", num_running=4, kv_usage=0.1, cached_block_hashes=holder.stats.cached_block_hashes)
+    assert order(request(tokens, priority=-1), [idle, light]) == ["holder", "idle"]
+
+
+def test_high_priority_ignores_kv_fill_but_not_overflow():
+    req, urgent = request(list(range(40))), request(list(range(40)), priority=-3)
+    full_but_idle = replica("full", kv_usage=0.9)
+    roomy_but_busy = replica("roomy", kv_usage=0.1, num_running=8)
+    assert order(req, [full_but_idle, roomy_but_busy]) == ["roomy", "full"]
+    assert order(urgent, [full_but_idle, roomy_but_busy]) == ["full", "roomy"]
+    s = score(urgent, full_but_idle, W, LIMITS)
+    assert s.cost == W.backlog * s.backlog_tokens / 512  # no queue: the prefill ahead of its first token only
+    long_prompt = request(list(range(300 * BS)), priority=-1)  # would overflow the nearly full pool: it waits
+    assert order(long_prompt, [replica("full", kv_usage=0.85), replica("roomy", kv_usage=0.2, num_running=6)]) == \
+        ["roomy", "full"]
+
+
 # ---- properties ------------------------------------------------------------------------------------
 
 live_loads = st.builds(
@@ -183,3 +212,25 @@ def test_rank_is_a_sorted_permutation(views, tokens):
     ranked = rank(request(tokens), replicas, W, LIMITS)
     assert sorted(s.replica_id for s in ranked) == sorted(r.replica_id for r in replicas)
     assert all(a.cost <= b.cost for a, b in itertools.pairwise(ranked))
+
+
+weights = st.builds(RouterWeights, queue=st.floats(0, 10), backlog=st.floats(0, 10), kv=st.floats(0, 10),
+                    overflow=st.floats(0, 100), prefix=st.floats(0, 10))
+
+
+@given(st.lists(st.tuples(replica_stats, live_loads, st.integers(0, 12)), min_size=1, max_size=6), prompts,
+       st.integers(-5, -1), weights)
+def test_high_priority_picks_the_least_queue_and_backlog(views, tokens, priority, w):
+    """Among replicas its blocks fit on, none is expected to reach a high-priority request's first token
+    sooner (queue + backlog, as weighted) than the one it is sent to — whatever prefixes they hold."""
+    req = request(tokens, priority)
+    replicas = [ReplicaView(f"r{i}", dataclasses.replace(s, cached_block_hashes=frozenset(req.block_hashes[:k])), live)
+                for i, (s, live, k) in enumerate(views)]
+    scores = rank(req, replicas, w, LIMITS)
+
+    def load(s) -> float:
+        st_ = next(r.stats for r in replicas if r.replica_id == s.replica_id)
+        return w.queue * s.queue / st_.max_num_seqs + w.backlog * s.backlog_tokens / st_.max_num_batched_tokens
+
+    fitting = [s for s in scores if s.kv_demand <= 1]
+    assert all(load(scores[0]) <= load(s) + 1e-9 for s in fitting)
