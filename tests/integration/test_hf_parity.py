@@ -1,7 +1,8 @@
 """Greedy tokens identical to HF transformers ``generate`` on the same weights (float32, CPU).
 
 Each model is checked four ways: every prompt alone, all prompts in one continuous batch,
-prompts split by chunked prefill, and a KV pool so small that preemption-recompute is forced.
+prompts split by chunked prefill (the tiny models), and a KV pool so small that preemption-recompute
+is forced.
 """
 
 from __future__ import annotations
@@ -46,18 +47,19 @@ def _ours(llm: LLM, prompts, one_at_a_time: bool = False) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-def _check(path, prompts):
+def _check(path, prompts, chunked: bool = True):
     # the smallest pool that fits the longest request alone: running them together must preempt
     num_blocks = -(-(max(map(len, prompts)) + MAX_NEW) // 16) + 1
     variants = {
-        "batched": dict(),
         "chunked": dict(max_num_batched_tokens=16),
         "preempted": dict(num_blocks=num_blocks, max_model_len=num_blocks * 16, max_num_batched_tokens=64),
     }
+    if not chunked:
+        del variants["chunked"]
     alone = LLM(model=str(path), dtype="float32", device="cpu")
     expected = _hf_greedy(path, prompts, alone.engine.eos_token_id)
     assert _ours(alone, prompts, one_at_a_time=True) == expected
-    assert _ours(alone, prompts) == expected
+    assert _ours(alone, prompts) == expected  # batched: all prompts in one continuous batch
     for name, kwargs in variants.items():
         llm = LLM(model=str(path), dtype="float32", device="cpu", **kwargs)
         assert _ours(llm, prompts) == expected, name
@@ -89,4 +91,6 @@ def test_embedded_smollm2_matches_hf(embedded_path):
     from pagoda.engine.tokenizer import load_tokenizer
 
     tok = load_tokenizer(embedded_path)
-    _check(embedded_path, [tok(t).input_ids for t in texts])
+    # Chunked prefill is the same code path on every architecture: the tiny models above check it; here
+    # it would be the slowest run of the suite's slowest test.
+    _check(embedded_path, [tok(t).input_ids for t in texts], chunked=False)

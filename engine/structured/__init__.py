@@ -1,0 +1,66 @@
+"""Structured output: constrain what a request may generate (JSON schema, regex, EBNF, named grammars).
+
+    spec.py      StructuredOutputSpec (what a request asks for) and ``from_openai`` (request bodies)
+    registry.py  named grammars ("autoglm-action")
+    grammar.py   GrammarCompiler (per tokenizer), GrammarMatcher (per request), token bitmasks
+    autoglm.py   the autoglm-action grammar and Open-AutoGLM's reply parser
+
+Importing this package loads neither torch nor xgrammar: ``spec`` is plain Python (it imports
+xgrammar when a spec is built), and the ``grammar`` names load on first access.
+
+How the engine drives it (contract for the sampler and the model runner):
+
+1. Admission: the frontend builds the spec (``from_openai(body)``, or ``StructuredOutputSpec(...)``
+   in the Python API) and puts it in the request's sampling parameters; malformed input is a
+   ValueError naming the field. The spec is picklable and travels with the request to every rank.
+2. Setup, on the rank that samples: one ``GrammarCompiler(tokenizer, vocab_size=logits width,
+   stop_token_ids=EOS ids)``, built on the first structured request. When a request arrives, give it
+   ``compiler.matcher(spec, output_token_ids)`` (a resumed request replays what it already produced).
+   Compiling a large schema takes milliseconds to seconds; ``compile`` is thread-safe and cached, so
+   it can run off the engine loop while the request waits.
+3. Each step: ``bitmask = allocate_bitmask(S, V)`` (or a reused pinned buffer reset to -1) and
+   ``rows = fill_bitmasks(matchers_per_row, bitmask)`` (None for unconstrained rows); the mask goes to
+   the sampler with the batch. The sampler applies ``apply_bitmask(logits, bitmask, rows)`` to its own
+   copy of the logits after the min_tokens bans and before penalties, temperature, top-k/top-p and the
+   greedy argmax, so the nucleus is taken over allowed tokens only. Unconstrained rows are untouched;
+   logprobs still come from the raw logits.
+4. Advance: ``matcher.accept(token)`` once the sampled token is on the host, in step order (where the
+   runner appends sampled tokens to its requests). A False means the token broke the grammar (cannot
+   happen when the mask was applied); fail that request.
+   With asynchronous scheduling (a step launched before the previous step's tokens reach the host),
+   a structured row's mask needs the previous token accepted, so such a row never runs ahead as plain
+   greedy does: the forward pass of step N+1 may be launched early, but its mask is filled after step
+   N's tokens were accepted (on the host, while the device runs the forward) and before sampling.
+5. Stop: a complete match leaves only EOS allowed, so the request ends on EOS as usual and the matcher
+   terminates. Two settings would fight the mask: ``ignore_eos`` (stop anyway once
+   ``matcher.is_terminated()``) and ``min_tokens`` (do not ban EOS on a row whose matcher
+   ``is_completed()``; else every token is -inf). Stop strings and ``max_tokens`` can cut an output
+   short of a complete match; the finish reason says so.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from pagoda.engine.structured.registry import grammar_names, register_grammar
+from pagoda.engine.structured.spec import StructuredOutputError, StructuredOutputSpec, from_openai
+
+_LAZY = {  # name -> module, imported on first access (grammar.py imports torch)
+    "GrammarCompiler": "pagoda.engine.structured.grammar",
+    "GrammarMatcher": "pagoda.engine.structured.grammar",
+    "allocate_bitmask": "pagoda.engine.structured.grammar",
+    "apply_bitmask": "pagoda.engine.structured.grammar",
+    "fill_bitmasks": "pagoda.engine.structured.grammar",
+    "parse_action": "pagoda.engine.structured.autoglm",
+}
+
+__all__ = [
+    "GrammarCompiler", "GrammarMatcher", "StructuredOutputError", "StructuredOutputSpec", "allocate_bitmask",
+    "apply_bitmask", "fill_bitmasks", "from_openai", "grammar_names", "parse_action", "register_grammar",
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
