@@ -55,6 +55,7 @@ class Schedulable(Protocol):
     arrival_time: float
     tenant: str | None
     num_computed_tokens: int
+    num_prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ class FairSharePolicy(PriorityPolicy):
             tenant = min(queues, key=lambda t: vtime[t])
             request = queues[tenant][heads[tenant]]
             order.append(request)
-            vtime[tenant] += len(getattr(request, "prompt_token_ids", ())) / self.weight(tenant)
+            vtime[tenant] += request.num_prompt_tokens / self.weight(tenant)
             heads[tenant] += 1
             if heads[tenant] == len(queues[tenant]):
                 del queues[tenant]

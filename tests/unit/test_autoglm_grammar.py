@@ -10,9 +10,7 @@ import pytest
 
 from pagoda.engine.structured import StructuredOutputSpec, from_openai, grammar_names
 from pagoda.engine.structured.autoglm import ACTIONS, autoglm_action_ebnf, check_action, parse_action, split_reply
-from pagoda.engine.structured.grammar import GrammarCompiler
-from pagoda.engine.tokenizer import eos_token_ids, load_tokenizer
-from tests.unit.test_structured_output import PAD, accepts, random_model
+from tests.unit.test_structured_output import accepts, random_model
 
 AUTOGLM = StructuredOutputSpec(grammar="autoglm-action")
 
@@ -49,35 +47,25 @@ EXAMPLES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok(embedded_path):
-    return load_tokenizer(embedded_path)
-
-
-@pytest.fixture(scope="module")
-def compiler(tok):
-    return GrammarCompiler(tok, vocab_size=len(tok) + PAD, stop_token_ids=eos_token_ids(tok), max_threads=2)
-
-
-def test_random_model_replies_all_parse(compiler, tok):
+def test_random_model_replies_all_parse(grammar_compiler, grammar_tok):
     # Tighter bounds than the registered grammar's, so a reply ends within 200 tokens; same rules.
     spec = StructuredOutputSpec(ebnf=autoglm_action_ebnf(max_thought_chars=200, max_string_chars=40))
-    replies = random_model(compiler, tok, spec, n=50, seed=7)
+    replies = random_model(grammar_compiler, grammar_tok, spec, n=50, seed=7)
     actions = [parse_action(reply) for reply in replies]
     for action in actions:
         check_action(action)
     assert len({a.get("action", "finish") for a in actions}) >= 5  # many kinds of action, not one
 
 
-def test_registered_grammar_replies_parse_within_open_autoglms_max_tokens(compiler, tok):
-    replies = random_model(compiler, tok, AUTOGLM, n=3, seed=8, max_tokens=3000)  # its ModelConfig default
+def test_registered_grammar_replies_parse_within_open_autoglms_max_tokens(grammar_compiler, grammar_tok):
+    replies = random_model(grammar_compiler, grammar_tok, AUTOGLM, n=3, seed=8, max_tokens=3000)  # its ModelConfig default
     for reply in replies:
         check_action(parse_action(reply))
 
 
 @pytest.mark.parametrize("reply, expected", EXAMPLES)
-def test_open_autoglm_examples_are_accepted_and_parse(compiler, tok, reply, expected):
-    assert accepts(compiler, tok, AUTOGLM, reply)
+def test_open_autoglm_examples_are_accepted_and_parse(grammar_compiler, grammar_tok, reply, expected):
+    assert accepts(grammar_compiler, grammar_tok, AUTOGLM, reply)
     assert parse_action(reply) == expected
     check_action(parse_action(reply))
 
@@ -100,15 +88,15 @@ def test_open_autoglm_examples_are_accepted_and_parse(compiler, tok, reply, expe
         '<answer>do(action="Wait", duration="soon")</answer>',
     ],
 )
-def test_grammar_rejects(compiler, tok, reply):
-    assert not accepts(compiler, tok, AUTOGLM, reply)
+def test_grammar_rejects(grammar_compiler, grammar_tok, reply):
+    assert not accepts(grammar_compiler, grammar_tok, AUTOGLM, reply)
 
 
-def test_thought_and_strings_are_bounded(compiler, tok):
+def test_thought_and_strings_are_bounded(grammar_compiler, grammar_tok):
     spec = StructuredOutputSpec(ebnf=autoglm_action_ebnf(max_thought_chars=10, max_string_chars=5))
-    assert accepts(compiler, tok, spec, '<think>0123456789</think><answer>finish(message="abcde")</answer>')
-    assert not accepts(compiler, tok, spec, '<think>0123456789x</think><answer>do(action="Back")</answer>')
-    assert not accepts(compiler, tok, spec, '<answer>finish(message="abcdef")</answer>')
+    assert accepts(grammar_compiler, grammar_tok, spec, '<think>0123456789</think><answer>finish(message="abcde")</answer>')
+    assert not accepts(grammar_compiler, grammar_tok, spec, '<think>0123456789x</think><answer>do(action="Back")</answer>')
+    assert not accepts(grammar_compiler, grammar_tok, spec, '<answer>finish(message="abcdef")</answer>')
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,8 @@ def test_aging_earned_while_waiting_protects_a_request_once_admitted():
 def test_victims_are_chosen_by_cost_within_the_worst_rank():
     policy = PriorityPolicy(SchedulerConfig(policy="priority"))
     req = lambda rid, prio, computed, arrival: SimpleNamespace(
-        request_id=rid, priority=prio, arrival_time=arrival, tenant=None, num_computed_tokens=computed)
+        request_id=rid, priority=prio, arrival_time=arrival, tenant=None, num_computed_tokens=computed,
+        num_prompt_tokens=8)
     old_long = req("a", LOW, 300, 1.0)  # frees 25 blocks, recomputes 300 tokens
     new_short = req("b", LOW, 40, 2.0)  # frees 3
     shared = req("c", LOW, 30, 3.0)  # its blocks are shared with others: frees 0
@@ -137,7 +138,7 @@ def test_weighted_fair_share_between_two_saturating_tenants():
 def test_fair_share_gives_an_idle_tenant_no_banked_credit():
     policy = FairSharePolicy(SchedulerConfig(policy="fair"))
     req = lambda rid, tenant: SimpleNamespace(
-        request_id=rid, priority=0, arrival_time=0.0, tenant=tenant, num_computed_tokens=0)
+        request_id=rid, priority=0, arrival_time=0.0, tenant=tenant, num_computed_tokens=0, num_prompt_tokens=8)
     busy = req("a1", "a")
     policy.enqueued(busy, 0)
     policy.charged(busy, 1000)

@@ -28,9 +28,7 @@ from pagoda.engine.structured.grammar import (
     apply_bitmask,
     fill_bitmasks,
 )
-from pagoda.engine.tokenizer import eos_token_ids, load_tokenizer
 
-PAD = 64
 TEMPERATURES = (0.0, 0.7, 1.0)
 # A diagnosis, as a clinical assistant might be asked for. Strings and the list are bounded so that a
 # random model (which picks a closing quote about once in 200 tokens) ends within 200 tokens.
@@ -48,29 +46,19 @@ DIAGNOSIS_SCHEMA = {
 CONTACT_REGEX = r"[a-z]{1,12}@[a-z]{1,8}\.(com|org)|\+[0-9]{1,3} [0-9]{3}-[0-9]{4}"
 
 
-@pytest.fixture(scope="module")
-def tok(embedded_path):
-    return load_tokenizer(embedded_path)
-
-
-@pytest.fixture(scope="module")
-def compiler(tok):
-    return GrammarCompiler(tok, vocab_size=len(tok) + PAD, stop_token_ids=eos_token_ids(tok), max_threads=2)
-
-
-def random_model(compiler, tok, spec, n=50, seed=0, max_tokens=200) -> list[str]:
+def random_model(grammar_compiler, grammar_tok, spec, n=50, seed=0, max_tokens=200) -> list[str]:
     """n outputs of the random model (see the module docstring); each must have ended on EOS."""
     gen = torch.Generator().manual_seed(seed)
     temperature = torch.tensor([TEMPERATURES[i % 3] or 1.0 for i in range(n)]).unsqueeze(1)  # (n, 1)
     greedy = torch.tensor([TEMPERATURES[i % 3] == 0 for i in range(n)])
-    matchers = [compiler.matcher(spec) for _ in range(n)]
+    matchers = [grammar_compiler.matcher(spec) for _ in range(n)]
     outputs: list[list[int]] = [[] for _ in range(n)]
-    bitmask = allocate_bitmask(n, compiler.vocab_size)
+    bitmask = allocate_bitmask(n, grammar_compiler.vocab_size)
     for _ in range(max_tokens):
         live = [None if m.is_terminated() else m for m in matchers]
         if not any(live):
             break
-        logits = torch.randn(n, compiler.vocab_size, generator=gen)
+        logits = torch.randn(n, grammar_compiler.vocab_size, generator=gen)
         rows = fill_bitmasks(live, bitmask)
         apply_bitmask(logits, bitmask, rows)
         cdf = (logits / temperature).softmax(-1).cumsum(-1)  # inverse-CDF sampling: multinomial is 20x slower
@@ -83,14 +71,14 @@ def random_model(compiler, tok, spec, n=50, seed=0, max_tokens=200) -> list[str]
                 outputs[row].append(tokens[row])
     unfinished = [i for i, m in enumerate(matchers) if not m.is_terminated()]
     assert not unfinished, f"rows {unfinished} did not end within {max_tokens} tokens"
-    return [tok.decode(out) for out in outputs]
+    return [grammar_tok.decode(out) for out in outputs]
 
 
-def accepts(compiler, tok, spec, text: str) -> bool:
+def accepts(grammar_compiler, grammar_tok, spec, text: str) -> bool:
     """Whether the grammar takes ``text`` as a complete output (tokenization does not matter: the
     matcher works on the bytes)."""
-    matcher = compiler.matcher(spec)
-    return all(matcher.accept(t) for t in tok.encode(text, add_special_tokens=False)) and matcher.is_completed()
+    matcher = grammar_compiler.matcher(spec)
+    return all(matcher.accept(t) for t in grammar_tok.encode(text, add_special_tokens=False)) and matcher.is_completed()
 
 
 def allowed_ids(matcher, vocab_size: int) -> list[int]:
@@ -118,55 +106,55 @@ def check_diagnosis(value) -> None:
 # ---------------------------------------------------------------------------------- random model
 
 
-def test_random_model_outputs_validate_against_a_json_schema(compiler, tok):
-    outputs = random_model(compiler, tok, StructuredOutputSpec(json_schema=DIAGNOSIS_SCHEMA))
+def test_random_model_outputs_validate_against_a_json_schema(grammar_compiler, grammar_tok):
+    outputs = random_model(grammar_compiler, grammar_tok, StructuredOutputSpec(json_schema=DIAGNOSIS_SCHEMA))
     for text in outputs:
         check_diagnosis(json.loads(text))  # strict: a raw control character in a string fails here
     assert len(set(outputs)) > 40  # the rows really sampled different outputs
 
 
-def test_random_model_outputs_match_a_regex(compiler, tok):
-    outputs = random_model(compiler, tok, StructuredOutputSpec(regex=CONTACT_REGEX), seed=1)
+def test_random_model_outputs_match_a_regex(grammar_compiler, grammar_tok):
+    outputs = random_model(grammar_compiler, grammar_tok, StructuredOutputSpec(regex=CONTACT_REGEX), seed=1)
     assert all(re.fullmatch(CONTACT_REGEX, text) for text in outputs), outputs
 
 
-def test_random_model_outputs_are_one_of_the_choices(compiler, tok):
+def test_random_model_outputs_are_one_of_the_choices(grammar_compiler, grammar_tok):
     choices = ["benign", "malignant", "needs a biopsy", 'say "ah"']
     spec = from_openai({"structured_outputs": {"choice": choices}})
-    assert set(random_model(compiler, tok, spec, n=30, seed=2)) <= set(choices)
+    assert set(random_model(grammar_compiler, grammar_tok, spec, n=30, seed=2)) <= set(choices)
 
 
-def test_compact_json_has_no_whitespace_between_tokens(compiler, tok):
+def test_compact_json_has_no_whitespace_between_tokens(grammar_compiler, grammar_tok):
     spec = StructuredOutputSpec(json_schema=DIAGNOSIS_SCHEMA, any_whitespace=False)
-    for text in random_model(compiler, tok, spec, n=9, seed=3):
+    for text in random_model(grammar_compiler, grammar_tok, spec, n=9, seed=3):
         check_diagnosis(json.loads(text))
         outside_strings = re.sub(r'"[^"\\]*"', '""', text)  # these strings have no escapes
         assert not re.search(r"[\n\r\t]|  ", outside_strings), text  # only xgrammar's ", " and ": "
 
 
-def test_json_object_takes_any_object_and_nothing_else(compiler, tok):
+def test_json_object_takes_any_object_and_nothing_else(grammar_compiler, grammar_tok):
     spec = StructuredOutputSpec(json_object=True)
-    assert accepts(compiler, tok, spec, '{"a": [1, 2.5, "x\\ny"], "b": {"c": null}}')
-    assert not accepts(compiler, tok, spec, "[1, 2]")
-    assert not accepts(compiler, tok, spec, '{"a": 1')
+    assert accepts(grammar_compiler, grammar_tok, spec, '{"a": [1, 2.5, "x\\ny"], "b": {"c": null}}')
+    assert not accepts(grammar_compiler, grammar_tok, spec, "[1, 2]")
+    assert not accepts(grammar_compiler, grammar_tok, spec, '{"a": 1')
 
 
-def test_length_bounded_json_strings_take_no_raw_control_characters(compiler, tok):
+def test_length_bounded_json_strings_take_no_raw_control_characters(grammar_compiler, grammar_tok):
     # xgrammar 0.2.9 lets them through (mlc-ai/xgrammar#800); spec.py narrows the character class.
     spec = StructuredOutputSpec(json_schema={"type": "object", "properties": {"a": {"type": "string", "maxLength": 8}}})
-    assert accepts(compiler, tok, spec, '{"a": "x y"}')
-    assert not accepts(compiler, tok, spec, '{"a": "x\ty"}')
-    assert not accepts(compiler, tok, spec, '{"a": "x\x1fy"}')
-    assert not accepts(compiler, tok, spec, '{"a": "123456789"}')
+    assert accepts(grammar_compiler, grammar_tok, spec, '{"a": "x y"}')
+    assert not accepts(grammar_compiler, grammar_tok, spec, '{"a": "x\ty"}')
+    assert not accepts(grammar_compiler, grammar_tok, spec, '{"a": "x\x1fy"}')
+    assert not accepts(grammar_compiler, grammar_tok, spec, '{"a": "123456789"}')
 
 
 # ---------------------------------------------------------------------------------------- masks
 
 
-def test_a_mixed_batch_masks_only_the_constrained_rows(compiler):
-    vocab = compiler.vocab_size
-    matchers = [compiler.matcher(StructuredOutputSpec(regex="[0-9]+")), None,
-                compiler.matcher(StructuredOutputSpec(json_object=True)), None]
+def test_a_mixed_batch_masks_only_the_constrained_rows(grammar_compiler):
+    vocab = grammar_compiler.vocab_size
+    matchers = [grammar_compiler.matcher(StructuredOutputSpec(regex="[0-9]+")), None,
+                grammar_compiler.matcher(StructuredOutputSpec(json_object=True)), None]
     logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
     original = logits.clone()
     bitmask = allocate_bitmask(4, vocab)
@@ -181,105 +169,105 @@ def test_a_mixed_batch_masks_only_the_constrained_rows(compiler):
         assert 0 < int(allowed.sum()) < len(allowed)
 
 
-def test_the_sampler_picks_only_allowed_tokens_from_masked_logits(compiler, tok):
+def test_the_sampler_picks_only_allowed_tokens_from_masked_logits(grammar_compiler, grammar_tok):
     spec = StructuredOutputSpec(regex=CONTACT_REGEX)
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=50, seed=1),
               SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05, repetition_penalty=1.3, seed=2),
               SamplingParams(temperature=1.0, presence_penalty=1.0, logprobs=2, seed=3), SamplingParams(seed=4)]
-    matchers = [compiler.matcher(spec) for _ in params[:-1]] + [None]  # the last row is unconstrained
+    matchers = [grammar_compiler.matcher(spec) for _ in params[:-1]] + [None]  # the last row is unconstrained
     outputs: list[list[int]] = [[] for _ in params]
     gen = torch.Generator().manual_seed(5)
     for _ in range(30):
-        logits = torch.randn(len(params), compiler.vocab_size, generator=gen) * 3
-        bitmask = allocate_bitmask(len(params), compiler.vocab_size)
+        logits = torch.randn(len(params), grammar_compiler.vocab_size, generator=gen) * 3
+        bitmask = allocate_bitmask(len(params), grammar_compiler.vocab_size)
         rows = fill_bitmasks([m if m and not m.is_terminated() else None for m in matchers], bitmask)
         apply_bitmask(logits, bitmask, rows)
-        batch = SamplingBatch.build(params, [[11, 12, 13]] * len(params), outputs, compiler.stop_token_ids,
-                                    compiler.vocab_size, torch.device("cpu"))
+        batch = SamplingBatch.build(params, [[11, 12, 13]] * len(params), outputs, grammar_compiler.stop_token_ids,
+                                    grammar_compiler.vocab_size, torch.device("cpu"))
         tokens, _ = Sampler()(logits, batch)
         for row in rows:
             assert matchers[row].accept(tokens[row])
             outputs[row].append(tokens[row])
     for row, matcher in enumerate(matchers[:-1]):
         assert matcher.is_terminated(), row
-        assert re.fullmatch(CONTACT_REGEX, tok.decode(outputs[row][:-1]))
+        assert re.fullmatch(CONTACT_REGEX, grammar_tok.decode(outputs[row][:-1]))
 
 
-def test_padded_vocabulary_ids_are_never_allowed(compiler, tok):
-    matcher = compiler.matcher(StructuredOutputSpec(regex=".{1,5}"))
-    allowed = allowed_ids(matcher, compiler.vocab_size)
-    assert len(allowed) > 1000 and max(allowed) < len(tok)
-    assert not matcher.accept(len(tok) + 1) and not matcher.accept(compiler.vocab_size + 5)
+def test_padded_vocabulary_ids_are_never_allowed(grammar_compiler, grammar_tok):
+    matcher = grammar_compiler.matcher(StructuredOutputSpec(regex=".{1,5}"))
+    allowed = allowed_ids(matcher, grammar_compiler.vocab_size)
+    assert len(allowed) > 1000 and max(allowed) < len(grammar_tok)
+    assert not matcher.accept(len(grammar_tok) + 1) and not matcher.accept(grammar_compiler.vocab_size + 5)
 
 
-def test_after_a_complete_match_only_eos_is_allowed(compiler, tok):
-    matcher = compiler.matcher(StructuredOutputSpec(regex="yes|no"))
-    for token in tok.encode("yes", add_special_tokens=False):
+def test_after_a_complete_match_only_eos_is_allowed(grammar_compiler, grammar_tok):
+    matcher = grammar_compiler.matcher(StructuredOutputSpec(regex="yes|no"))
+    for token in grammar_tok.encode("yes", add_special_tokens=False):
         assert matcher.accept(token)
-    eos = compiler.stop_token_ids[0]
+    eos = grammar_compiler.stop_token_ids[0]
     assert matcher.is_completed() and not matcher.is_terminated()
-    assert allowed_ids(matcher, compiler.vocab_size) == sorted(compiler.stop_token_ids)
+    assert allowed_ids(matcher, grammar_compiler.vocab_size) == sorted(grammar_compiler.stop_token_ids)
     assert matcher.accept(eos) and matcher.is_terminated()
-    assert allowed_ids(matcher, compiler.vocab_size) == sorted(compiler.stop_token_ids)  # stays so
-    assert matcher.accept(eos) and not matcher.accept(tok.encode("no", add_special_tokens=False)[0])
+    assert allowed_ids(matcher, grammar_compiler.vocab_size) == sorted(grammar_compiler.stop_token_ids)  # stays so
+    assert matcher.accept(eos) and not matcher.accept(grammar_tok.encode("no", add_special_tokens=False)[0])
 
 
-def test_a_rejected_token_leaves_the_matcher_where_it_was(compiler, tok):
-    matcher = compiler.matcher(StructuredOutputSpec(regex="[0-9]{3}"))
-    before = allowed_ids(matcher, compiler.vocab_size)
-    assert not matcher.accept(tok.encode("x", add_special_tokens=False)[0])
-    assert not matcher.accept(compiler.stop_token_ids[0])  # EOS before the match is complete
-    assert allowed_ids(matcher, compiler.vocab_size) == before
+def test_a_rejected_token_leaves_the_matcher_where_it_was(grammar_compiler, grammar_tok):
+    matcher = grammar_compiler.matcher(StructuredOutputSpec(regex="[0-9]{3}"))
+    before = allowed_ids(matcher, grammar_compiler.vocab_size)
+    assert not matcher.accept(grammar_tok.encode("x", add_special_tokens=False)[0])
+    assert not matcher.accept(grammar_compiler.stop_token_ids[0])  # EOS before the match is complete
+    assert allowed_ids(matcher, grammar_compiler.vocab_size) == before
 
 
-def test_a_resumed_request_replays_its_tokens(compiler, tok):
+def test_a_resumed_request_replays_its_tokens(grammar_compiler, grammar_tok):
     spec = StructuredOutputSpec(json_schema=DIAGNOSIS_SCHEMA)
-    tokens = tok.encode('{"diagnosis": "flu", "confidence": 0.', add_special_tokens=False)
-    stepped = compiler.matcher(spec)
+    tokens = grammar_tok.encode('{"diagnosis": "flu", "confidence": 0.', add_special_tokens=False)
+    stepped = grammar_compiler.matcher(spec)
     assert all(stepped.accept(t) for t in tokens)
-    resumed = compiler.matcher(spec, output_token_ids=tokens)
-    assert allowed_ids(resumed, compiler.vocab_size) == allowed_ids(stepped, compiler.vocab_size)
+    resumed = grammar_compiler.matcher(spec, output_token_ids=tokens)
+    assert allowed_ids(resumed, grammar_compiler.vocab_size) == allowed_ids(stepped, grammar_compiler.vocab_size)
     with pytest.raises(ValueError, match="does not match"):
-        compiler.matcher(spec, output_token_ids=tok.encode("[1]", add_special_tokens=False))
+        grammar_compiler.matcher(spec, output_token_ids=grammar_tok.encode("[1]", add_special_tokens=False))
 
 
-def test_compiled_grammars_are_cached_least_recently_used_first(tok):
-    compiler = GrammarCompiler(tok, vocab_size=len(tok), cache_size=2, max_threads=1)
+def test_compiled_grammars_are_cached_least_recently_used_first(grammar_tok):
+    grammar_compiler = GrammarCompiler(grammar_tok, vocab_size=len(grammar_tok), cache_size=2, max_threads=1)
     a, b, c = (StructuredOutputSpec(regex=r) for r in ("a+", "b+", "c+"))
-    first_a = compiler.compile(a)
-    assert compiler.compile(StructuredOutputSpec(regex="a+")) is first_a  # equal spec, same entry
-    compiler.compile(b)
-    compiler.compile(a)  # a is now the most recent
-    compiler.compile(c)  # evicts b
-    assert compiler.compile(a) is first_a
+    first_a = grammar_compiler.compile(a)
+    assert grammar_compiler.compile(StructuredOutputSpec(regex="a+")) is first_a  # equal spec, same entry
+    grammar_compiler.compile(b)
+    grammar_compiler.compile(a)  # a is now the most recent
+    grammar_compiler.compile(c)  # evicts b
+    assert grammar_compiler.compile(a) is first_a
 
 
-def test_apply_bitmask_handles_non_contiguous_logits(compiler):
+def test_apply_bitmask_handles_non_contiguous_logits(grammar_compiler):
     # xgrammar's CPU kernel ignores strides: a transposed view came out half unmasked.
-    matcher = compiler.matcher(StructuredOutputSpec(regex="[0-9]"))
-    bitmask = allocate_bitmask(2, compiler.vocab_size)
+    matcher = grammar_compiler.matcher(StructuredOutputSpec(regex="[0-9]"))
+    bitmask = allocate_bitmask(2, grammar_compiler.vocab_size)
     matcher.fill_bitmask(bitmask, 1)
-    logits = torch.randn(compiler.vocab_size, 2).t()
+    logits = torch.randn(grammar_compiler.vocab_size, 2).t()
     assert not logits.is_contiguous()
     apply_bitmask(logits, bitmask, [1])
-    assert torch.isfinite(logits[1]).nonzero().flatten().tolist() == allowed_ids(matcher, compiler.vocab_size)
+    assert torch.isfinite(logits[1]).nonzero().flatten().tolist() == allowed_ids(matcher, grammar_compiler.vocab_size)
     assert torch.isfinite(logits[0]).all()
 
 
-def test_apply_bitmask_refuses_a_bitmask_narrower_than_the_logits(compiler):
+def test_apply_bitmask_refuses_a_bitmask_narrower_than_the_logits(grammar_compiler):
     with pytest.raises(ValueError, match="fewer than"):
-        apply_bitmask(torch.zeros(1, compiler.vocab_size + 64), allocate_bitmask(1, compiler.vocab_size))
+        apply_bitmask(torch.zeros(1, grammar_compiler.vocab_size + 64), allocate_bitmask(1, grammar_compiler.vocab_size))
 
 
 @pytest.mark.gpu
-def test_apply_bitmask_on_the_gpu_matches_the_cpu(compiler):
+def test_apply_bitmask_on_the_gpu_matches_the_cpu(grammar_compiler):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    matchers = [compiler.matcher(StructuredOutputSpec(regex="[a-z]+")), None, compiler.matcher(
+    matchers = [grammar_compiler.matcher(StructuredOutputSpec(regex="[a-z]+")), None, grammar_compiler.matcher(
         StructuredOutputSpec(json_object=True))]
-    bitmask = allocate_bitmask(3, compiler.vocab_size, pin_memory=True)
+    bitmask = allocate_bitmask(3, grammar_compiler.vocab_size, pin_memory=True)
     rows = fill_bitmasks(matchers, bitmask)
-    logits = torch.randn(3, compiler.vocab_size)
+    logits = torch.randn(3, grammar_compiler.vocab_size)
     on_gpu = logits.cuda()
     apply_bitmask(logits, bitmask, rows)
     apply_bitmask(on_gpu, bitmask, rows)  # the host mask is copied to the device
