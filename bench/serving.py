@@ -10,7 +10,8 @@ in-process ``AsyncLLMEngine``, on the same model and the same token-id requests,
 
 Systems, each in its own process so none shares a GIL with another:
 - ``offline``: ``LLM.generate`` on all requests at once (throughput only);
-- ``engine``: ``AsyncLLMEngine`` in the load generator's process, the same closed loop as the servers;
+- ``engine``: ``AsyncLLMEngine`` in the load generator's process, the same closed loop as the servers, once per
+  ``--engine-cores`` (variant ``thread``: the engine on a thread of that process; ``process``: in its own);
 - ``http`` / ``grpc``: a ``pagoda serve`` subprocess (one application per variant and replica count),
   streamed by ``--client-procs`` load processes so the client is not the ceiling.
 
@@ -136,14 +137,14 @@ def run_engine_phase(spec: dict) -> dict:
     if "engine" in spec["systems"]:
         from pagoda.engine.async_engine import AsyncLLMEngine
 
-        engine = AsyncLLMEngine(EngineConfig.from_kwargs(**spec["engine"]))
+        engine = AsyncLLMEngine(EngineConfig.from_kwargs(**spec["engine"]), core=spec["core"])
 
         async def levels():
             send = engine_sender(engine, work)
             await closed_loop(send, 1, 2)
             for c in spec["concurrency"]:
                 samples, wall = await closed_loop(send, c, spec["requests"][c])
-                rows.append(summarize("engine", c, samples, wall))
+                rows.append({**summarize("engine", c, samples, wall), "variant": spec["core"]})
                 print(json.dumps(_short(rows[-1])), flush=True)
 
         asyncio.run(levels())
@@ -291,6 +292,8 @@ def main(argv=None) -> None:
     p.add_argument("--systems", nargs="+", default=["offline", "engine", "http", "grpc"],
                    choices=["offline", "engine", "http", "grpc"])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--engine-cores", nargs="+", choices=["thread", "process"], default=["thread", "process"],
+                   help="where the engine system's AsyncLLMEngine runs its engine (one row set each)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--c1-requests", type=int, default=12, help="requests at concurrency 1")
@@ -346,12 +349,33 @@ def main(argv=None) -> None:
 def run_child_engine_phase(args, engine: dict, work: Workload) -> list[dict]:
     spec = {"engine": engine, "workload": asdict(work), "systems": args.systems, "concurrency": args.concurrency,
             "requests": {c: requests_for(args, c) for c in args.concurrency}}
-    ctx = multiprocessing.get_context("spawn")
+    phases = [{"systems": ["offline"]}] if "offline" in args.systems else []
+    if "engine" in args.systems:
+        phases += [{"systems": ["engine"], "core": core} for core in args.engine_cores]
     rows = []
-    for system in [s for s in ("offline", "engine") if s in args.systems]:  # a process each: GPU memory is freed
-        with ctx.Pool(1) as pool:
-            rows += pool.apply(run_engine_phase, ({**spec, "systems": [system]},))["rows"]
+    for phase in phases:  # a process each, so GPU memory is freed; not a daemon: a process core has a child
+        rows += _in_child(run_engine_phase, {**spec, **phase})["rows"]
     return rows
+
+
+def _in_child(fn, spec: dict) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_child_main, args=(fn, spec, q))
+    proc.start()
+    while True:
+        try:
+            result = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if proc.exitcode is not None:
+                raise RuntimeError(f"the {spec['systems']} phase exited with {proc.exitcode}") from None
+    proc.join()
+    return result
+
+
+def _child_main(fn, spec: dict, q) -> None:
+    q.put(fn(spec))
 
 
 if __name__ == "__main__":

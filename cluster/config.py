@@ -58,6 +58,10 @@ class DeploymentOptions:
     # is many chunked-prefill steps, each completing; without chunked prefill one step must fit in it.
     stall_timeout_s: float = 60.0
     graceful_shutdown_timeout_s: float = 10.0  # in-flight requests get this long when a replica stops
+    # Where a replica's engine runs (pagoda.engine.engine_core): "process", a process of its own, so that
+    # streaming never delays a step (the served path keeps the engine's speed); "thread", a thread of the
+    # replica (starts faster; Ray TP ranks need it); "auto": process, except thread with the Ray executor.
+    engine_core: Literal["auto", "thread", "process"] = "auto"
 
     def __post_init__(self) -> None:
         require(bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(),
@@ -154,11 +158,21 @@ class AppConfig:
         return sched.max_num_seqs + queue
 
     @property
+    def engine_core(self) -> str:
+        """Where each replica runs its engine: ``deployment.engine_core`` with "auto" resolved."""
+        if self.deployment.engine_core != "auto":
+            return self.deployment.engine_core
+        return "thread" if _ray_ranks(self.engine) else "process"
+
+    @property
     def max_replicas(self) -> int:
         """Replicas there can be: the fixed count, or autoscaling's maximum."""
         return self.autoscaling.max_replicas if self.autoscaling.enabled else self.deployment.num_replicas
 
     def __post_init__(self) -> None:
+        require(not (self.deployment.engine_core == "process" and _ray_ranks(self.engine)),
+                "deployment.engine_core must be 'thread' or 'auto' with engine.distributed_executor_backend "
+                "'ray' (its TP ranks are placed from the replica's own Ray worker), got 'process'")
         scaling, replicas = self.autoscaling, self.deployment.num_replicas
         if scaling.enabled:
             require(scaling.min_replicas <= replicas <= scaling.max_replicas,
@@ -193,6 +207,11 @@ class AppConfig:
             "router": dataclasses.asdict(self.router),
             "autoscaling": dataclasses.asdict(self.autoscaling),
         }
+
+
+def _ray_ranks(engine: EngineConfig) -> bool:
+    parallel = engine.parallel
+    return parallel.tensor_parallel_size > 1 and parallel.distributed_executor_backend == "ray"
 
 
 def load_config(path: str | Path | None) -> AppConfig:

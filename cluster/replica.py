@@ -52,7 +52,7 @@ class LLMReplica:
         _limit_cpu_threads(self.config)
         router = self.config.router  # the routing stats carry the prefix summary: no need to rebuild it more often
         snapshots = SnapshotConfig(router.prefix_summary_blocks, prefix_summary_period_s=router.stats_period_s)
-        self.engine = AsyncLLMEngine(self.config.engine, snapshots)
+        self.engine = AsyncLLMEngine(self.config.engine, snapshots, core=self.config.engine_core)
         self.replica = _replica_name()
         self._unprefilled: dict[str, int] = {}  # request id -> uncached prompt tokens, until its first output
         tenants = [name for name, _ in self.config.engine.scheduler.tenant_weights]  # the metrics' tenant tags

@@ -1,41 +1,42 @@
 """AsyncLLMEngine: one asyncio stream of RequestOutputs per request, over a synchronous engine.
 
-Threads: the LLMEngine lives on one dedicated thread that alone mutates it — it drains a command
-queue (add, abort), runs ``step()`` while there is work, and posts each output to the stream's
-event loop. Callers validate on their own thread (``InputProcessor.process`` has no side
-effects), so a bad request raises ValueError straight from ``generate``.
+Front and core: this object is the front — streams, validation, delivery. The engine itself runs in an
+engine core (``pagoda.engine.engine_core``) that alone touches it: on a thread of this process
+(``core="thread"``, the default) or in a process of its own (``core="process"``, ``ProcessCore``: the
+front's work never delays a step). Callers validate on their own thread (``InputProcessor.process``
+has no side effects), so a bad request raises ValueError straight from ``generate``.
 
-Delivery: the engine thread hands each step's outputs to each caller loop in one
-``call_soon_threadsafe`` (not one per request). A consumer that falls behind gets what queued up
-in one item: delta outputs joined (``RequestOutput.followed_by``), cumulative ones superseded.
-Nothing waits for company: an item goes as soon as the consumer asks.
+Delivery: the core hands each step's outputs to each caller loop in one ``call_soon_threadsafe`` (not
+one per request). A consumer that falls behind gets what queued up in one item: delta outputs joined
+(``RequestOutput.followed_by``), cumulative ones superseded. Nothing waits for company: an item goes
+as soon as the consumer asks.
 
 Cancellation: when the consumer of a stream stops early (``break``, task cancel, a client that
 disconnects), the generator's ``finally`` aborts the request, and its KV blocks return to the
-pool at the engine thread's next turn.
+pool at the core's next turn.
 
 State: other threads read the engine only through ``snapshot()`` (``pagoda.engine.snapshot``): the
-engine thread publishes a frozen ``EngineSnapshot`` after every step and every batch of commands;
-``stats()`` is its stats. ``SnapshotConfig`` sets the prefix-cache summary it carries.
+core publishes a frozen ``EngineSnapshot`` after every step and every batch of commands; ``stats()``
+is its stats. ``SnapshotConfig`` sets the prefix-cache summary it carries.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pagoda.engine.config import EngineConfig
-from pagoda.engine.errors import EngineDeadError, QueueFullError
+from pagoda.engine.engine_core import make_core
+from pagoda.engine.errors import EngineDeadError
 from pagoda.engine.input_processor import PreparedRequest, PromptType, has_images
-from pagoda.engine.llm_engine import EngineStats, LLMEngine
+from pagoda.engine.llm_engine import EngineStats
 from pagoda.engine.output_processor import OutputKind
 from pagoda.engine.request import RequestOutput
 from pagoda.engine.sampling_params import SamplingParams
-from pagoda.engine.snapshot import EngineSnapshot, SnapshotConfig, SnapshotPublisher
+from pagoda.engine.snapshot import EngineSnapshot, SnapshotConfig
 
 
 @dataclass
@@ -45,29 +46,32 @@ class _Stream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig, snapshots: SnapshotConfig | None = None) -> None:
-        self.engine = LLMEngine(config)  # the engine thread's alone once it starts; others read snapshot()
-        self._snapshots = SnapshotPublisher(self.engine, snapshots)
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+    def __init__(self, config: EngineConfig, snapshots: SnapshotConfig | None = None, core: str = "thread") -> None:
+        """``core``: where the engine runs, ``"thread"`` or ``"process"`` (``pagoda.engine.engine_core``)."""
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()  # guards _streams
         self._dead: BaseException | None = None
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
-        self._thread.start()
+        self.core = make_core(core, config, snapshots, self)
+        self.inputs = self.core.inputs
 
     @classmethod
-    def from_kwargs(cls, snapshots: SnapshotConfig | None = None, **kwargs) -> AsyncLLMEngine:
-        return cls(EngineConfig.from_kwargs(**kwargs), snapshots)
+    def from_kwargs(cls, snapshots: SnapshotConfig | None = None, core: str = "thread", **kwargs) -> AsyncLLMEngine:
+        return cls(EngineConfig.from_kwargs(**kwargs), snapshots, core)
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self.core.tokenizer
+
+    @property
+    def engine(self):
+        """The ``LLMEngine`` of a thread core (tests reach in with it); a process core's is in its process."""
+        return self.core.engine
 
     @property
     def is_running(self) -> bool:
-        """Not failed, not shut down, and the engine thread is alive."""
-        return self._dead is None and not self._stopping and self._thread.is_alive()
+        """Not failed, not shut down, and the core is alive."""
+        return self._dead is None and not self._stopping and self.core.is_alive
 
     # ------------------------------------------------------------------ the caller's side
     async def generate(
@@ -83,12 +87,12 @@ class AsyncLLMEngine:
         queue limit (``LLMEngine.add_prepared`` decides, on the engine thread), EngineDeadError once the
         engine has failed."""
         if has_images(prompt):  # decoding and resizing a screenshot takes tens of ms: not on the event loop
-            prepared = await asyncio.to_thread(self.engine.inputs.process, request_id, prompt, sampling_params, priority,
+            prepared = await asyncio.to_thread(self.inputs.process, request_id, prompt, sampling_params, priority,
                                                None, tenant)
         else:
-            prepared = self.engine.inputs.process(request_id, prompt, sampling_params, priority, None, tenant)
+            prepared = self.inputs.process(request_id, prompt, sampling_params, priority, None, tenant)
         stream = self._open(prepared)
-        self._commands.put(("add", prepared, output_kind))
+        self.core.add(prepared, output_kind)
         finished, pending = False, None
         try:
             while not finished:
@@ -107,11 +111,13 @@ class AsyncLLMEngine:
             with self._lock:
                 self._streams.pop(request_id, None)
             if not finished:
-                self._commands.put(("abort", request_id))
+                self.core.abort(request_id)
 
     def _open(self, prepared: PreparedRequest) -> _Stream:
         if self._dead is not None:
             raise EngineDeadError(f"engine is dead: {self._dead!r}")
+        if self._stopping:
+            raise EngineDeadError("engine was shut down")
         with self._lock:
             if prepared.request_id in self._streams:
                 raise ValueError(f"request_id {prepared.request_id!r} is already in use")
@@ -120,62 +126,25 @@ class AsyncLLMEngine:
         return stream
 
     async def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self.core.abort(request_id)
 
     def snapshot(self) -> EngineSnapshot:
         """The engine's latest published state; safe from any thread."""
-        return self._snapshots.latest
+        return self.core.snapshot()
 
     def stats(self) -> EngineStats:
-        return self._snapshots.latest.stats
+        return self.core.snapshot().stats
 
     def shutdown(self) -> None:
+        """Stop the core; streams still open end with EngineDeadError."""
+        if self._stopping:
+            return
         self._stopping = True
-        self._commands.put(("wake",))
-        self._thread.join(timeout=30)
-        self.engine.shutdown()
+        self.core.shutdown()
+        self._end_all(EngineDeadError("engine was shut down"))
 
-    # ------------------------------------------------------------------ the engine thread
-    def _run(self) -> None:
-        while not self._stopping:
-            idle = not self.engine.has_unfinished_requests()
-            if self._drain_commands(block=idle) or idle:
-                self._snapshots.after_commands(waited=idle)
-            if not self.engine.has_unfinished_requests():
-                continue
-            try:
-                outputs = self.engine.step()
-            except BaseException as exc:  # a failed step kills the engine; every stream learns why
-                self._fail_all(exc)
-                return
-            self._snapshots.after_step()  # before delivering: a caller that sees its end sees it in stats too
-            self._deliver_step(outputs)
-
-    def _drain_commands(self, block: bool) -> bool:
-        """Apply every queued command, waiting up to 0.5 s for the first when ``block``; whether any came."""
-        try:
-            command = self._commands.get(block=block, timeout=0.5 if block else None)
-        except queue.Empty:
-            return False
-        while True:
-            self._apply(command)
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return True
-
-    def _apply(self, command: tuple) -> None:
-        kind = command[0]
-        if kind == "add":
-            _, prepared, output_kind = command
-            try:
-                self.engine.add_prepared(prepared, output_kind)
-            except (ValueError, QueueFullError) as exc:
-                self._deliver(prepared.request_id, exc)
-        elif kind == "abort":
-            self.engine.abort_request(command[1])
-
-    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+    # ------------------------------------------------------------------ the core's side (CoreSink), on its thread
+    def on_outputs(self, outputs: list[RequestOutput]) -> None:
         """One step's outputs: a single thread-safe call per caller loop (each wakes a loop through a pipe)."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         with self._lock:
@@ -189,6 +158,19 @@ class AsyncLLMEngine:
             except RuntimeError:  # that event loop has closed; nobody is listening
                 pass
 
+    def on_rejected(self, request_id: str, error: Exception) -> None:
+        self._deliver(request_id, error)
+
+    def on_failed(self, error: BaseException) -> None:
+        self._dead = error
+        self._end_all(EngineDeadError(f"engine step failed: {error!r}"))
+
+    def _end_all(self, error: EngineDeadError) -> None:
+        with self._lock:
+            request_ids = list(self._streams)
+        for request_id in request_ids:
+            self._deliver(request_id, error)
+
     def _deliver(self, request_id: str, item) -> None:
         with self._lock:
             stream = self._streams.get(request_id)
@@ -198,14 +180,6 @@ class AsyncLLMEngine:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
         except RuntimeError:  # the caller's event loop has closed; nobody is listening
             pass
-
-    def _fail_all(self, exc: BaseException) -> None:
-        self._dead = exc
-        error = EngineDeadError(f"engine step failed: {exc!r}")
-        with self._lock:
-            streams = list(self._streams.items())
-        for request_id, _ in streams:
-            self._deliver(request_id, error)
 
 
 def _put_all(items: list) -> None:

@@ -24,7 +24,7 @@ from pagoda.engine.errors import EngineDeadError, QueueFullError
 from pagoda.engine.executor import make_executor
 from pagoda.engine.input_processor import InputProcessor, PreparedRequest, PromptType
 from pagoda.engine.kv_cache.manager import KVCacheManager
-from pagoda.engine.loader import open_model
+from pagoda.engine.loader import ResolvedModel, open_model
 from pagoda.engine.multimodal.processor import make_mm_processor
 from pagoda.engine.output_processor import OutputKind, OutputProcessor, child_ids
 from pagoda.engine.request import Request, RequestOutput, RequestStatus
@@ -51,7 +51,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.model, self.tokenizer = open_model(config.model)  # the executor and every rank get self.model
-        self.config = _resolve_config(config, self.model.hf_config)
+        self.config = resolve_config(config, self.model.hf_config)
         self.max_model_len = self.config.model.max_model_len
         self.eos_token_id = self.model.eos_token_ids[0] if self.model.eos_token_ids else None
         self.executor = make_executor(self.config, self.model)
@@ -65,10 +65,7 @@ class LLMEngine:
         cache = self.config.cache
         self.kv = KVCacheManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv, self.max_model_len)
-        self.inputs = InputProcessor(
-            self.tokenizer, self.model.text_config.vocab_size, self.max_model_len,
-            make_mm_processor(self.model.path, self.model.hf_config, self.config.multimodal), self.config.multimodal,
-        )
+        self.inputs = make_input_processor(self.config, self.model, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer, config.scheduler.stream_interval)
         self._in_flight: deque[tuple[SchedulerOutput, float]] = deque()  # submitted (and when), result not taken yet
         self._last_result_at = 0.0  # when the previous step's result was taken: a step runs from max(submit, this)
@@ -183,7 +180,14 @@ def _child_params(params: SamplingParams, index: int) -> SamplingParams:
     return dataclasses.replace(params, seed=(params.seed + index) % 2**63)
 
 
-def _resolve_config(config: EngineConfig, hf_config) -> EngineConfig:
+def make_input_processor(config: EngineConfig, model: ResolvedModel, tokenizer) -> InputProcessor:
+    """The validation and tokenization an engine applies to ``model``'s requests; ``config`` is resolved
+    (``resolve_config``). A front in another process than the engine builds its own with this."""
+    mm = make_mm_processor(model.path, model.hf_config, config.multimodal)
+    return InputProcessor(tokenizer, model.text_config.vocab_size, config.model.max_model_len, mm, config.multimodal)
+
+
+def resolve_config(config: EngineConfig, hf_config) -> EngineConfig:
     resolved = dataclasses.replace(config.model, max_model_len=resolve_max_model_len(config.model, hf_config))
     return dataclasses.replace(config, model=resolved)
 

@@ -119,6 +119,10 @@ class Request:
         """Token-level stops after the newest token: EOS, stop_token_ids, max_tokens, context end."""
         params = self.sampling_params
         last = self.output_token_ids[-1]
+        if params.structured is not None and last in self.eos_token_ids:
+            # Its grammar allowed EOS, so the output is a complete match and the matcher has terminated: it
+            # allows nothing but EOS from here, so it stops whatever ignore_eos and min_tokens ask.
+            return RequestStatus.FINISHED_STOPPED
         if self.num_output_tokens >= params.min_tokens:
             if last in self.eos_token_ids and not params.ignore_eos:
                 return RequestStatus.FINISHED_STOPPED

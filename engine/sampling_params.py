@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pagoda.engine.config import require
+from pagoda.engine.structured.spec import StructuredOutputSpec
 
 MAX_N = 64
 MAX_STOP_STRINGS = 16
@@ -52,6 +53,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
     logprobs: int | None = None  # return the sampled token's logprob plus this many top ones
     skip_special_tokens: bool = True  # detokenization
+    structured: StructuredOutputSpec | None = None  # the grammar the output must match (engine/structured/)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _as_tuple(self.stop, "stop"))
@@ -61,6 +63,18 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Temperature 0 and nothing that changes or reports the logits: no penalties, min_tokens bans,
+        logprobs or grammar. The argmax of the raw logits is then all its sampling needs, so the runner
+        may take the device-side greedy head and launch the next step before this one's token reaches
+        the host; a structured request never may (its mask needs the previous token accepted)."""
+        return (
+            self.temperature == 0.0 and self.repetition_penalty == 1.0 and self.frequency_penalty == 0.0
+            and self.presence_penalty == 0.0 and self.min_tokens == 0 and self.logprobs is None
+            and self.structured is None
+        )
 
     def _validate(self) -> None:
         require(isinstance(self.n, int) and 1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}], got {self.n}")
@@ -92,6 +106,10 @@ class SamplingParams:
             f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
         )
         self._validate_stops()
+        require(
+            self.structured is None or isinstance(self.structured, StructuredOutputSpec),
+            f"structured must be a StructuredOutputSpec or None, got {type(self.structured).__name__}",
+        )
 
     def _validate_stops(self) -> None:
         require(

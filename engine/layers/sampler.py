@@ -3,7 +3,10 @@
 Per row, in this order:
 
 1. min_tokens: while fewer than ``min_tokens`` tokens were generated, EOS and ``stop_token_ids``
-   get -inf.
+   get -inf (EOS is spared on a row whose grammar is complete: it may allow nothing else).
+   Grammar (structured output, ``GrammarMask``): tokens the row's grammar does not allow get -inf,
+   so everything below (the nucleus included) picks among allowed tokens only. Rows without a
+   grammar are not touched.
 2. Penalties: ``repetition_penalty`` over prompt + output tokens (positive logits divided by it,
    negative ones multiplied); ``frequency_penalty * count + presence_penalty * (count > 0)``
    subtracted for output tokens only.
@@ -24,8 +27,8 @@ Nothing here modifies the caller's logits.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -33,6 +36,7 @@ from torch import Tensor
 
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler_output import TokenLogprobs
+from pagoda.engine.structured.grammar import apply_bitmask
 
 _MASK64 = (1 << 64) - 1
 
@@ -43,6 +47,15 @@ def step_seed(seed: int, step: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) >> 1
+
+
+@dataclass(frozen=True)
+class GrammarMask:
+    """The allowed tokens of a step's rows that have a grammar (``engine/worker/structured_state.py``)."""
+
+    bitmask: Tensor  # (B, ceil(V / 32)) int32, bit t of row r set: token t allowed (``structured.grammar``)
+    rows: tuple[int, ...]  # rows the mask applies to; the others are left as they are
+    completed: tuple[bool, ...]  # (B,) the row's output already matches in full: min_tokens must not ban EOS
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ class SamplingBatch:
     ban_token_ids: Tensor | None  # (N,) int64 /
     num_logprobs: tuple[int | None, ...]  # per row: top logprobs wanted, None for no logprobs
     vocab_size: int
+    grammar: GrammarMask | None = None  # structured rows' allowed tokens; None when no row has a grammar
 
     @property
     def batch_size(self) -> int:
@@ -90,7 +104,8 @@ class SamplingBatch:
         eos_token_id: int | Sequence[int] | None,
         vocab_size: int,
         device: torch.device,
-    ) -> "SamplingBatch":
+        grammar: GrammarMask | None = None,
+    ) -> SamplingBatch:
         """Gathers per-row parameters into tensors. ``eos_token_id`` may also be several ids."""
         if not (len(params) == len(prompt_token_ids) == len(output_token_ids)):
             raise ValueError("params, prompt_token_ids and output_token_ids must have the same length")
@@ -109,7 +124,8 @@ class SamplingBatch:
         if penalized:
             prompt_mask = _token_mask([prompt_token_ids[i] for i in penalized], vocab_size, device)
             output_counts = _token_counts([output_token_ids[i] for i in penalized], vocab_size, device)
-        ban_rows, ban_ids = _min_tokens_bans(params, output_token_ids, eos_token_id, device)
+        completed = grammar.completed if grammar is not None else (False,) * len(params)
+        ban_rows, ban_ids = _min_tokens_bans(params, output_token_ids, eos_token_id, device, completed)
         return cls(
             temperature=floats[0].float(),
             greedy=floats[1].bool(),
@@ -135,6 +151,7 @@ class SamplingBatch:
             ban_token_ids=ban_ids,
             num_logprobs=tuple(p.logprobs for p in params),
             vocab_size=vocab_size,
+            grammar=grammar,
         )
 
 
@@ -178,7 +195,7 @@ def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.d
     return counts
 
 
-def _min_tokens_bans(params, output_token_ids, eos_token_id, device) -> tuple[Tensor | None, Tensor | None]:
+def _min_tokens_bans(params, output_token_ids, eos_token_id, device, completed) -> tuple[Tensor | None, Tensor | None]:
     if eos_token_id is None:
         eos_ids: tuple[int, ...] = ()
     elif isinstance(eos_token_id, int):
@@ -186,9 +203,9 @@ def _min_tokens_bans(params, output_token_ids, eos_token_id, device) -> tuple[Te
     else:
         eos_ids = tuple(eos_token_id)
     rows, ids = [], []
-    for i, (p, out) in enumerate(zip(params, output_token_ids)):
+    for i, (p, out, done) in enumerate(zip(params, output_token_ids, completed)):
         if len(out) < p.min_tokens:
-            banned = set(eos_ids) | set(p.stop_token_ids)
+            banned = set(p.stop_token_ids) - set(eos_ids) if done else set(eos_ids) | set(p.stop_token_ids)
             rows += [i] * len(banned)
             ids += sorted(banned)
     if not rows:
@@ -297,6 +314,9 @@ class Sampler:
         raw_logits = logits
         if batch.ban_rows is not None:
             logits = logits.index_put((batch.ban_rows, batch.ban_token_ids), logits.new_full((), float("-inf")))
+        if batch.grammar is not None:
+            logits = logits.clone() if logits is raw_logits else logits  # the mask is written in place
+            apply_bitmask(logits, batch.grammar.bitmask, batch.grammar.rows)
         if batch.any_penalties:
             logits = apply_penalties(logits, batch)
         if batch.all_greedy:

@@ -8,34 +8,42 @@
 Importing this package loads neither torch nor xgrammar: ``spec`` is plain Python (it imports
 xgrammar when a spec is built), and the ``grammar`` names load on first access.
 
-How the engine drives it (contract for the sampler and the model runner):
+How the engine drives it (contract for the sampler and the model runner; built in
+``engine/worker/structured_state.py``, ``engine/layers/sampler.py`` and ``engine/request.py``):
 
 1. Admission: the frontend builds the spec (``from_openai(body)``, or ``StructuredOutputSpec(...)``
-   in the Python API) and puts it in the request's sampling parameters; malformed input is a
-   ValueError naming the field. The spec is picklable and travels with the request to every rank.
+   in the Python API) and puts it in the request's sampling parameters (``SamplingParams.structured``);
+   malformed input is a ValueError naming the field. The spec is picklable and travels with the
+   request to every rank.
 2. Setup, on the rank that samples: one ``GrammarCompiler(tokenizer, vocab_size=logits width,
-   stop_token_ids=EOS ids)``, built on the first structured request. When a request arrives, give it
-   ``compiler.matcher(spec, output_token_ids)`` (a resumed request replays what it already produced).
-   Compiling a large schema takes milliseconds to seconds; ``compile`` is thread-safe and cached, so
-   it can run off the engine loop while the request waits.
+   stop_token_ids=EOS ids)``, built on the first structured request. A request gets
+   ``compiler.matcher(spec, output_token_ids)`` the first time one of its rows is sampled there (a
+   resumed request, sent in full again, replays what it already produced); its matcher is dropped when
+   it finishes, is aborted or preempted. Compiling a large schema takes milliseconds to seconds;
+   ``compile`` is thread-safe and cached, so it could run off the engine loop while the request waits
+   (today it runs on the loop, at the request's first sampled step).
 3. Each step: ``bitmask = allocate_bitmask(S, V)`` (or a reused pinned buffer reset to -1) and
    ``rows = fill_bitmasks(matchers_per_row, bitmask)`` (None for unconstrained rows); the mask goes to
-   the sampler with the batch. The sampler applies ``apply_bitmask(logits, bitmask, rows)`` to its own
-   copy of the logits after the min_tokens bans and before penalties, temperature, top-k/top-p and the
-   greedy argmax, so the nucleus is taken over allowed tokens only. Unconstrained rows are untouched;
-   logprobs still come from the raw logits.
+   the sampler with the batch (``SamplingBatch.grammar``). The sampler applies
+   ``apply_bitmask(logits, bitmask, rows)`` to its own copy of the logits after the min_tokens bans and
+   before penalties, temperature, top-k/top-p and the greedy argmax, so the nucleus is taken over
+   allowed tokens only. Unconstrained rows are untouched; logprobs still come from the raw logits.
 4. Advance: ``matcher.accept(token)`` once the sampled token is on the host, in step order (where the
    runner appends sampled tokens to its requests). A False means the token broke the grammar (cannot
-   happen when the mask was applied); fail that request.
-   With asynchronous scheduling (a step launched before the previous step's tokens reach the host),
-   a structured row's mask needs the previous token accepted, so such a row never runs ahead as plain
-   greedy does: the forward pass of step N+1 may be launched early, but its mask is filled after step
-   N's tokens were accepted (on the host, while the device runs the forward) and before sampling.
+   happen when the mask was applied); the runner has no per-request error to report, so it ends that
+   request: the token is replaced by EOS and the request's rows allow only EOS from then on (the same
+   for a grammar that fails to compile for this tokenizer, or a replay that does not match); logged.
+   Asynchronous scheduling (a step launched before the previous step's tokens reach the host): a
+   structured row's mask needs the previous token accepted, so a structured request is never plain
+   greedy (``SamplingParams.plain_greedy``) and a step with a structured row never runs ahead: its
+   launch first finishes the step in flight, then queues the forward pass, fills the mask on the host
+   (while the device runs the forward) and samples.
 5. Stop: a complete match leaves only EOS allowed, so the request ends on EOS as usual and the matcher
-   terminates. Two settings would fight the mask: ``ignore_eos`` (stop anyway once
-   ``matcher.is_terminated()``) and ``min_tokens`` (do not ban EOS on a row whose matcher
-   ``is_completed()``; else every token is -inf). Stop strings and ``max_tokens`` can cut an output
-   short of a complete match; the finish reason says so.
+   terminates. Two settings would fight the mask: ``ignore_eos`` and ``min_tokens``. A structured
+   request stops on EOS whatever they say (EOS is sampled only after a complete match, and terminates
+   the matcher), and min_tokens does not ban EOS on a row whose matcher ``is_completed()`` (else every
+   token could be -inf). Stop strings and ``max_tokens`` can cut an output short of a complete match;
+   the finish reason says so.
 """
 
 from __future__ import annotations

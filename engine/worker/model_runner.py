@@ -22,13 +22,17 @@ all plain greedy leaves its ids on the device (and on their way to pinned host m
 next step can be launched before they reach the host: a request whose next input is such a
 pending token gathers it from the device (``last_ids``) instead of the host list. The tokens are
 appended to the runner's requests, in step order, when the step is finished; a launch first
-finishes whatever it cannot run ahead of (a sampler step needs the tokens on the host).
+finishes whatever it cannot run ahead of (a sampler step needs the tokens on the host). A structured
+request is never plain greedy, so its grammar's mask is always filled after its previous token was
+accepted (``structured_state.py``).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +45,7 @@ from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagoda.engine.worker.cuda_graph import DecodeGraphs
 from pagoda.engine.worker.image_inputs import ImageEmbedder, ImageSlice, image_slices, rope_positions
+from pagoda.engine.worker.structured_state import StructuredOutputState
 
 
 @dataclass
@@ -69,19 +74,11 @@ class CachedRequestState:
     def __post_init__(self) -> None:
         self.prompt_token_ids = self.token_ids[: self.num_prompt_tokens]
         self.output_token_ids = self.token_ids[self.num_prompt_tokens :]
-        self.plain_greedy = _is_plain_greedy(self.sampling_params)
+        self.plain_greedy = self.sampling_params.plain_greedy
 
     def append(self, token_id: int) -> None:
         self.token_ids.append(token_id)
         self.output_token_ids.append(token_id)
-
-
-def _is_plain_greedy(params: SamplingParams) -> bool:
-    """Temperature 0 and nothing that changes or reports the logits: no penalties, bans, logprobs."""
-    return (
-        params.temperature == 0.0 and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
-        and params.presence_penalty == 0.0 and params.min_tokens == 0 and params.logprobs is None
-    )
 
 
 @dataclass(frozen=True)
@@ -153,9 +150,11 @@ class ModelRunner:
         max_model_len: int = 0,
         cuda_graph_max_seqs: int = 0,
         encoder_cache_tokens: int = 0,
+        load_tokenizer: Callable[[], Any] | None = None,
     ) -> None:
         """``cuda_graph_max_seqs`` > 0 on CUDA captures decode graphs for batches up to that size;
-        ``encoder_cache_tokens``: vision-encoder output kept for reuse once no request needs it."""
+        ``encoder_cache_tokens``: vision-encoder output kept for reuse once no request needs it;
+        ``load_tokenizer``: the model's tokenizer, loaded with the first structured request."""
         self.model = model
         self.uses_mrope = bool(getattr(model, "uses_mrope", False))
         self.images = ImageEmbedder(model, device, encoder_cache_tokens)
@@ -166,6 +165,7 @@ class ModelRunner:
         self.device = device
         self.max_model_len = max_model_len
         self.sampler = Sampler()
+        self.grammars = StructuredOutputState.for_tokenizer(load_tokenizer, vocab_size, eos_token_ids)  # sampling rank
         self.requests: dict[str, CachedRequestState] = {}
         self._unresolved: deque[StepHandle] = deque()  # launched greedy steps whose ids are not on the host
         self._last_ids: torch.Tensor | None = None  # without graphs: the newest greedy step's ids
@@ -230,8 +230,9 @@ class ModelRunner:
 
     def _runs_ahead(self, scheduled: SchedulerOutput) -> bool:
         """Whether ``scheduled`` can launch before the unresolved step's tokens reach the host: only
-        plain greedy requests (the sampler reads every row's output tokens on the host)."""
-        return all(_is_plain_greedy(new.sampling_params) for new in scheduled.new_reqs) and all(
+        plain greedy requests (the sampler reads every row's output tokens on the host, and a grammar's
+        mask needs its row's previous token accepted, so a step with a structured row never runs ahead)."""
+        return all(new.sampling_params.plain_greedy for new in scheduled.new_reqs) and all(
             self.requests[d.req_id].plain_greedy for d in scheduled.cached_reqs if d.req_id in self.requests
         )
 
@@ -299,7 +300,9 @@ class ModelRunner:
         for req_id in scheduled.finished_req_ids:
             self.requests.pop(req_id, None)
             self.images.drop(req_id)
+            self.grammars.drop(req_id)
         for new in scheduled.new_reqs:
+            self.grammars.drop(new.req_id)  # resumed: a fresh matcher replays its outputs
             self.requests[new.req_id] = CachedRequestState(
                 list(new.token_ids), new.num_prompt_tokens, new.sampling_params, list(new.block_ids),
                 new.num_computed_tokens, mm=new.mm,
@@ -405,15 +408,16 @@ class ModelRunner:
         request; returns {req_id: (token_id, TokenLogprobs | None)}. The extension point for runners
         that sample differently (``TPModelRunner``: rank 0 samples, the other ranks receive)."""
         states = [self.requests[r] for r in sample_req_ids]
+        params, outputs = [s.sampling_params for s in states], [s.output_token_ids for s in states]
+        # Filled on the host while the device may still run this step's forward (structured rows only).
+        grammar = self.grammars.mask(sample_req_ids, params, outputs)
         batch = SamplingBatch.build(
-            [s.sampling_params for s in states],
-            [s.prompt_token_ids for s in states],
-            [s.output_token_ids for s in states],
-            self.eos_token_ids,
-            self.vocab_size,
-            logits.device,
+            params, [s.prompt_token_ids for s in states], outputs, self.eos_token_ids, self.vocab_size,
+            logits.device, grammar,
         )
         token_ids, logprobs = self.sampler(logits, batch)
+        if grammar is not None:
+            token_ids = self.grammars.accept(sample_req_ids, token_ids)
         for state, token_id in zip(states, token_ids):
             state.append(token_id)
         return dict(zip(sample_req_ids, zip(token_ids, logprobs)))

@@ -13,6 +13,8 @@ process per rank, a Ray actor): the host creates the ``TPGroup`` and picks this 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from pagoda.engine.attention_metadata import AttentionMetadata
@@ -22,6 +24,7 @@ from pagoda.engine.loader import ResolvedModel, load_model
 from pagoda.engine.models.base import SupportsImages
 from pagoda.engine.models.registry import kv_cache_spec
 from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagoda.engine.tokenizer import load_tokenizer
 from pagoda.engine.worker.model_runner import ModelRunner, StepHandle
 
 _PROFILE_IMAGE_SIDE = 8192  # pixels: larger than any resize cap, so the processor scales it down to the cap
@@ -125,13 +128,15 @@ class Worker:
             self.source.eos_token_ids,
             self.device, self.config.model.max_model_len, graph_seqs,
         )
-        encoder_cache_tokens = self.config.multimodal.encoder_cache_tokens
+        # the tokenizer is loaded only where a structured request is sampled (grammar compilation)
+        kwargs = {"encoder_cache_tokens": self.config.multimodal.encoder_cache_tokens,
+                  "load_tokenizer": functools.partial(load_tokenizer, self.config.model.tokenizer or self.source.path)}
         if self.tp.world_size == 1:
-            self.runner = ModelRunner(*args, encoder_cache_tokens=encoder_cache_tokens)
+            self.runner = ModelRunner(*args, **kwargs)
         else:
             from pagoda.engine.worker.tp_runner import TPModelRunner  # rank 0 samples, the others receive its tokens
 
-            self.runner = TPModelRunner(*args, encoder_cache_tokens=encoder_cache_tokens, tp=self.tp)
+            self.runner = TPModelRunner(*args, **kwargs, tp=self.tp)
         if self.device.type == "cuda":
             self.runner.warm_up(self.config.scheduler.max_num_batched_tokens, self.config.scheduler.max_num_seqs)
 

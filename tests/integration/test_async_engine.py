@@ -1,4 +1,5 @@
-"""AsyncLLMEngine: per-request streams, concurrency, cancellation that frees KV blocks."""
+"""AsyncLLMEngine: per-request streams, concurrency, cancellation that frees KV blocks — with the engine on a
+thread of this process and in a process of its own (the stream tests run on both cores)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pagoda import AsyncLLMEngine, SamplingParams
 from pagoda.engine.output_processor import OutputKind
 
 
-@pytest.fixture(scope="module")
-def async_engine(embedded_path):
-    engine = AsyncLLMEngine.from_kwargs(model=str(embedded_path), dtype="float32", device="cpu", max_model_len=1024)
+@pytest.fixture(scope="module", params=["thread", "process"])
+def async_engine(embedded_path, request):
+    engine = AsyncLLMEngine.from_kwargs(model=str(embedded_path), dtype="float32", device="cpu", max_model_len=1024,
+                                        core=request.param)
     yield engine
     engine.shutdown()
 
@@ -43,6 +45,7 @@ def test_streams_match_offline_greedy(async_engine, embedded_llm):
         assert stream[-1].finished and not any(o.finished for o in stream[:-1])
         assert stream[-1].outputs[0].token_ids == want.token_ids
         assert stream[-1].outputs[0].text == want.text
+        assert all(o.prompt == stream[0].prompt and o.prompt_token_ids == stream[0].prompt_token_ids for o in stream)
         texts = [o.outputs[0].text for o in stream]
         assert all(texts[i + 1].startswith(texts[i]) for i in range(len(texts) - 1))  # cumulative
 
@@ -163,3 +166,60 @@ def test_a_full_waiting_queue_is_refused_by_the_one_engine_check(embedded_path):
         engine.engine.kv.check_invariants()  # no snapshot has it; the idle engine thread waits on its queue
     finally:
         engine.shutdown()
+
+
+def _process_engine(embedded_path, **kwargs) -> AsyncLLMEngine:
+    return AsyncLLMEngine.from_kwargs(model=str(embedded_path), dtype="float32", device="cpu", max_model_len=256,
+                                      core="process", **kwargs)
+
+
+def test_a_dead_core_process_fails_every_stream_and_the_engine(embedded_path):
+    """Killing the core process mid-stream: each open stream ends with EngineDeadError (none hangs), the
+    engine reports itself not running, and new requests are refused the same way."""
+    from pagoda.engine.errors import EngineDeadError
+
+    engine = _process_engine(embedded_path)
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        streams = [engine.generate("Tell a long story.", params, f"k{i}") for i in range(3)]
+        for s in streams:
+            await anext(s)  # each has a token: the requests run
+        engine.core._process.kill()
+        for s in streams:
+            with pytest.raises(EngineDeadError, match="engine core process exited"):
+                async for _ in s:
+                    pass
+        with pytest.raises(EngineDeadError):
+            await anext(engine.generate("again", params, "after"))
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), timeout=30))
+        assert not engine.is_running
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_ends_open_streams_and_the_core_process(embedded_path):
+    from pagoda.engine.errors import EngineDeadError
+
+    engine = _process_engine(embedded_path)
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        stream = engine.generate("Tell a long story.", params, "open")
+        await anext(stream)
+        await asyncio.to_thread(engine.shutdown)
+        with pytest.raises(EngineDeadError, match="shut down"):
+            async for _ in stream:
+                pass
+
+    asyncio.run(asyncio.wait_for(main(), timeout=60))
+    assert not engine.core._process.is_alive() and engine.core._process.exitcode == 0
+    assert not engine.is_running
+
+
+def test_a_start_failure_in_the_core_process_raises_in_the_front(embedded_path):
+    """The core's start-up error comes back as itself: a KV cache too small for max_model_len is a ValueError."""
+    with pytest.raises(ValueError, match="max_model_len"):
+        _process_engine(embedded_path, num_blocks=4)

@@ -31,7 +31,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 def config(model: str) -> AppConfig:
     return AppConfig.from_dict({
         "engine": {"model": model, "dtype": "float32", "device": "cpu", "max_model_len": 256, "cpu_kv_cache_gib": 0.02},
-        "deployment": {"name": "stall", "num_replicas": 1, "health_check_period_s": 0.5, "health_check_timeout_s": 5,
+        "deployment": {"name": "stall", "num_replicas": 1, "engine_core": "thread", "health_check_period_s": 0.5, "health_check_timeout_s": 5,
                        "stall_timeout_s": 1, "graceful_shutdown_timeout_s": 0.5},
         "router": {"stats_period_s": 0.5},
     })

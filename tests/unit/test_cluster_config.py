@@ -65,6 +65,19 @@ def test_tensor_parallel_replicas_default_to_the_ray_executor():
     assert backend({"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}) == "mp"
 
 
+def test_replicas_run_their_engine_in_a_process_of_its_own_unless_ray_places_the_ranks():
+    def core(engine: dict, deployment: dict | None = None) -> str:
+        return AppConfig.from_dict({"engine": engine, "deployment": deployment or {}}).engine_core
+
+    assert core({}) == "process"
+    assert core({"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}) == "process"
+    assert core({"tensor_parallel_size": 2}) == "thread"  # Ray TP: the ranks are placed from the replica's worker
+    assert core({}, {"engine_core": "thread"}) == "thread"
+    with pytest.raises(ValueError, match=r"deployment\.engine_core must be 'thread' or 'auto' with engine\."
+                                         r"distributed_executor_backend 'ray'"):
+        core({"tensor_parallel_size": 2}, {"engine_core": "process"})
+
+
 def test_numbers_accept_ints_for_floats():
     assert AppConfig.from_dict({"router": {"stats_period_s": 2}}).router.stats_period_s == 2.0
 
@@ -80,6 +93,7 @@ def test_numbers_accept_ints_for_floats():
         ({"engine": {"enable_prefix_caching": "yes"}}, r"^engine\.enable_prefix_caching must be true or false"),
         ({"deployment": {"num_replicas": 0}}, r"^deployment\.num_replicas must be >= 1, got 0"),
         ({"deployment": {"name": "a b"}}, r"^deployment\.name must be letters"),
+        ({"deployment": {"engine_core": "fiber"}}, r"^deployment\.engine_core must be one of \('auto', 'thread', 'process'\)"),
         ({"router": {"policy": "random"}}, r"^router\.policy must be one of \('pagoda', 'pow2'\)"),
         ({"router": {"weights": {"prefix": -1}}}, r"^router\.weights\.prefix must be >= 0, got -1"),
         ({"router": {"weights": {"latency": 1}}}, r"^router\.weights\.latency: unknown field"),

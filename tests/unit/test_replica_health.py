@@ -45,7 +45,7 @@ def make_replica(monkeypatch, tiny_models):
         config = AppConfig.from_dict({
             "engine": {"model": str(tiny_models["llama"]), "dtype": "float32", "device": "cpu", "max_model_len": 512,
                        "cpu_kv_cache_gib": 0.05, **engine},
-            "deployment": {"stall_timeout_s": STALL_TIMEOUT_S, "cpus_per_replica": 2},
+            "deployment": {"stall_timeout_s": STALL_TIMEOUT_S, "cpus_per_replica": 2, "engine_core": "thread"},
         })
         replicas.append(LLMReplica(config.to_dict()))
         return replicas[-1]

@@ -128,7 +128,7 @@ def test_the_replica_hands_the_tenant_to_the_engine_and_the_metrics(monkeypatch,
         monkeypatch.setattr(ray_metrics, kind, _Recorder)
     config = AppConfig.from_dict({"engine": {
         "model": str(tiny_models["llama"]), "dtype": "float32", "device": "cpu", "max_model_len": 256,
-        "cpu_kv_cache_gib": 0.02, "tenant_weights": {"team-a": 2.0}}})
+        "cpu_kv_cache_gib": 0.02, "tenant_weights": {"team-a": 2.0}}, "deployment": {"engine_core": "thread"}})
     replica = LLMReplica(config.to_dict())
     seen: list[str | None] = []  # the tenant of every request the engine queued
     add = replica.engine.engine.add_prepared

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pagoda.engine.layers.sampler import (
+    GrammarMask,
     Sampler,
     SamplingBatch,
     apply_min_p,
@@ -17,6 +18,7 @@ from pagoda.engine.layers.sampler import (
     step_seed,
 )
 from pagoda.engine.sampling_params import SamplingParams
+from pagoda.engine.structured.grammar import allocate_bitmask
 
 CPU = torch.device("cpu")
 NEG_INF = float("-inf")
@@ -75,7 +77,7 @@ def ref_min_p(row: torch.Tensor, allowed: set[int], min_p: float) -> set[int]:
 
 def ref_filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     row = row.double() / p.temperature
-    allowed = ref_top_k(row, p.top_k if p.top_k > 0 else 0)
+    allowed = ref_top_k(row, max(0, p.top_k))
     allowed = ref_top_p(row, allowed, p.top_p)
     allowed = ref_min_p(row, allowed, p.min_p)
     masked = torch.full_like(row, NEG_INF)
@@ -200,6 +202,50 @@ def test_min_tokens_bans_eos_and_stop_token_ids(temperature):
     # without an EOS id only the stop token ids are banned
     tokens, _ = Sampler()(logits, make_batch(params, outputs, eos=None, vocab=v))
     assert tokens == [eos, eos, eos]
+
+
+# ---------------------------------------------------------------- grammar masks
+
+
+def only(bitmask: torch.Tensor, row: int, tokens: list[int]) -> None:
+    """Row ``row`` of a bitmask allows exactly ``tokens`` (ids < 31, so no sign bit)."""
+    bitmask[row].zero_()
+    for t in tokens:
+        bitmask[row, t // 32] |= 1 << (t % 32)
+
+
+def test_a_grammar_mask_narrows_its_rows_before_sampling_and_leaves_the_others():
+    v = 100
+    logits = random_logits(4, v, seed=21)
+    raw = logits.clone()
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logprobs=1),
+              SamplingParams(temperature=1.0, seed=5), SamplingParams(temperature=1.0, seed=6, top_p=0.5, top_k=3)]
+    bitmask = allocate_bitmask(4, v)
+    allowed = [3, 17, 29]
+    only(bitmask, 1, allowed)
+    only(bitmask, 3, allowed)
+    bitmask[2].zero_()  # not in rows: must be ignored
+    grammar = GrammarMask(bitmask, (1, 3), (False,) * 4)
+    masked, logprobs = Sampler()(logits, SamplingBatch.build(params, [[0]] * 4, [[]] * 4, None, v, CPU, grammar))
+    plain, _ = Sampler()(logits, make_batch(params, vocab=v))
+    assert torch.equal(logits, raw)  # the caller's logits are untouched
+    assert [masked[0], masked[2]] == [plain[0], plain[2]]  # rows without a grammar sample as before
+    assert masked[1] == max(allowed, key=lambda t: raw[1, t].item())  # greedy over allowed tokens only
+    assert masked[3] in allowed
+    assert logprobs[1].token_logprob == pytest.approx(raw[1].log_softmax(-1)[masked[1]].item())  # raw logits
+
+
+def test_min_tokens_spares_eos_where_the_grammar_is_complete():
+    v, eos = 40, 5
+    logits = random_logits(2, v, seed=22)
+    logits[:, eos] = 100.0
+    params = [SamplingParams(temperature=0.0, min_tokens=10)] * 2
+    bitmask = allocate_bitmask(2, v)
+    only(bitmask, 0, [eos, 9])
+    only(bitmask, 1, [eos, 9])
+    grammar = GrammarMask(bitmask, (0, 1), (True, False))
+    tokens, _ = Sampler()(logits, SamplingBatch.build(params, [[0]] * 2, [[1]] * 2, eos, v, CPU, grammar))
+    assert tokens == [eos, 9]
 
 
 # ---------------------------------------------------------------- seeding

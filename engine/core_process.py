@@ -1,0 +1,338 @@
+"""``ProcessCore``: the engine loop in a process of its own (``engine_core="process"``).
+
+Why: in one process the engine thread and the front (a Serve replica's event loop, Ray's threads,
+the metrics poll) take turns holding the GIL, so every step waits while the front streams tokens. With
+the loop in its own process a step waits for nothing but the device. vLLM v1 splits its engine core
+off the same way.
+
+    front process                                     core process ("pagoda-engine-core")
+    AsyncLLMEngine ─ add/abort ─► sender thread ══ pipe ══► reader thread ─► command queue
+                                                                               │ run_engine_loop
+    streams ◄─ CoreSink ◄─ receiver thread ◄══ pipe ══ outbox thread ◄─ outputs, rejections, snapshots
+
+Messages (pickled, one per send; each side drains what queued and sends it as one message):
+
+- down: a list of commands, ``("add", prepared, kind)`` / ``("abort", request_id)``, or ``[("stop",)]``;
+- up: ``("ready", snapshot)`` or ``("start_failed", error)`` once, then ``_Batch``es: the latest snapshot,
+  every step's outputs in order, rejections, and a failure. A request crosses in full once (its
+  ``PreparedRequest``); its outputs come back without the prompt, which the front puts back.
+  The snapshot's prefix summary crosses only when the core rebuilt it.
+
+Lifetime: the front's ``shutdown`` sends stop and joins the process. If the front dies (its replica is
+killed, ``os._exit``), the core's reader sees the pipe close and ends the process, even while a step is
+stuck. If the core dies, the front's receiver sees its pipe close and fails every stream with
+``EngineDeadError`` (the replica then exits and Serve replaces it).
+
+The core process is spawned (never forked: the front holds threads, and CUDA must start in the core) and
+is not a daemon, so its multi-process TP executor may start ranks of its own; an ``atexit`` hook stops it.
+The Ray executor's ranks are placed from the replica's own Ray worker, so Ray TP runs on a ``ThreadCore``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import multiprocessing
+import os
+import pickle
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.engine_core import CoreSink, EngineCore, run_engine_loop
+from pagoda.engine.errors import EngineDeadError
+from pagoda.engine.input_processor import PreparedRequest
+from pagoda.engine.llm_engine import LLMEngine, make_input_processor, resolve_config
+from pagoda.engine.loader import open_model
+from pagoda.engine.output_processor import OutputKind
+from pagoda.engine.request import RequestOutput
+from pagoda.engine.snapshot import EngineSnapshot, SnapshotConfig, SnapshotPublisher
+
+logger = logging.getLogger("pagoda.engine_core")
+ORPHAN_EXIT_S = 5.0  # a core whose front is gone ends its process this long after, stuck step or not
+SHUTDOWN_WAIT_S = 30.0
+
+
+@dataclass
+class _Batch:
+    """What the core sends up in one message; the front applies it in field order."""
+
+    snapshot: EngineSnapshot | None = None  # the latest; cached_block_hashes None: unchanged since the last one
+    outputs: list[list[RequestOutput]] = field(default_factory=list)  # per step, prompts stripped
+    rejected: list[tuple[str, Exception]] = field(default_factory=list)
+    failed: BaseException | None = None
+
+
+class ProcessCore(EngineCore):
+    """The front's handle on a core process; ``sink`` hears from it on the receiver thread."""
+
+    def __init__(self, config: EngineConfig, snapshots: SnapshotConfig | None, sink: CoreSink) -> None:
+        model, tokenizer = open_model(config.model)  # the front validates and tokenizes: no weights, no device
+        self.inputs = make_input_processor(resolve_config(config, model.hf_config), model, tokenizer)
+        self._sink = sink
+        self._prompts: dict[str, PreparedRequest] = {}  # requests sent: their outputs come back without a prompt
+        self._stopping = False
+        self._dead = False
+        ctx = multiprocessing.get_context("spawn")
+        core_commands, self._commands_conn = ctx.Pipe(duplex=False)
+        self._events_conn, core_events = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=_core_main, name="pagoda-engine-core", daemon=False,
+                                    args=(config, snapshots, core_commands, core_events, _torch_threads()))
+        self._process.start()
+        core_commands.close()  # the core's ends: only its process holds them, so its death closes the pipes
+        core_events.close()
+        try:
+            self._snapshot = self._wait_ready()
+        except BaseException:
+            self._kill()
+            raise
+        self._summary = self._snapshot.cached_block_hashes  # the last one received: a snapshot without one keeps it
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="pagoda-core-send", daemon=True)
+        self._receiver = threading.Thread(target=self._receive_loop, name="pagoda-core-receive", daemon=True)
+        self._sender.start()
+        self._receiver.start()
+        atexit.register(self.shutdown)
+
+    def _wait_ready(self) -> EngineSnapshot:
+        """Block until the core has built its engine (loading weights can take minutes); its error if it failed."""
+        while not self._events_conn.poll(0.5):
+            if not self._process.is_alive():
+                raise RuntimeError(f"engine core process exited with code {self._process.exitcode} while starting")
+        kind, payload = pickle.loads(self._events_conn.recv_bytes())
+        if kind == "start_failed":
+            raise payload
+        return payload
+
+    # ------------------------------------------------------------------ the front's side
+    def add(self, prepared: PreparedRequest, output_kind: OutputKind) -> None:
+        self._prompts[prepared.request_id] = prepared
+        self._outbox.put(("add", prepared, output_kind))
+
+    def abort(self, request_id: str) -> None:
+        self._prompts.pop(request_id, None)  # an aborted request ends without an output that would pop it
+        self._outbox.put(("abort", request_id))
+
+    def snapshot(self) -> EngineSnapshot:
+        return self._snapshot
+
+    @property
+    def is_alive(self) -> bool:
+        return not self._dead and not self._stopping and self._process.is_alive()
+
+    def shutdown(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        atexit.unregister(self.shutdown)
+        self._outbox.put(("stop",))
+        self._process.join(SHUTDOWN_WAIT_S)
+        self._kill()
+
+    def _kill(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+
+    # ------------------------------------------------------------------ the front's threads
+    def _send_loop(self) -> None:
+        """Every command queued since the last send goes in one message; stop is the last."""
+        while True:
+            commands = _drain(self._outbox)
+            try:
+                self._commands_conn.send_bytes(pickle.dumps(commands, protocol=pickle.HIGHEST_PROTOCOL))
+            except OSError:  # the core is gone; the receiver reports it
+                return
+            if commands[-1][0] == "stop":
+                self._commands_conn.close()
+                return
+
+    def _receive_loop(self) -> None:
+        while True:
+            try:
+                batch: _Batch = pickle.loads(self._events_conn.recv_bytes())
+            except (EOFError, OSError):
+                break
+            self._apply(batch)
+            if batch.failed is not None:
+                return
+        if not self._stopping and not self._dead:  # the process died without a word (killed, out of memory)
+            self._dead = True
+            code = self._process.exitcode if not self._process.is_alive() else None
+            self._sink.on_failed(EngineDeadError(f"engine core process exited (exit code {code})"))
+
+    def _apply(self, batch: _Batch) -> None:
+        if batch.snapshot is not None:
+            snapshot = batch.snapshot
+            if snapshot.cached_block_hashes is None:
+                snapshot = dataclasses.replace(snapshot, cached_block_hashes=self._summary)
+            self._summary = snapshot.cached_block_hashes
+            self._snapshot = snapshot  # before delivering: a caller that sees its end sees it in stats too
+        for request_id, error in batch.rejected:
+            self._prompts.pop(request_id, None)
+            self._sink.on_rejected(request_id, error)
+        for outputs in batch.outputs:
+            self._sink.on_outputs([self._with_prompt(o) for o in outputs])
+        if batch.failed is not None:
+            self._dead = True
+            self._sink.on_failed(batch.failed)
+
+    def _with_prompt(self, output: RequestOutput) -> RequestOutput:
+        prepared = (self._prompts.pop if output.finished else self._prompts.get)(output.request_id, None)
+        if prepared is None:  # aborted: nobody listens for what was already on its way
+            return output
+        output.prompt, output.prompt_token_ids = prepared.prompt, prepared.prompt_token_ids
+        return output
+
+
+def _drain(q: queue.SimpleQueue) -> list:
+    items = [q.get()]
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
+
+
+def _torch_threads() -> int | None:
+    """The torch threads this process was limited to (a CPU replica's share), for the core to use too."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
+
+
+# ---------------------------------------------------------------------- the core process
+def _core_main(config: EngineConfig, snapshots: SnapshotConfig | None, commands_conn: Connection,
+               events_conn: Connection, torch_threads: int | None) -> None:
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    try:
+        engine = LLMEngine(config)
+    except BaseException as exc:  # noqa: BLE001 (any start failure goes back to the front as itself)
+        events_conn.send_bytes(_dumps(("start_failed", _picklable(exc))))
+        return
+    publisher = _Publisher(engine, snapshots)
+    outbox = _Outbox(events_conn)
+    publisher.outbox = outbox
+    events_conn.send_bytes(_dumps(("ready", publisher.latest)))
+    commands: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+    threading.Thread(target=_read_commands, args=(commands_conn, commands, stop), name="pagoda-core-read",
+                     daemon=True).start()
+    try:
+        run_engine_loop(engine, publisher, commands, outbox, stop.is_set)
+    finally:
+        outbox.close()
+        engine.shutdown()
+
+
+def _read_commands(conn: Connection, commands: queue.SimpleQueue, stop: threading.Event) -> None:
+    while True:
+        try:
+            batch = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):  # the front is gone: stop, and end the process if a step is stuck
+            stop.set()
+            commands.put(("wake",))
+            time.sleep(ORPHAN_EXIT_S)
+            os._exit(0)
+        for command in batch:
+            if command[0] == "stop":
+                stop.set()
+                command = ("wake",)
+            commands.put(command)
+
+
+class _Publisher(SnapshotPublisher):
+    """Publishes as usual and queues each snapshot for the front."""
+
+    outbox: _Outbox
+
+    def after_step(self) -> None:
+        super().after_step()
+        self.outbox.put_snapshot(self.latest)
+
+    def after_commands(self, waited: bool) -> None:
+        super().after_commands(waited)
+        self.outbox.put_snapshot(self.latest)
+
+
+class _Outbox:
+    """The core's ``CoreSink``: what the loop hands on is queued, and a thread sends what queued as one
+    ``_Batch`` (pickling off the loop's thread)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._summary_sent: frozenset[int] | None = None
+        self._thread = threading.Thread(target=self._run, name="pagoda-core-outbox", daemon=True)
+        self._thread.start()
+
+    def put_snapshot(self, snapshot: EngineSnapshot) -> None:
+        self._queue.put(("snapshot", snapshot))
+
+    def on_outputs(self, outputs: list[RequestOutput]) -> None:
+        self._queue.put(("outputs", outputs))
+
+    def on_rejected(self, request_id: str, error: Exception) -> None:
+        self._queue.put(("rejected", (request_id, error)))
+
+    def on_failed(self, error: BaseException) -> None:
+        self._queue.put(("failed", _picklable(error)))
+
+    def close(self) -> None:
+        self._queue.put(("close", None))
+        self._thread.join(SHUTDOWN_WAIT_S)
+
+    def _run(self) -> None:
+        while True:
+            items = _drain(self._queue)
+            batch, closing = _Batch(), False
+            for kind, item in items:
+                if kind == "snapshot":
+                    batch.snapshot = item
+                elif kind == "outputs":
+                    batch.outputs.append([_without_prompt(o) for o in item])
+                elif kind == "rejected":
+                    batch.rejected.append(item)
+                elif kind == "failed":
+                    batch.failed = item
+                else:
+                    closing = True
+            if batch.snapshot is not None:
+                batch.snapshot = self._wire_snapshot(batch.snapshot)
+            try:
+                self._conn.send_bytes(_dumps(batch))
+            except OSError:  # the front is gone
+                return
+            if closing:
+                return
+
+    def _wire_snapshot(self, snapshot: EngineSnapshot) -> EngineSnapshot:
+        if snapshot.cached_block_hashes is self._summary_sent:
+            return dataclasses.replace(snapshot, cached_block_hashes=None)
+        self._summary_sent = snapshot.cached_block_hashes
+        return snapshot
+
+
+def _without_prompt(output: RequestOutput) -> RequestOutput:
+    return dataclasses.replace(output, prompt=None, prompt_token_ids=[])
+
+
+def _dumps(obj) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _picklable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling, else a RuntimeError that names it."""
+    try:
+        pickle.loads(_dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 (whatever makes it unpicklable)
+        return RuntimeError(f"{type(error).__name__}: {error}")
