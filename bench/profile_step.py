@@ -6,6 +6,8 @@ each phase so that every millisecond lands in exactly one row:
     schedule | execute (inputs, forward, logits, sample, D2H) | update | emit
 
 then profiles a few pure-decode steps with ``torch.profiler`` and lists the top kernels by GPU time.
+``--output-kind delta`` emits what a stream gets (every request's new text every step, as
+``AsyncLLMEngine`` and the served path ask) instead of ``LLM.generate``'s final outputs.
 Not a throughput benchmark (the synchronizations cost time): use it to see what to fix.
 
     python -m bench.profile_step --shape llama-3.1-8b --num-requests 128 --input-len 512 --output-len 64
@@ -30,11 +32,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _phase_breakdown(engine, params, workload) -> dict:
+def _phase_breakdown(engine, params, workload, kind: str = "final") -> dict:
     from pagoda.engine.output_processor import OutputKind
 
     for i, (prompt, _) in enumerate(workload):
-        engine.add_request(f"p{i}", {"prompt_token_ids": prompt}, params[i], output_kind=OutputKind.FINAL)
+        engine.add_request(f"p{i}", {"prompt_token_ids": prompt}, params[i], output_kind=OutputKind(kind))
     totals = {"schedule": 0.0, "execute": 0.0, "update": 0.0, "emit": 0.0}
     decode = dict(totals)
     steps = decode_steps = 0
@@ -127,6 +129,8 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--output-kind", choices=["final", "delta", "cumulative"], default="final",
+                    help="what the phase breakdown emits: final (LLM.generate) or a stream's delta outputs")
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/pagoda-models"))
     ap.add_argument("--out", type=Path, default=Path("/tmp/pagoda-out"))
     args = ap.parse_args()
@@ -145,12 +149,13 @@ def main() -> None:
     )
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in cold_w]
     llm.generate([{"prompt_token_ids": p} for p, _ in start_w[:4]], params[:4], use_tqdm=False)
-    cold = _phase_breakdown(llm.engine, params, cold_w)  # the first batch a user sends
-    warm = _phase_breakdown(llm.engine, params, warm_w)
+    cold = _phase_breakdown(llm.engine, params, cold_w, args.output_kind)  # the first batch a user sends
+    warm = _phase_breakdown(llm.engine, params, warm_w, args.output_kind)
     prefill_kernels = _kernel_table(llm.engine, params, prefill_w, 2, prefill=True)
     decode_kernels = _kernel_table(llm.engine, params, decode_w, args.profile_steps)
 
-    name = f"profile_{args.shape}_{args.num_requests}x{args.input_len}"
+    name = f"profile_{args.shape}_{args.num_requests}x{args.input_len}" + (
+        "" if args.output_kind == "final" else f"_{args.output_kind}")
     config = vars(args) | {"model_dir": None, "out": None, "model": str(args.model) if args.model else None}
     result = {"benchmark": name, "workload": config, "environment": environment(), "cold_phases": cold,
               "phases": warm, "kernels": decode_kernels, "prefill_kernels": prefill_kernels}

@@ -72,11 +72,14 @@ def _free_port() -> int:
 
 
 def profile(server: Server, out: Path, seconds: int, tag: str) -> list[subprocess.Popen]:
-    """py-spy (raw folded stacks) of the server process and its replicas while the next level runs."""
+    """py-spy (raw folded stacks) of the server process, its replicas and their engine cores while the next level runs."""
     out.mkdir(parents=True, exist_ok=True)
     pids = {"ingress": server.proc.pid}
     ps = subprocess.run(["pgrep", "-f", "ServeReplica:"], capture_output=True, text=True, check=False).stdout.split()
     pids.update({f"replica{k}": int(pid) for k, pid in enumerate(ps)})
+    for k, pid in enumerate(ps):  # a replica's engine core process (deployment.engine_core: process)
+        kids = subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True, check=False).stdout.split()
+        pids.update({f"core{k}_{j}": int(kid) for j, kid in enumerate(kids)})
     return [subprocess.Popen(["py-spy", "record", "-d", str(seconds), "-r", "250", "-f", "raw", "--threads",
                               "--nonblocking", "-p", str(pid), "-o", str(out / f"{tag}_{who}.txt")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

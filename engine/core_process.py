@@ -23,8 +23,9 @@ killed, ``os._exit``), the core's reader sees the pipe close and ends the proces
 stuck. If the core dies, the front's receiver sees its pipe close and fails every stream with
 ``EngineDeadError`` (the replica then exits and Serve replaces it).
 
-The core process is spawned (never forked: the front holds threads, and CUDA must start in the core) and
-is not a daemon, so its multi-process TP executor may start ranks of its own; an ``atexit`` hook stops it.
+The core process is a fresh interpreter (``python -m pagoda.engine.core_process``; never a fork: the front
+holds threads, and CUDA must start in the core) that inherits the two pipes; it may start TP ranks of its
+own (the multi-process executor), and an ``atexit`` hook of the front stops it.
 The Ray executor's ranks are placed from the replica's own Ray worker, so Ray TP runs on a ``ThreadCore``.
 """
 
@@ -33,10 +34,11 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
-import multiprocessing
 import os
 import pickle
 import queue
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -77,14 +79,8 @@ class ProcessCore(EngineCore):
         self._prompts: dict[str, PreparedRequest] = {}  # requests sent: their outputs come back without a prompt
         self._stopping = False
         self._dead = False
-        ctx = multiprocessing.get_context("spawn")
-        core_commands, self._commands_conn = ctx.Pipe(duplex=False)
-        self._events_conn, core_events = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_core_main, name="pagoda-engine-core", daemon=False,
-                                    args=(config, snapshots, core_commands, core_events, _torch_threads()))
-        self._process.start()
-        core_commands.close()  # the core's ends: only its process holds them, so its death closes the pipes
-        core_events.close()
+        self._process, self._commands_conn, self._events_conn = _start_core_process()
+        self._commands_conn.send_bytes(_dumps((config, snapshots, _torch_threads())))  # what to build
         try:
             self._snapshot = self._wait_ready()
         except BaseException:
@@ -101,9 +97,12 @@ class ProcessCore(EngineCore):
     def _wait_ready(self) -> EngineSnapshot:
         """Block until the core has built its engine (loading weights can take minutes); its error if it failed."""
         while not self._events_conn.poll(0.5):
-            if not self._process.is_alive():
-                raise RuntimeError(f"engine core process exited with code {self._process.exitcode} while starting")
-        kind, payload = pickle.loads(self._events_conn.recv_bytes())
+            if self._process.poll() is not None:
+                break
+        try:
+            kind, payload = pickle.loads(self._events_conn.recv_bytes())
+        except EOFError:  # it died before a word; its stderr (the replica's log) says why
+            raise RuntimeError(f"engine core process exited with code {self._process.wait()} while starting") from None
         if kind == "start_failed":
             raise payload
         return payload
@@ -122,7 +121,7 @@ class ProcessCore(EngineCore):
 
     @property
     def is_alive(self) -> bool:
-        return not self._dead and not self._stopping and self._process.is_alive()
+        return not self._dead and not self._stopping and self._process.poll() is None
 
     def shutdown(self) -> None:
         if self._stopping:
@@ -130,13 +129,15 @@ class ProcessCore(EngineCore):
         self._stopping = True
         atexit.unregister(self.shutdown)
         self._outbox.put(("stop",))
-        self._process.join(SHUTDOWN_WAIT_S)
-        self._kill()
+        try:
+            self._process.wait(SHUTDOWN_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self._kill()
 
     def _kill(self) -> None:
-        if self._process.is_alive():
+        if self._process.poll() is None:
             self._process.kill()
-            self._process.join(5)
+            self._process.wait(5)
 
     # ------------------------------------------------------------------ the front's threads
     def _send_loop(self) -> None:
@@ -162,7 +163,11 @@ class ProcessCore(EngineCore):
                 return
         if not self._stopping and not self._dead:  # the process died without a word (killed, out of memory)
             self._dead = True
-            code = self._process.exitcode if not self._process.is_alive() else None
+            try:
+                code = self._process.wait(5)
+            except subprocess.TimeoutExpired:  # its pipe closed but it lives on: it will not be heard again
+                self._kill()
+                code = self._process.returncode
             self._sink.on_failed(EngineDeadError(f"engine core process exited (exit code {code})"))
 
     def _apply(self, batch: _Batch) -> None:
@@ -207,8 +212,22 @@ def _torch_threads() -> int | None:
 
 
 # ---------------------------------------------------------------------- the core process
-def _core_main(config: EngineConfig, snapshots: SnapshotConfig | None, commands_conn: Connection,
-               events_conn: Connection, torch_threads: int | None) -> None:
+def _start_core_process() -> tuple[subprocess.Popen, Connection, Connection]:
+    """``python -m pagoda.engine.core_process`` with one pipe each way; (process, commands out, events in).
+    A fresh interpreter, not multiprocessing's spawn: that re-runs the caller's main module in the child,
+    which a script without a ``__main__`` guard cannot survive, and which in a Ray worker imports Ray."""
+    core_commands, commands = os.pipe()
+    events, core_events = os.pipe()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # imports what the front imports
+    process = subprocess.Popen([sys.executable, "-m", "pagoda.engine.core_process", str(core_commands),
+                                str(core_events)], pass_fds=(core_commands, core_events), env=env)
+    os.close(core_commands)  # the core's ends: only its process holds them, so its death closes the pipes
+    os.close(core_events)
+    return process, Connection(commands, readable=False), Connection(events, writable=False)
+
+
+def _core_main(commands_conn: Connection, events_conn: Connection) -> None:
+    config, snapshots, torch_threads = pickle.loads(commands_conn.recv_bytes())
     if torch_threads:
         import torch
 
@@ -336,3 +355,9 @@ def _picklable(error: BaseException) -> BaseException:
         return error
     except Exception:  # noqa: BLE001 (whatever makes it unpicklable)
         return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+if __name__ == "__main__":  # the core process: python -m pagoda.engine.core_process COMMANDS_FD EVENTS_FD
+    from pagoda.engine.core_process import _core_main as main  # its classes by their importable names, not __main__'s
+
+    main(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False))

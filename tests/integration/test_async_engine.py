@@ -215,7 +215,7 @@ def test_shutdown_ends_open_streams_and_the_core_process(embedded_path):
                 pass
 
     asyncio.run(asyncio.wait_for(main(), timeout=60))
-    assert not engine.core._process.is_alive() and engine.core._process.exitcode == 0
+    assert engine.core._process.poll() == 0  # it ended by itself, after the stop
     assert not engine.is_running
 
 
@@ -223,3 +223,26 @@ def test_a_start_failure_in_the_core_process_raises_in_the_front(embedded_path):
     """The core's start-up error comes back as itself: a KV cache too small for max_model_len is a ValueError."""
     with pytest.raises(ValueError, match="max_model_len"):
         _process_engine(embedded_path, num_blocks=4)
+
+
+def test_a_script_without_a_main_guard_can_start_a_process_core(tmp_path, embedded_path):
+    """The core is a fresh interpreter, not a multiprocessing spawn (which re-runs the caller's main module:
+    a script without ``if __name__ == "__main__"`` would start engines without end)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "serve_one.py"
+    script.write_text(
+        "import asyncio\n"
+        "from pagoda import AsyncLLMEngine, SamplingParams\n"
+        f"engine = AsyncLLMEngine.from_kwargs(model={str(embedded_path)!r}, dtype='float32', device='cpu', "
+        "max_model_len=256, core='process')\n"
+        "async def main():\n"
+        "    return [o async for o in engine.generate('Hi', SamplingParams(temperature=0, max_tokens=4), 'a')]\n"
+        "outs = asyncio.run(main())\n"
+        "engine.shutdown()\n"
+        "print('tokens', len(outs[-1].outputs[0].token_ids))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("tokens 4")
