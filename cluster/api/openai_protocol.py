@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from pagoda.cluster.api import errors
 from pagoda.engine.request import CompletionOutput
+from pagoda.engine.structured import StructuredOutputError, from_openai
 
 # body field -> (SamplingParams field, accepted types)
 _NUMBER = (int, float)
@@ -80,6 +81,12 @@ def parse_request(body, chat: bool) -> ParsedRequest:
             sampling["logprobs"] = logprobs
         _no_images(body)
         prompt = _completion_prompt(body.get("prompt"))
+    try:  # response_format (json_object, json_schema) or vLLM's structured_outputs (regex, grammar, ...)
+        structured = from_openai(body)
+    except StructuredOutputError as exc:
+        raise errors.invalid(str(exc), exc.field) from None
+    if structured is not None:
+        sampling["structured"] = structured
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise errors.invalid("stream_options must be an object", "stream_options")

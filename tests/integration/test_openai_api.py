@@ -4,6 +4,7 @@ Ray cluster + Serve app (one CPU replica of the embedded model) and uvicorn on 1
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -174,6 +175,28 @@ def test_bad_parameter_is_400_naming_the_field(client):
     assert e.status_code == 400 and e.body["param"] == "max_tokens"
     e = _error(client, max_tokens=4, extra_body={"tenant": "two words"})
     assert e.status_code == 400 and e.body["param"] == "tenant" and "letters, digits" in e.body["message"]
+
+
+def test_response_format_json_schema_constrains_the_answer(client):
+    """OpenAI's response_format and vLLM's structured_outputs reach the sampler (xgrammar masks); a schema
+    the grammar compiler refuses is a 400 naming the field, never ignored."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "sunny": {"type": "boolean"}},
+              "required": ["city", "sunny"], "additionalProperties": False}
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "The weather in Paris, as JSON."}], max_tokens=48,
+        temperature=0.8, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": schema}})
+    answer = json.loads(chat.choices[0].message.content)
+    assert set(answer) == {"city", "sunny"} and isinstance(answer["sunny"], bool)
+    assert chat.choices[0].finish_reason == "stop"
+    plate = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16,
+                                      extra_body={"structured_outputs": {"regex": "[A-Z]{2}-[0-9]{3}"}})
+    assert re.fullmatch("[A-Z]{2}-[0-9]{3}", plate.choices[0].text)
+    e = _error(client, max_tokens=8, extra_body={"response_format": {"type": "xml"}})
+    assert e.status_code == 400 and e.body["param"] == "response_format.type"
+    e = _error(client, max_tokens=8, extra_body={"structured_outputs": {"regex": "a", "grammar": "autoglm-action"}})
+    assert e.status_code == 400 and e.body["param"].startswith("structured_outputs")
 
 
 def test_unknown_model_is_404(client):
