@@ -163,7 +163,8 @@ class AsyncLLMEngine:
 
     def on_failed(self, error: BaseException) -> None:
         self._dead = error
-        self._end_all(EngineDeadError(f"engine step failed: {error!r}"))
+        dead = error if isinstance(error, EngineDeadError) else EngineDeadError(f"engine step failed: {error!r}")
+        self._end_all(dead)
 
     def _end_all(self, error: EngineDeadError) -> None:
         with self._lock:

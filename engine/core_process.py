@@ -205,8 +205,6 @@ def _drain(q: queue.SimpleQueue) -> list:
 
 def _torch_threads() -> int | None:
     """The torch threads this process was limited to (a CPU replica's share), for the core to use too."""
-    import sys
-
     torch = sys.modules.get("torch")
     return torch.get_num_threads() if torch is not None else None
 
@@ -262,9 +260,10 @@ def _read_commands(conn: Connection, commands: queue.SimpleQueue, stop: threadin
             time.sleep(ORPHAN_EXIT_S)
             os._exit(0)
         for command in batch:
-            if command[0] == "stop":
+            if command[0] == "stop":  # the last command: the front closes its end next, which is no orphaning
                 stop.set()
-                command = ("wake",)
+                commands.put(("wake",))
+                return
             commands.put(command)
 
 
