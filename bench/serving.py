@@ -283,7 +283,7 @@ def plot(result: dict, png: Path) -> None:
 # ---- driver -------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default=None, help="random-weight model of this shape (bench/random_models.py); "
                                                  "default: the embedded model on CPU")
@@ -314,7 +314,11 @@ def main(argv=None) -> None:
     p.add_argument("--vocab-size", type=int, default=32000, help="a running server: prompt ids are drawn below this")
     p.add_argument("--name", default=None)
     p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
     rows: list[dict] = []

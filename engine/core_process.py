@@ -340,7 +340,9 @@ class _Outbox:
 
 
 def _without_prompt(output: RequestOutput) -> RequestOutput:
-    return dataclasses.replace(output, prompt=None, prompt_token_ids=[])
+    """In place: the outbox holds the only reference to a step's outputs, so no copy per output per step."""
+    output.prompt, output.prompt_token_ids = None, []
+    return output
 
 
 def _dumps(obj) -> bytes:
