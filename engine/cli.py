@@ -2,6 +2,7 @@
 the cluster application.
 
     pagoda generate "What is the capital of France?"
+    pagoda generate --graph graph.json --json-schema answer.schema.json "Which drugs interact?"
     pagoda chat
     pagoda serve --config deploy/pagoda.yaml      (Ray is imported only by this one)
     pagoda status                                 (replicas, KV usage, queues of the running application)
@@ -18,8 +19,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pagoda.engine import plugins
+from pagoda.engine import cli_inputs, plugins
 from pagoda.engine.config import EMBEDDED_MODEL
+from pagoda.engine.graph_prompt import DEFAULT_ENCODING, ENCODINGS
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,31 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
 
 
+def _add_input_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("graph and structured output")
+    g.add_argument("--graph", type=cli_inputs.graph_file, metavar="FILE",
+                   help="a graph (JSON: nodes, edges; see engine/graph_prompt.py) written as text before the "
+                        "first user message")
+    g.add_argument("--graph-encoding", choices=sorted(ENCODINGS), default=None,
+                   help=f"how to write the graph (default: {DEFAULT_ENCODING})")
+    one = g.add_mutually_exclusive_group()
+    one.add_argument("--json-schema", dest="structured", type=cli_inputs.json_schema_file, metavar="FILE",
+                     help="the output is compact JSON (one line) that this JSON schema file admits")
+    one.add_argument("--regex", dest="structured", type=cli_inputs.regex, metavar="REGEX",
+                     help="the whole output matches this regular expression")
+    one.add_argument("--grammar", dest="structured", type=cli_inputs.grammar, metavar="NAME|FILE",
+                     help="the output follows a registered grammar (autoglm-action) or an EBNF file (root rule root)")
+
+
+def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flag combinations argparse cannot express; exits like argparse (status 2) naming the flag."""
+    if getattr(args, "graph_encoding", None) is not None and args.graph is None:
+        parser.error("argument --graph-encoding: needs --graph")
+    if getattr(args, "graph", None) is not None and getattr(args, "raw", False):
+        parser.error("argument --graph: not with --raw (the graph goes before the first user message, "
+                     "which a raw prompt does not have)")
+
+
 def build_parser(commands: dict[str, CliCommand] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagoda", description="pagoda: paged-KV LLM engine and serving cluster")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +109,7 @@ def build_parser(commands: dict[str, CliCommand] | None = None) -> argparse.Argu
     for p in (gen, chat):
         _add_engine_flags(p)
         _add_sampling_flags(p)
+        _add_input_flags(p)
     for command in (plugin_commands() if commands is None else commands).values():
         command.add_parser(sub)
     return parser
@@ -89,9 +117,11 @@ def build_parser(commands: dict[str, CliCommand] | None = None) -> argparse.Argu
 
 def main(argv: list[str] | None = None) -> int:
     commands = plugin_commands()
-    args = build_parser(commands).parse_args(argv)
+    parser = build_parser(commands)
+    args = parser.parse_args(argv)
     if args.command in commands:
         return commands[args.command].main(args)
+    _check_inputs(parser, args)
     from pagoda.engine.cli_session import CliSession  # heavy imports only after --help
 
     try:

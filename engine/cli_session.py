@@ -1,4 +1,7 @@
-"""The engine behind the CLI: builds it from parsed flags and streams text to a terminal."""
+"""The engine behind the CLI: builds it from parsed flags and streams text to a terminal.
+
+``--graph`` puts the graph's text before the first user message, as the APIs do (``graph_request.py``):
+in ``chat`` at every turn, so each turn's prompt starts with the same cached prefix."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import sys
 from typing import TextIO
 
 from pagoda.engine.config import EngineConfig
+from pagoda.engine.graph_prompt import DEFAULT_ENCODING
+from pagoda.engine.graph_request import GraphRequest
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.engine.output_processor import OutputKind
 from pagoda.engine.sampling_params import SamplingParams
@@ -20,7 +25,7 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, seed=args.seed, max_tokens=args.max_tokens,
         min_tokens=args.min_tokens, stop=args.stop, stop_token_ids=args.stop_token_ids,
-        ignore_eos=args.ignore_eos,
+        ignore_eos=args.ignore_eos, structured=args.structured,
     )
 
 
@@ -36,16 +41,17 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 class CliSession:
     def __init__(self, args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
         self.params = sampling_params_from_args(args)  # bad flags fail before the model loads
+        self.graph = None if args.graph is None else GraphRequest(args.graph, args.graph_encoding or DEFAULT_ENCODING)
         self.engine = LLMEngine(engine_config_from_args(args))
         self.out = out
         self._ids = (str(i) for i in itertools.count())
 
     def generate(self, prompt: str, raw: bool = False) -> int:
         tokenizer = self.engine.tokenizer
-        if raw or not tokenizer.chat_template:
+        if raw or (not tokenizer.chat_template and self.graph is None):  # a graph needs the template: it says so
             self._stream(prompt)
         else:
-            self._stream({"prompt_token_ids": encode_chat(tokenizer, [{"role": "user", "content": prompt}])})
+            self._stream({"prompt_token_ids": self._chat_ids([{"role": "user", "content": prompt}])})
         return 0
 
     def chat(self, system: str | None) -> int:
@@ -60,8 +66,12 @@ class CliSession:
                 continue
             messages.append({"role": "user", "content": user})
             self.out.write("pagoda> ")
-            reply = self._stream({"prompt_token_ids": encode_chat(self.engine.tokenizer, messages)})
+            reply = self._stream({"prompt_token_ids": self._chat_ids(messages)})
             messages.append({"role": "assistant", "content": reply})
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        """The conversation through the chat template, with the graph (if any) in its first user message."""
+        return encode_chat(self.engine.tokenizer, self.graph.into(messages) if self.graph else messages)
 
     def _stream(self, prompt) -> str:
         """Print text as it is generated; returns the whole reply."""

@@ -33,6 +33,7 @@ from pagoda.cluster.api import errors
 from pagoda.cluster.api.config import ApiConfig
 from pagoda.cluster.config import AppConfig
 from pagoda.cluster.protocol import GenerateChunk
+from pagoda.engine.graph_request import GraphRequest, GraphRequestError
 from pagoda.engine.input_processor import check_tenant
 from pagoda.engine.multimodal.chat import split_images
 from pagoda.engine.multimodal.image_io import image_bytes, image_header_size
@@ -127,22 +128,30 @@ class Frontend:
     # ---- requests -------------------------------------------------------------------------------
 
     async def prompt(self, text: str | None = None, token_ids: Sequence[int] | None = None,
-                     messages: list[dict] | None = None, images: Sequence[tuple[str, bytes]] = ()) -> Prompt:
+                     messages: list[dict] | None = None, images: Sequence[tuple[str, bytes]] = (),
+                     graph: GraphRequest | None = None) -> Prompt:
         """Exactly one of the three forms, as token ids; ValueErrors become INVALID_ARGUMENT.
 
         ``messages``: OpenAI chat messages, whose content may be a list of text and image parts.
         ``images``: (request field, encoded image) pairs for the text and token-id forms, whose prompt
-        holds one image placeholder token per image."""
+        holds one image placeholder token per image. ``graph``: the request's checked graph, written
+        before the first user message's content (chat messages only; see ``engine/graph_request.py``)."""
         given = [name for name, v in (("prompt", text), ("token_ids", token_ids), ("messages", messages)) if v is not None]
         if len(given) != 1:
             raise errors.invalid(f"give exactly one prompt form (text, token ids or messages), got {given or 'none'}",
                                  "prompt")
+        if graph is not None and messages is None:
+            raise errors.invalid("graph: only chat messages take a graph (it goes before the first user message); "
+                                 "a text or token-id prompt is sent as is", "graph")
         try:
             if messages is not None:
                 if images:
                     raise errors.invalid("images: a chat's images go inside its messages, as image parts", "images")
                 try:
                     messages, images = split_images(messages, text_only=self.mm_processor is None)
+                    messages = graph.into(messages) if graph is not None else messages
+                except GraphRequestError as exc:
+                    raise errors.invalid(str(exc), exc.field) from None
                 except ValueError as exc:  # names the part: messages[1].content[0].image_url.detail
                     raise errors.invalid(str(exc), _leading_field(str(exc))) from None
                 self._check_image_count(images)

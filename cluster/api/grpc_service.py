@@ -13,6 +13,10 @@ is INVALID_ARGUMENT naming it (``messages[1].parts[0].image``, ``images[0]``).
 
 ``GenerateRequest.tenant``: empty is no tenant (proto3 has no unset string); a bad name is INVALID_ARGUMENT
 naming ``tenant``, as over HTTP.
+
+``SamplingParams.structured`` (JSON schema, JSON object, regex, EBNF, a named grammar, a choice) and
+``graph`` / ``graph_encoding`` (chat prompts; ``Tokenize`` takes them too, so a client can see the tokens a
+graph becomes) are read by ``grpc_request.py``.
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ from pagoda.cluster.api.frontend import Frontend, Prompt
 from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
 from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
 from pagoda.cluster.api.grpc_payload import DecodeErrorsAreInvalidArgument
+from pagoda.cluster.api.grpc_request import graph_request, sampling_kwargs
+from pagoda.engine.graph_request import GraphRequest
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Pagoda"].full_name  # "pagoda.v1.Pagoda"
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
-_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty", "seed", "max_tokens", "min_tokens", "logprobs")
 _CONTENT_PART = re.compile(r"(messages\[\d+\])\.content\[")  # the frontend's (OpenAI's) name for a ChatMessage part
 
 
@@ -49,7 +53,7 @@ class PagodaService(pb_grpc.PagodaServicer):
             self._admit(context, request.model)
             self.frontend.check_capacity()
             prompt = await self._prompt(request)
-            params = self.frontend.sampling_params(**_sampling_kwargs(request.sampling))
+            params = self.frontend.sampling_params(**sampling_kwargs(request.sampling))
             stream = self.frontend.generate(prompt, params, request.request_id or None, request.priority,
                                             context.time_remaining(), tenant=request.tenant or None)
             sent, finished = 0, set()
@@ -75,10 +79,11 @@ class PagodaService(pb_grpc.PagodaServicer):
         try:
             self._admit(context, request.model)
             which = request.WhichOneof("input")
+            graph = graph_request(request.graph, request.graph_encoding)
             if which == "messages":
-                prompt = await _chat_prompt(self.frontend, request.messages)
+                prompt = await _chat_prompt(self.frontend, request.messages, graph)
             else:
-                prompt = await self.frontend.prompt(text=request.text)
+                prompt = await self.frontend.prompt(text=request.text, graph=graph)
             mm = self.frontend.mm_processor
             ids = prompt.expanded_token_ids(mm.image_token_id if mm is not None else None)
             return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.frontend.info.max_model_len)
@@ -104,14 +109,15 @@ class PagodaService(pb_grpc.PagodaServicer):
 
     async def _prompt(self, request: pb.GenerateRequest) -> Prompt:
         which = request.WhichOneof("prompt")
+        graph = graph_request(request.graph, request.graph_encoding)
         if which == "messages":
             if request.images:
                 raise errors.invalid("images: a chat's images go inside its messages, as ChatMessage.parts", "images")
-            return await _chat_prompt(self.frontend, request.messages)
+            return await _chat_prompt(self.frontend, request.messages, graph)
         images = [(f"images[{k}]", data) for k, data in enumerate(request.images)]
         if which == "token_ids":
-            return await self.frontend.prompt(token_ids=list(request.token_ids.ids), images=images)
-        return await self.frontend.prompt(text=request.text if which == "text" else None, images=images)
+            return await self.frontend.prompt(token_ids=list(request.token_ids.ids), images=images, graph=graph)
+        return await self.frontend.prompt(text=request.text if which == "text" else None, images=images, graph=graph)
 
 
 _MAX_PENDING_CALLS = 1 << 16
@@ -158,21 +164,10 @@ async def _abort(context: grpc.aio.ServicerContext, exc: ApiError) -> None:
     await context.abort(exc.code, exc.message)
 
 
-def _sampling_kwargs(s: pb.SamplingParams) -> dict:
-    kwargs = {name: getattr(s, name) for name in _SAMPLING_FIELDS if s.HasField(name)}
-    if s.stop:
-        kwargs["stop"] = list(s.stop)
-    if s.stop_token_ids:
-        kwargs["stop_token_ids"] = list(s.stop_token_ids)
-    if s.ignore_eos:
-        kwargs["ignore_eos"] = True
-    return kwargs
-
-
-async def _chat_prompt(frontend: Frontend, m: pb.ChatMessages) -> Prompt:
+async def _chat_prompt(frontend: Frontend, m: pb.ChatMessages, graph: GraphRequest | None = None) -> Prompt:
     """The conversation's prompt; errors name parts as this protocol spells them (``messages[i].parts[j]``)."""
     try:
-        prompt = await frontend.prompt(messages=_messages(m))
+        prompt = await frontend.prompt(messages=_messages(m), graph=graph)
     except ApiError as exc:
         param = _parts(exc.param) if exc.param else exc.param
         raise dataclasses.replace(exc, message=_parts(exc.message), param=param) from None

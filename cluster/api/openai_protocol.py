@@ -4,7 +4,10 @@ Pure functions over dicts (no web framework), so each shape is unit-testable. Fi
 OpenAI's API (``max_tokens``/``max_completion_tokens``, ``stop``, ``n``, ``logprobs``,
 ``top_logprobs``, ``stream_options.include_usage``) plus vLLM's extensions (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``) and ``priority``, plus pagoda's
-``tenant`` (a string: whose share of the engine the request spends; ``Frontend.generate`` checks the name).
+``tenant`` (a string: whose share of the engine the request spends; ``Frontend.generate`` checks the name)
+and, on chat completions, ``graph`` and ``graph_encoding`` (``engine/graph_request.py``: the graph's text
+goes before the first user message's content). ``/v1/completions`` refuses a graph, naming the field: its
+prompt is the client's exact text (or token ids), with no user message for the graph to go before.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from pagoda.cluster.api import errors
+from pagoda.engine.graph_request import GraphRequest, GraphRequestError
 from pagoda.engine.request import CompletionOutput
 from pagoda.engine.structured import StructuredOutputError, from_openai
 
@@ -75,11 +79,15 @@ def parse_request(body, chat: bool) -> ParsedRequest:
         if not isinstance(messages, list) or not messages:
             raise errors.invalid("messages must be a non-empty list", "messages")
         prompt = {"messages": messages}  # content: a string or text / image_url parts (Frontend.prompt)
+        graph = _graph(body)
+        if graph is not None:
+            prompt["graph"] = graph
     else:
         logprobs = _typed(body, "logprobs", int)
         if logprobs is not None:
             sampling["logprobs"] = logprobs
         _no_images(body)
+        _no_graph(body)
         prompt = _completion_prompt(body.get("prompt"))
     try:  # response_format (json_object, json_schema) or vLLM's structured_outputs (regex, grammar, ...)
         structured = from_openai(body)
@@ -121,6 +129,25 @@ def _no_images(body: dict) -> None:
            for item in items):
         raise errors.invalid(f"prompt must be a string or a list of token ids, not content parts; {_IMAGES_GO}",
                              "prompt")
+
+
+def _graph(body: dict) -> GraphRequest | None:
+    """Chat: ``graph`` and ``graph_encoding``, checked and rendered; a 400 names the element (``graph.edges[0].target``)."""
+    try:
+        return GraphRequest.from_fields(body.get("graph"), body.get("graph_encoding"))
+    except GraphRequestError as exc:
+        raise errors.invalid(str(exc), exc.field) from None
+
+
+def _no_graph(body: dict) -> None:
+    """/v1/completions: a graph is a 400, never ignored. Its prompt is the client's exact text or token ids,
+    with no user message to put the graph before (``graph_request``'s rule), so the client writes the graph
+    where it wants it (``pagoda.engine.graph_prompt.render``) or sends it to /v1/chat/completions."""
+    for name in ("graph", "graph_encoding"):
+        if body.get(name) is not None:
+            raise errors.invalid(f"{name}: /v1/completions takes no graph (its prompt is your exact text); send "
+                                 "the graph to /v1/chat/completions, where it goes before the first user message",
+                                 name)
 
 
 def _completion_prompt(prompt) -> dict:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
+import re
 
 import pytest
 
@@ -19,8 +21,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from pagoda.cluster.api.config import ApiConfig
 from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
 from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
+from pagoda.engine.graph_prompt import Graph, graph_message
 from pagoda.engine.tokenizer import encode_chat, load_tokenizer
 from tests.integration.api_app import more_servers, running_app, wait_engine_busy, wait_engine_idle
+from tests.unit.test_graph_prompt import MEDICAL
 
 PROMPT = "The capital of France is"
 FRANCE = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="What is the capital of France?")])
@@ -110,6 +114,67 @@ def test_tokenize_and_model_info(stub, tokenizer):
     info = stub.ModelInfo(pb.ModelInfoRequest())
     assert info.model == "apitest" and info.max_model_len == 512 and info.vocab_size == len(tokenizer)
     assert info.block_size == 16 and info.num_replicas == 1 and info.has_chat_template
+
+
+# ---- graph prompts and structured output ---------------------------------------------------------
+
+GRAPH_QUESTIONS = ("Which drug does p2 take that interacts with another?", "Which disease does p1 have?")
+DRUG_SCHEMA = {"type": "object", "properties": {"drug": {"enum": ["metformin", "ibuprofen"]}}, "required": ["drug"],
+               "additionalProperties": False}
+
+
+def _graph_chat(question: str) -> pb.ChatMessages:
+    return pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=question)])
+
+
+def test_graph_prompt_is_the_locally_rendered_one_and_its_prefix_is_cached(stub, tokenizer):
+    """Tokenize shows the ids graph_message + the chat template give; Generate runs exactly those, a second
+    question about the graph gets its blocks from the prefix cache, and a JSON schema constrains the answer."""
+    jsonschema = pytest.importorskip("jsonschema")
+    graph, text = Graph.from_dict(MEDICAL), json.dumps(MEDICAL)
+    ids = [encode_chat(tokenizer, [graph_message(graph, "adjacency", q)]) for q in GRAPH_QUESTIONS]
+    tokens = stub.Tokenize(pb.TokenizeRequest(messages=_graph_chat(GRAPH_QUESTIONS[0]), graph=text,
+                                              graph_encoding="adjacency"))
+    assert list(tokens.token_ids) == ids[0]
+    first = collect(generate(stub, max_tokens=1, messages=_graph_chat(GRAPH_QUESTIONS[0]), graph=text,
+                             graph_encoding="adjacency"))[3]
+    assert first[-1].usage.prompt_tokens == len(ids[0])
+    structured = pb.StructuredOutput(json_schema=json.dumps(DRUG_SCHEMA), disable_any_whitespace=True)
+    texts, _, finish, second = collect(generate(stub, max_tokens=16, messages=_graph_chat(GRAPH_QUESTIONS[1]),
+                                                graph=text, graph_encoding="adjacency",
+                                                sampling={"structured": structured}))
+    shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)  # the graph's text and what precedes it
+    assert second[-1].usage.prompt_tokens == len(ids[1]) and shared > 200
+    assert second[-1].usage.cached_tokens == shared // 16 * 16  # every full block of it
+    jsonschema.validate(json.loads(texts[0]), DRUG_SCHEMA)
+    assert finish[0] == pb.FINISH_REASON_STOP and texts[0] in ('{"drug": "metformin"}', '{"drug": "ibuprofen"}')
+
+
+def test_structured_output_constrains_every_kind(stub):
+    kinds = {"regex": pb.StructuredOutput(regex="[A-Z]{2}-[0-9]{3}"),
+             "choice": pb.StructuredOutput(choice=pb.Choices(choices=["Paris", "Lyon", "Nice"])),
+             "ebnf": pb.StructuredOutput(ebnf='root ::= "(" [0-9] ")"')}
+    texts = {kind: collect(generate(stub, max_tokens=8, temperature=1.0, sampling={"seed": 3, "structured": s}))[0][0]
+             for kind, s in kinds.items()}
+    assert re.fullmatch("[A-Z]{2}-[0-9]{3}", texts["regex"]) and texts["choice"] in ("Paris", "Lyon", "Nice")
+    assert re.fullmatch(r"\([0-9]\)", texts["ebnf"]), texts
+
+
+def test_bad_graph_or_constraint_is_invalid_argument_naming_the_field(stub):
+    edge = json.dumps({"nodes": [{"id": "p1"}], "edges": [{"source": "p1", "target": "d9"}]})
+    e = _code(generate, stub, messages=FRANCE, graph=edge)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details() == "graph.edges[0].target: 'd9' is not a node id"
+    e = _code(stub.Tokenize, pb.TokenizeRequest(messages=FRANCE, graph="{nodes"))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details().startswith("graph: is not valid JSON")
+    e = _code(generate, stub, messages=FRANCE, graph_encoding="triples")
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details().startswith("graph_encoding: given without graph")
+    e = _code(generate, stub, text=PROMPT, graph=json.dumps(MEDICAL))  # a text prompt has no user message
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details().startswith("graph: only chat messages")
+    e = _code(generate, stub, sampling={"structured": pb.StructuredOutput(grammar="autoglm")})
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details().startswith("sampling.structured.grammar: unknown grammar 'autoglm'")
+    e = _code(generate, stub, sampling={"structured": pb.StructuredOutput(json_schema='{"type": "strin"}')})
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details().startswith("sampling.structured.json_schema")
 
 
 # ---- 2. health and reflection ------------------------------------------------------------------

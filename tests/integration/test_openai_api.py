@@ -16,8 +16,10 @@ except ImportError:
     httpx = pytest.importorskip("httpx")
 
 from pagoda.cluster.api.config import ApiConfig
-from pagoda.engine.tokenizer import load_tokenizer
+from pagoda.engine.graph_prompt import Graph, graph_message
+from pagoda.engine.tokenizer import encode_chat, load_tokenizer
 from tests.integration.api_app import more_servers, running_app, wait_engine_busy, wait_engine_idle
+from tests.unit.test_graph_prompt import MEDICAL
 
 MODEL = "apitest"
 PROMPT = "The capital of France is"
@@ -197,6 +199,49 @@ def test_response_format_json_schema_constrains_the_answer(client):
     assert e.status_code == 400 and e.body["param"] == "response_format.type"
     e = _error(client, max_tokens=8, extra_body={"structured_outputs": {"regex": "a", "grammar": "autoglm-action"}})
     assert e.status_code == 400 and e.body["param"].startswith("structured_outputs")
+
+
+# ---- graph prompts: the graph's text before the first user message ------------------------------
+
+GRAPH_QUESTIONS = ("Which drug does p2 take that interacts with another?", "Which disease does p1 have?")
+DRUG_SCHEMA = {"type": "object", "properties": {"drug": {"enum": ["metformin", "ibuprofen"]}}, "required": ["drug"],
+               "additionalProperties": False}
+
+
+def test_chat_graph_is_the_locally_rendered_prompt_and_its_prefix_is_cached(client, tokenizer):
+    """Token for token the prompt graph_message + the chat template give; a second question about the same
+    graph is served the graph's blocks from the prefix cache; with response_format the answer is schema JSON."""
+    jsonschema = pytest.importorskip("jsonschema")
+    graph = Graph.from_dict(MEDICAL)
+    ids = [encode_chat(tokenizer, [graph_message(graph, "triples", q)]) for q in GRAPH_QUESTIONS]
+    first = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": GRAPH_QUESTIONS[0]}],
+                                           max_tokens=1, temperature=0,
+                                           extra_body={"graph": MEDICAL, "graph_encoding": "triples"})
+    assert first.usage.prompt_tokens == len(ids[0])
+    second = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": GRAPH_QUESTIONS[1]}], max_tokens=32, temperature=0,
+        extra_body={"graph": MEDICAL, "graph_encoding": "triples"},
+        response_format={"type": "json_schema", "json_schema": {"name": "drug", "schema": DRUG_SCHEMA}})
+    shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)  # the graph's text and what precedes it
+    assert second.usage.prompt_tokens == len(ids[1]) and shared > 200
+    assert second.usage.prompt_tokens_details.cached_tokens == shared // 16 * 16  # every full block of it
+    jsonschema.validate(json.loads(second.choices[0].message.content), DRUG_SCHEMA)
+
+
+def test_bad_graph_is_400_naming_the_element(client):
+    def chat_error(**extra):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=2, extra_body=extra)
+        return info.value.body
+
+    edge = {"nodes": [{"id": "p1"}], "edges": [{"source": "p1", "target": "d9"}]}
+    body = chat_error(graph=edge)
+    assert body["param"] == "graph.edges[0].target" and body["message"] == \
+        "graph.edges[0].target: 'd9' is not a node id"
+    assert chat_error(graph_encoding="triples")["param"] == "graph_encoding"
+    assert chat_error(graph={"nodes": [{"id": "p1"}]}, graph_encoding="prose")["param"] == "graph_encoding"
+    e = _error(client, max_tokens=2, extra_body={"graph": {"nodes": [{"id": "p1"}]}})
+    assert e.status_code == 400 and e.body["param"] == "graph" and "/v1/chat/completions" in e.body["message"]
 
 
 def test_unknown_model_is_404(client):

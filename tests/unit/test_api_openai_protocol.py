@@ -56,3 +56,27 @@ def test_accumulated_response_counts_usage():
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
                              "prompt_tokens_details": {"cached_tokens": 2}}
     assert body["choices"][0]["logprobs"]["token_logprobs"] == [-0.5, -0.5]
+
+
+def test_chat_graph_is_checked_and_rendered_for_the_frontend():
+    from pagoda.engine.graph_request import GraphRequest
+    from tests.unit.test_graph_prompt import MEDICAL
+
+    messages = [{"role": "user", "content": "q"}]
+    req = parse_request({"messages": messages, "graph": MEDICAL, "graph_encoding": "triples"}, chat=True)
+    assert req.prompt == {"messages": messages, "graph": GraphRequest.from_fields(MEDICAL, "triples")}
+    assert parse_request({"messages": messages, "graph": None}, chat=True).prompt == {"messages": messages}
+
+
+@pytest.mark.parametrize("body, chat, param", [
+    ({"graph": {"nodes": [{"id": "a"}], "edges": [{"source": "a", "target": "b"}]}}, True, "graph.edges[0].target"),
+    ({"graph": {"nodes": [{"id": "a"}]}, "graph_encoding": "prose"}, True, "graph_encoding"),
+    ({"graph_encoding": "incident"}, True, "graph_encoding"),
+    ({"graph": {"nodes": [{"id": "a"}]}}, False, "graph"),  # /v1/completions: the prompt is the client's exact text
+    ({"graph_encoding": "incident"}, False, "graph_encoding"),
+])
+def test_bad_graph_fields_are_named(body, chat, param):
+    body = {**body, **({"messages": [{"role": "user", "content": "q"}]} if chat else {"prompt": "q"})}
+    with pytest.raises(ApiError) as info:
+        parse_request(body, chat=chat)
+    assert info.value.http_status == 400 and info.value.param == param and info.value.message.startswith(param)
