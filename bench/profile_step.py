@@ -3,7 +3,10 @@
 Runs an offline workload through ``LLMEngine`` one phase at a time, synchronizing the GPU after
 each phase so that every millisecond lands in exactly one row:
 
-    schedule | execute (inputs, forward, logits, sample, D2H) | update | emit
+    schedule | execute (inputs, forward, logits, sample, D2H) | update | core_out | detokenize
+
+``core_out`` is what the engine core does to hand a step on (``CoreOutput``s); ``detokenize`` is the
+front's share (``OutputProcessor``: text, stop strings), which an engine core leaves to its front.
 
 then profiles a few pure-decode steps with ``torch.profiler`` and lists the top kernels by GPU time.
 ``--output-kind delta`` emits what a stream gets (every request's new text every step, as
@@ -37,7 +40,7 @@ def _phase_breakdown(engine, params, workload, kind: str = "final") -> dict:
 
     for i, (prompt, _) in enumerate(workload):
         engine.add_request(f"p{i}", {"prompt_token_ids": prompt}, params[i], output_kind=OutputKind(kind))
-    totals = {"schedule": 0.0, "execute": 0.0, "update": 0.0, "emit": 0.0}
+    totals = {"schedule": 0.0, "execute": 0.0, "update": 0.0, "core_out": 0.0, "detokenize": 0.0}
     decode = dict(totals)
     steps = decode_steps = 0
     other_steps: list[dict] = []  # every step that is not pure decode: tokens and execute ms
@@ -50,9 +53,12 @@ def _phase_breakdown(engine, params, workload, kind: str = "final") -> dict:
         t2 = time.perf_counter()
         updated = engine.scheduler.update_from_output(scheduled, result)
         t3 = time.perf_counter()
-        engine._emit(updated)
+        news = engine._news(updated)
         t4 = time.perf_counter()
-        times = dict(zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)))
+        _, stopped = engine.outputs.process(news)
+        engine.abort_request(stopped)
+        t5 = time.perf_counter()
+        times = dict(zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)))
         steps += 1
         num_seqs = len(scheduled.num_scheduled_tokens)
         is_decode = not scheduled.new_reqs and scheduled.total_num_scheduled_tokens == num_seqs

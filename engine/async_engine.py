@@ -1,12 +1,15 @@
 """AsyncLLMEngine: one asyncio stream of RequestOutputs per request, over a synchronous engine.
 
-Front and core: this object is the front — streams, validation, delivery. The engine itself runs in an
-engine core (``pagoda.engine.engine_core``) that alone touches it: on a thread of this process
-(``core="thread"``, the default) or in a process of its own (``core="process"``, ``ProcessCore``: the
-front's work never delays a step). Callers validate on their own thread (``InputProcessor.process``
-has no side effects), so a bad request raises ValueError straight from ``generate``.
+Front and core: this object is the front — streams, validation, detokenization, delivery. The engine
+itself runs in an engine core (``pagoda.engine.engine_core``) that alone touches it: on a thread of
+this process (``core="thread"``, the default) or in a process of its own (``core="process"``,
+``ProcessCore``: the front's work never delays a step). Callers validate on their own thread
+(``InputProcessor.process`` has no side effects), so a bad request raises ValueError straight from
+``generate``. The core hands on token ids (``CoreOutput``); the front's ``OutputProcessor`` makes
+them text on the thread that hears from the core, finds stop strings and aborts the completion a stop
+string ended.
 
-Delivery: the core hands each step's outputs to each caller loop in one ``call_soon_threadsafe`` (not
+Delivery: each step's outputs go to each caller loop in one ``call_soon_threadsafe`` (not
 one per request). A consumer that falls behind gets what queued up in one item: delta outputs joined
 (``RequestOutput.followed_by``), cumulative ones superseded. Nothing waits for company: an item goes
 as soon as the consumer asks.
@@ -29,11 +32,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pagoda.engine.config import EngineConfig
+from pagoda.engine.core_output import CoreOutput
 from pagoda.engine.engine_core import make_core
 from pagoda.engine.errors import EngineDeadError
 from pagoda.engine.input_processor import PreparedRequest, PromptType, has_images
 from pagoda.engine.llm_engine import EngineStats
-from pagoda.engine.output_processor import OutputKind
+from pagoda.engine.output_processor import OutputKind, OutputProcessor
 from pagoda.engine.request import RequestOutput
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.snapshot import EngineSnapshot, SnapshotConfig
@@ -49,11 +53,12 @@ class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, snapshots: SnapshotConfig | None = None, core: str = "thread") -> None:
         """``core``: where the engine runs, ``"thread"`` or ``"process"`` (``pagoda.engine.engine_core``)."""
         self._streams: dict[str, _Stream] = {}
-        self._lock = threading.Lock()  # guards _streams
+        self._lock = threading.Lock()  # guards _streams and _outputs
         self._dead: BaseException | None = None
         self._stopping = False
         self.core = make_core(core, config, snapshots, self)
         self.inputs = self.core.inputs
+        self._outputs = OutputProcessor(self.core.tokenizer, config.scheduler.stream_interval)
 
     @classmethod
     def from_kwargs(cls, snapshots: SnapshotConfig | None = None, core: str = "thread", **kwargs) -> AsyncLLMEngine:
@@ -91,8 +96,8 @@ class AsyncLLMEngine:
                                                None, tenant)
         else:
             prepared = self.inputs.process(request_id, prompt, sampling_params, priority, None, tenant)
-        stream = self._open(prepared)
-        self.core.add(prepared, output_kind)
+        stream = self._open(prepared, output_kind)
+        self.core.add(prepared)
         finished, pending = False, None
         try:
             while not finished:
@@ -110,10 +115,11 @@ class AsyncLLMEngine:
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)
+                self._outputs.remove(request_id)
             if not finished:
                 self.core.abort(request_id)
 
-    def _open(self, prepared: PreparedRequest) -> _Stream:
+    def _open(self, prepared: PreparedRequest, output_kind: OutputKind) -> _Stream:
         if self._dead is not None:
             raise EngineDeadError(f"engine is dead: {self._dead!r}")
         if self._stopping:
@@ -123,6 +129,7 @@ class AsyncLLMEngine:
                 raise ValueError(f"request_id {prepared.request_id!r} is already in use")
             stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
             self._streams[prepared.request_id] = stream
+            self._outputs.add(prepared, output_kind)
         return stream
 
     async def abort(self, request_id: str) -> None:
@@ -144,14 +151,18 @@ class AsyncLLMEngine:
         self._end_all(EngineDeadError("engine was shut down"))
 
     # ------------------------------------------------------------------ the core's side (CoreSink), on its thread
-    def on_outputs(self, outputs: list[RequestOutput]) -> None:
-        """One step's outputs: a single thread-safe call per caller loop (each wakes a loop through a pipe)."""
+    def on_outputs(self, news: list[CoreOutput]) -> None:
+        """One step's tokens → outputs, then a single thread-safe call per caller loop (each wakes a loop
+        through a pipe). A completion that hit a stop string is aborted in the core."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         with self._lock:
+            outputs, stopped = self._outputs.process(news)
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is not None:
                     by_loop[stream.loop].append((stream.queue, output))
+        for child in stopped:
+            self.core.abort(child)
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
@@ -159,6 +170,8 @@ class AsyncLLMEngine:
                 pass
 
     def on_rejected(self, request_id: str, error: Exception) -> None:
+        with self._lock:
+            self._outputs.remove(request_id)
         self._deliver(request_id, error)
 
     def on_failed(self, error: BaseException) -> None:

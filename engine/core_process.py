@@ -12,11 +12,10 @@ off the same way.
 
 Messages (pickled, one per send; each side drains what queued and sends it as one message):
 
-- down: a list of commands, ``("add", prepared, kind)`` / ``("abort", request_id)``, or ``[("stop",)]``;
+- down: a list of commands, ``("add", prepared)`` / ``("abort", request_id)``, or ``[("stop",)]``;
 - up: ``("ready", snapshot)`` or ``("start_failed", error)`` once, then ``_Batch``es: the latest snapshot,
-  every step's outputs in order, rejections, and a failure. A request crosses in full once (its
-  ``PreparedRequest``); its outputs come back without the prompt, which the front puts back.
-  The snapshot's prefix summary crosses only when the core rebuilt it.
+  every step's ``CoreOutput``s in order (token ids: the front detokenizes), rejections, and a failure.
+  A request crosses once, down; the snapshot's prefix summary crosses only when the core rebuilt it.
 
 Lifetime: the front's ``shutdown`` sends stop and joins the process. If the front dies (its replica is
 killed, ``os._exit``), the core's reader sees the pipe close and ends the process, even while a step is
@@ -45,13 +44,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from pagoda.engine.config import EngineConfig
+from pagoda.engine.core_output import CoreOutput
 from pagoda.engine.engine_core import CoreSink, EngineCore, run_engine_loop
 from pagoda.engine.errors import EngineDeadError
 from pagoda.engine.input_processor import PreparedRequest
 from pagoda.engine.llm_engine import LLMEngine, make_input_processor, resolve_config
 from pagoda.engine.loader import open_model
-from pagoda.engine.output_processor import OutputKind
-from pagoda.engine.request import RequestOutput
 from pagoda.engine.snapshot import EngineSnapshot, SnapshotConfig, SnapshotPublisher
 
 logger = logging.getLogger("pagoda.engine_core")
@@ -64,7 +62,7 @@ class _Batch:
     """What the core sends up in one message; the front applies it in field order."""
 
     snapshot: EngineSnapshot | None = None  # the latest; cached_block_hashes None: unchanged since the last one
-    outputs: list[list[RequestOutput]] = field(default_factory=list)  # per step, prompts stripped
+    outputs: list[list[CoreOutput]] = field(default_factory=list)  # per step
     rejected: list[tuple[str, Exception]] = field(default_factory=list)
     failed: BaseException | None = None
 
@@ -76,7 +74,6 @@ class ProcessCore(EngineCore):
         model, tokenizer = open_model(config.model)  # the front validates and tokenizes: no weights, no device
         self.inputs = make_input_processor(resolve_config(config, model.hf_config), model, tokenizer)
         self._sink = sink
-        self._prompts: dict[str, PreparedRequest] = {}  # requests sent: their outputs come back without a prompt
         self._stopping = False
         self._dead = False
         self._process, self._commands_conn, self._events_conn = _start_core_process()
@@ -108,12 +105,10 @@ class ProcessCore(EngineCore):
         return payload
 
     # ------------------------------------------------------------------ the front's side
-    def add(self, prepared: PreparedRequest, output_kind: OutputKind) -> None:
-        self._prompts[prepared.request_id] = prepared
-        self._outbox.put(("add", prepared, output_kind))
+    def add(self, prepared: PreparedRequest) -> None:
+        self._outbox.put(("add", prepared))
 
     def abort(self, request_id: str) -> None:
-        self._prompts.pop(request_id, None)  # an aborted request ends without an output that would pop it
         self._outbox.put(("abort", request_id))
 
     def snapshot(self) -> EngineSnapshot:
@@ -178,20 +173,12 @@ class ProcessCore(EngineCore):
             self._summary = snapshot.cached_block_hashes
             self._snapshot = snapshot  # before delivering: a caller that sees its end sees it in stats too
         for request_id, error in batch.rejected:
-            self._prompts.pop(request_id, None)
             self._sink.on_rejected(request_id, error)
         for outputs in batch.outputs:
-            self._sink.on_outputs([self._with_prompt(o) for o in outputs])
+            self._sink.on_outputs(outputs)
         if batch.failed is not None:
             self._dead = True
             self._sink.on_failed(batch.failed)
-
-    def _with_prompt(self, output: RequestOutput) -> RequestOutput:
-        prepared = (self._prompts.pop if output.finished else self._prompts.get)(output.request_id, None)
-        if prepared is None:  # aborted: nobody listens for what was already on its way
-            return output
-        output.prompt, output.prompt_token_ids = prepared.prompt, prepared.prompt_token_ids
-        return output
 
 
 def _drain(q: queue.SimpleQueue) -> list:
@@ -217,6 +204,10 @@ def _start_core_process() -> tuple[subprocess.Popen, Connection, Connection]:
     core_commands, commands = os.pipe()
     events, core_events = os.pipe()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # imports what the front imports
+    # CPU: the core's OpenMP threads share the replica's cores with the front, which streams while a step runs.
+    # Spinning at each parallel region's end (libgomp's default) then costs whole time slices: on 2 busy cores a
+    # tiny model's steps took 5x longer at random; passive waiting kept them steady. An explicit setting wins.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     process = subprocess.Popen([sys.executable, "-m", "pagoda.engine.core_process", str(core_commands),
                                 str(core_events)], pass_fds=(core_commands, core_events), env=env)
     os.close(core_commands)  # the core's ends: only its process holds them, so its death closes the pipes
@@ -295,7 +286,7 @@ class _Outbox:
     def put_snapshot(self, snapshot: EngineSnapshot) -> None:
         self._queue.put(("snapshot", snapshot))
 
-    def on_outputs(self, outputs: list[RequestOutput]) -> None:
+    def on_outputs(self, outputs: list[CoreOutput]) -> None:
         self._queue.put(("outputs", outputs))
 
     def on_rejected(self, request_id: str, error: Exception) -> None:
@@ -316,7 +307,7 @@ class _Outbox:
                 if kind == "snapshot":
                     batch.snapshot = item
                 elif kind == "outputs":
-                    batch.outputs.append([_without_prompt(o) for o in item])
+                    batch.outputs.append(item)
                 elif kind == "rejected":
                     batch.rejected.append(item)
                 elif kind == "failed":
@@ -337,12 +328,6 @@ class _Outbox:
             return dataclasses.replace(snapshot, cached_block_hashes=None)
         self._summary_sent = snapshot.cached_block_hashes
         return snapshot
-
-
-def _without_prompt(output: RequestOutput) -> RequestOutput:
-    """In place: the outbox holds the only reference to a step's outputs, so no copy per output per step."""
-    output.prompt, output.prompt_token_ids = None, []
-    return output
 
 
 def _dumps(obj) -> bytes:

@@ -10,10 +10,13 @@
 - ``ProcessCore`` (``pagoda.engine.core_process``): the loop in a process of its own, so the front's
   work never delays a step; commands and outputs cross a pipe, one message per step.
 
+A core deals in tokens: each step hands on ``CoreOutput``s (``pagoda.engine.core_output``), and the
+front detokenizes them (``OutputProcessor``), finds stop strings, and aborts what one ended.
+
 The contract between a core and its front, both directions:
 
-- into the core: ``add(prepared, output_kind)`` (validated by the front) and ``abort(request_id)``,
-  applied in the order sent, before the next step;
+- into the core: ``add(prepared)`` (validated by the front) and ``abort(request_id)`` (a prompt's id,
+  or one completion's), applied in the order sent, before the next step;
 - out of it, on a thread of the core's choosing: ``CoreSink.on_outputs`` once per step,
   ``on_rejected`` for an add the engine refused (ValueError, QueueFullError), ``on_failed`` once when a
   step raised or the core died; ``snapshot()`` is the engine's latest published state (``EngineSnapshot``).
@@ -28,11 +31,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pagoda.engine.config import EngineConfig
+from pagoda.engine.core_output import CoreOutput
 from pagoda.engine.errors import QueueFullError
 from pagoda.engine.input_processor import InputProcessor, PreparedRequest
 from pagoda.engine.llm_engine import LLMEngine
-from pagoda.engine.output_processor import OutputKind
-from pagoda.engine.request import RequestOutput
 from pagoda.engine.snapshot import EngineSnapshot, SnapshotConfig, SnapshotPublisher
 
 CORES = ("thread", "process")
@@ -42,7 +44,7 @@ IDLE_WAIT_S = 0.5  # an idle loop wakes this often to publish a fresh snapshot (
 class CoreSink(Protocol):
     """Where a core's news goes: the front's streams."""
 
-    def on_outputs(self, outputs: list[RequestOutput]) -> None: ...
+    def on_outputs(self, outputs: list[CoreOutput]) -> None: ...
 
     def on_rejected(self, request_id: str, error: Exception) -> None: ...
 
@@ -59,12 +61,13 @@ class EngineCore(abc.ABC):
         return self.inputs.tokenizer
 
     @abc.abstractmethod
-    def add(self, prepared: PreparedRequest, output_kind: OutputKind) -> None:
+    def add(self, prepared: PreparedRequest) -> None:
         """Queue a validated request; a refusal comes back through ``CoreSink.on_rejected``."""
 
     @abc.abstractmethod
     def abort(self, request_id: str) -> None:
-        """Drop a request wherever it is (unknown ids are ignored); its KV blocks return at the next turn."""
+        """Drop a prompt's or one completion's request wherever it is (unknown ids are ignored); its KV
+        blocks return at the next turn."""
 
     @abc.abstractmethod
     def snapshot(self) -> EngineSnapshot:
@@ -83,7 +86,7 @@ class EngineCore(abc.ABC):
 def run_engine_loop(engine: LLMEngine, publisher: SnapshotPublisher, commands: queue.SimpleQueue,
                     sink: CoreSink, stopping: Callable[[], bool]) -> None:
     """Drive ``engine`` until ``stopping()`` or a step raises (then ``sink.on_failed`` and return).
-    ``commands`` holds ``("add", prepared, kind)``, ``("abort", request_id)`` and ``("wake",)``."""
+    ``commands`` holds ``("add", prepared)``, ``("abort", request_id)`` and ``("wake",)``."""
     while not stopping():
         idle = not engine.has_unfinished_requests()
         if _drain(engine, commands, sink, block=idle) or idle:
@@ -91,7 +94,7 @@ def run_engine_loop(engine: LLMEngine, publisher: SnapshotPublisher, commands: q
         if not engine.has_unfinished_requests():
             continue
         try:
-            outputs = engine.step()
+            outputs = engine.step_core()
         except BaseException as exc:  # noqa: BLE001 (a failed step kills the engine; every stream learns why)
             sink.on_failed(exc)
             return
@@ -116,9 +119,9 @@ def _drain(engine: LLMEngine, commands: queue.SimpleQueue, sink: CoreSink, block
 def _apply(engine: LLMEngine, command: tuple, sink: CoreSink) -> None:
     kind = command[0]
     if kind == "add":
-        _, prepared, output_kind = command
+        prepared = command[1]
         try:
-            engine.add_prepared(prepared, output_kind)
+            engine.add_prepared(prepared, None)  # the front turns its tokens into outputs
         except (ValueError, QueueFullError) as exc:
             sink.on_rejected(prepared.request_id, exc)
     elif kind == "abort":
@@ -140,8 +143,8 @@ class ThreadCore(EngineCore):
     def _run(self, sink: CoreSink) -> None:  # returns when stopped or when a step failed (the thread then ends)
         run_engine_loop(self.engine, self._publisher, self._commands, sink, lambda: self._stopping)
 
-    def add(self, prepared: PreparedRequest, output_kind: OutputKind) -> None:
-        self._commands.put(("add", prepared, output_kind))
+    def add(self, prepared: PreparedRequest) -> None:
+        self._commands.put(("add", prepared))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))

@@ -1,6 +1,12 @@
 """LLMEngine: requests in, RequestOutputs out, one ``step()`` at a time.
 
-    step = schedule → execute on the ranks → update requests → detokenize and emit
+    step_core = schedule → execute on the ranks → update requests → CoreOutputs (token ids)
+    step      = step_core → detokenize and emit (OutputProcessor) → RequestOutputs
+
+Engine cores (``pagoda.engine.engine_core``) drive ``add_prepared(prepared)`` and ``step_core``: their
+front detokenizes, in its own thread or process (``pagoda.engine.core_output``). ``LLM`` and tests
+drive ``add_prepared(prepared, kind)`` and ``step``, which detokenizes here. One engine is driven one
+way: a request added without an output kind never shows up in ``step``'s outputs.
 
 With ``async_scheduling`` a step keeps one step in flight: it schedules and submits step n+1,
 then takes step n's result (which the ranks send once step n+1 is queued behind it on the
@@ -20,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pagoda.engine.config import EngineConfig, resolve_max_model_len
+from pagoda.engine.core_output import CoreOutput
 from pagoda.engine.errors import EngineDeadError, QueueFullError
 from pagoda.engine.executor import make_executor
 from pagoda.engine.input_processor import InputProcessor, PreparedRequest, PromptType
@@ -66,7 +73,9 @@ class LLMEngine:
         self.kv = KVCacheManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv, self.max_model_len)
         self.inputs = make_input_processor(self.config, self.model, self.tokenizer)
-        self.outputs = OutputProcessor(self.tokenizer, config.scheduler.stream_interval)
+        self.outputs = OutputProcessor(self.tokenizer, config.scheduler.stream_interval)  # for step() only
+        self._children: dict[str, list[str]] = {}  # prompt id -> its scheduler requests not finished yet
+        self._parent_of: dict[str, str] = {}  # scheduler request id -> its prompt's id
         self._in_flight: deque[tuple[SchedulerOutput, float]] = deque()  # submitted (and when), result not taken yet
         self._last_result_at = 0.0  # when the previous step's result was taken: a step runs from max(submit, this)
 
@@ -88,14 +97,14 @@ class LLMEngine:
         """Validate and queue a prompt; raises ValueError (bad input) or QueueFullError."""
         self.add_prepared(self.inputs.process(request_id, prompt, params, priority, arrival_time, tenant), output_kind)
 
-    def add_prepared(self, prepared: PreparedRequest, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
+    def add_prepared(self, prepared: PreparedRequest, output_kind: OutputKind | None = OutputKind.CUMULATIVE) -> None:
         """Queue a validated request. The one admission check of every front end (offline, asyncio, Serve):
-        QueueFullError when ``max_waiting`` requests already wait beyond the running batch's free places."""
+        QueueFullError when ``max_waiting`` requests already wait beyond the running batch's free places.
+        ``output_kind`` None: the caller turns ``step_core``'s tokens into outputs itself (an engine core's front)."""
         ids = child_ids(prepared.request_id, prepared.params.n)
         # Checked before anything is registered: a refused request must touch nobody else's, and with n > 1
         # its completions ("x#1") may name another request ("x#1" sent as an id of its own), or vice versa.
-        clash = next((i for i in (prepared.request_id, *ids) if self.outputs.has(i) or i in self.scheduler.requests),
-                     None)
+        clash = next((i for i in (prepared.request_id, *ids) if i in self._children or i in self._parent_of), None)
         if clash is not None:
             also = "" if clash == prepared.request_id else f" (its completion id {clash!r} is another request's)"
             raise ValueError(f"request_id {prepared.request_id!r} is already in use{also}")
@@ -110,15 +119,33 @@ class LLMEngine:
                     prepared.arrival_time, prepared.priority, prepared.mm, prepared.tenant)
             for i, child in enumerate(ids)
         ]
-        self.outputs.add(prepared, output_kind, children)
+        if output_kind is not None:
+            self.outputs.add(prepared, output_kind)
+        self._children[prepared.request_id] = list(ids)
         for child in children:
+            self._parent_of[child.request_id] = prepared.request_id
             self.scheduler.add_request(child)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
-        """Drop requests wherever they are; their KV blocks go back to the pool. Unknown ids are ignored."""
+        """Drop requests wherever they are; their KV blocks go back to the pool. An id is a prompt's (all its
+        completions end) or one completion's (``<id>#<i>``: a front ends it at a stop string). Unknown ids
+        are ignored."""
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
-            for child in self.outputs.remove(request_id):
-                self.scheduler.finish_request(child, RequestStatus.FINISHED_ABORTED)
+            self.outputs.remove(request_id)
+            children = self._children.get(request_id) or ([request_id] if request_id in self._parent_of else [])
+            for child in list(children):
+                self._end_child(child, RequestStatus.FINISHED_ABORTED)
+
+    def _end_child(self, child: str, status: RequestStatus | None) -> None:
+        """Forget a finished scheduler request (``status`` None: the scheduler already finished it)."""
+        if status is not None:
+            self.scheduler.finish_request(child, status)
+        parent = self._parent_of.pop(child, None)
+        siblings = self._children.get(parent)
+        if siblings is not None:
+            siblings.remove(child)
+            if not siblings:
+                del self._children[parent]
 
     def has_unfinished_requests(self) -> bool:
         """Requests to serve, or a submitted step whose result is not taken yet."""
@@ -126,6 +153,14 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
+        """One step, detokenized: the outputs of the requests added with an output kind."""
+        outputs, stopped = self.outputs.process(self.step_core())
+        for child in stopped:
+            self._end_child(child, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def step_core(self) -> list[CoreOutput]:
+        """One step: every request that got tokens, as token ids (``CoreOutput``)."""
         if self._dead is not None:
             raise EngineDeadError(str(self._dead))
         scheduled = self.scheduler.schedule()
@@ -133,19 +168,19 @@ class LLMEngine:
             started = time.perf_counter()
             result = self._guarded(self.executor.execute_model, scheduled)
             self.scheduler.step_done(scheduled, time.perf_counter() - started)
-            return self._emit(self.scheduler.update_from_output(scheduled, result))
+            return self._news(self.scheduler.update_from_output(scheduled, result))
         self._guarded(self.executor.submit, scheduled)
         self._in_flight.append((scheduled, time.perf_counter()))
         keep = 0 if scheduled.is_empty else 1  # nothing new to overlap with: drain
-        outputs: list[RequestOutput] = []
+        news: list[CoreOutput] = []
         while len(self._in_flight) > keep:
             done, submitted_at = self._in_flight.popleft()
             result = self._guarded(self.executor.take_output)
             now = time.perf_counter()
             self.scheduler.step_done(done, now - max(submitted_at, self._last_result_at))
             self._last_result_at = now
-            outputs += self._emit(self.scheduler.update_from_output(done, result))
-        return outputs
+            news += self._news(self.scheduler.update_from_output(done, result))
+        return news
 
     def _guarded(self, call, *args):
         try:
@@ -154,11 +189,17 @@ class LLMEngine:
             self._dead = exc
             raise
 
-    def _emit(self, updated: list[Request]) -> list[RequestOutput]:
-        outputs, stopped = self.outputs.process(updated)
-        for child in stopped:
-            self.scheduler.finish_request(child, RequestStatus.FINISHED_STOPPED)
-        return outputs
+    def _news(self, updated: list[Request]) -> list[CoreOutput]:
+        news = []
+        for request in updated:
+            start, request.num_reported_tokens = request.num_reported_tokens, request.num_output_tokens
+            logprobs = request.output_logprobs[start:] if request.sampling_params.logprobs is not None else None
+            finish_reason = request.status.finish_reason
+            news.append(CoreOutput(request.request_id, request.output_token_ids[start:], logprobs, finish_reason,
+                                   request.stop_reason, request.num_cached_tokens))
+            if finish_reason is not None:
+                self._end_child(request.request_id, None)
+        return news
 
     def stats(self) -> EngineStats:
         queries, hits = self.kv.prefix_cache_stats

@@ -1,8 +1,13 @@
-"""Requests with new tokens → RequestOutputs: detokenize, cut stop strings, gather n completions.
+"""The engine core's token news → RequestOutputs: detokenize, cut stop strings, gather n completions.
+
+The front of the engine runs this (``AsyncLLMEngine``; ``LLMEngine.step`` for offline use), fed the
+core's ``CoreOutput``s (``pagoda.engine.core_output``): it keeps each completion's tokens itself and
+never reads the scheduler's requests, so it can live in another thread or process than the core.
 
 A prompt with ``n`` completions runs as n scheduler requests (``<id>`` when n == 1, else
 ``<id>#<i>``); this room keeps them together and reports them as one RequestOutput. Stop strings
-are found here, on text; the engine then finishes the request in the scheduler.
+are found here, on text; the caller then finishes the request in the core (``process`` returns
+which), and news the core sends for it meanwhile is dropped.
 
 Output kinds (vLLM's): ``cumulative`` — all text so far; ``delta`` — only what is new;
 ``final`` — one output when every completion has finished. Text that might be the start of a stop
@@ -15,9 +20,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from pagoda.engine.core_output import CoreOutput
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.engine.input_processor import PreparedRequest
-from pagoda.engine.request import CompletionOutput, Logprob, Request, RequestOutput
+from pagoda.engine.request import CompletionOutput, Logprob, RequestOutput
 from pagoda.engine.scheduler_output import TokenLogprobs
 
 
@@ -30,8 +36,10 @@ class OutputKind(enum.Enum):
 @dataclass
 class _Completion:
     index: int
-    request: Request
     detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)  # every output token the core sent
+    raw_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token when logprobs were asked
+    num_cached_tokens: int = -1  # the core's prefix-cache hit; -1 until its first news
     text: str = ""  # everything released so far (stop strings cut, possible stop prefixes held back)
     num_tokens_seen: int = 0  # output tokens already fed to the detokenizer
     text_sent: int = 0  # DELTA outputs: characters already emitted
@@ -68,14 +76,14 @@ class OutputProcessor:
         self._parents: dict[str, _Parent] = {}
         self._parent_of: dict[str, str] = {}
 
-    def add(self, prepared: PreparedRequest, kind: OutputKind, children: list[Request]) -> None:
+    def add(self, prepared: PreparedRequest, kind: OutputKind) -> None:
         """Track a prompt and its n scheduler requests (ids from ``child_ids``)."""
         parent = _Parent(prepared, kind)
         lazy = kind is OutputKind.FINAL and not prepared.params.stop
-        for index, request in enumerate(children):
+        for index, child in enumerate(child_ids(prepared.request_id, prepared.params.n)):
             detok = IncrementalDetokenizer(self.tokenizer, prepared.prompt_token_ids, prepared.params)
-            parent.completions[request.request_id] = _Completion(index, request, detok, lazy=lazy)
-            self._parent_of[request.request_id] = prepared.request_id
+            parent.completions[child] = _Completion(index, detok, lazy=lazy)
+            self._parent_of[child] = prepared.request_id
         self._parents[prepared.request_id] = parent
 
     def has(self, request_id: str) -> bool:
@@ -90,16 +98,20 @@ class OutputProcessor:
             self._parent_of.pop(child, None)
         return list(parent.completions)
 
-    def process(self, updated: list[Request]) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the outputs to emit and the child ids that hit a stop string (to finish in the scheduler)."""
+    def process(self, news: list[CoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the outputs to emit and the child ids that hit a stop string (to finish in the core).
+        News of unknown requests (aborted, or past their stop string) is dropped."""
         stopped: list[str] = []
         touched: dict[str, _Parent] = {}
-        for request in updated:
-            parent = self._parents.get(self._parent_of.get(request.request_id, ""))
+        for item in news:
+            parent = self._parents.get(self._parent_of.get(item.request_id, ""))
             if parent is None:
                 continue
-            if self._advance(parent.completions[request.request_id]):
-                stopped.append(request.request_id)
+            completion = parent.completions[item.request_id]
+            if completion.finish_reason is not None:
+                continue  # ended here by a stop string: the core's tokens after it are not output
+            if self._advance(completion, item):
+                stopped.append(item.request_id)
             touched[parent.prepared.request_id] = parent
         outputs = [out for parent in touched.values() if (out := self._make_output(parent)) is not None]
         for parent_id, parent in touched.items():
@@ -107,19 +119,22 @@ class OutputProcessor:
                 self.remove(parent_id)
         return outputs, stopped
 
-    def _advance(self, completion: _Completion) -> bool:
-        """Feed new tokens to the detokenizer; True when a stop string ended the completion."""
-        request = completion.request
-        if completion.lazy and not request.is_finished:
+    def _advance(self, completion: _Completion, item: CoreOutput) -> bool:
+        """Take the core's news and feed new tokens to the detokenizer; True when a stop string ended it."""
+        completion.token_ids += item.new_token_ids
+        if item.new_logprobs:
+            completion.raw_logprobs += item.new_logprobs
+        completion.num_cached_tokens = item.num_cached_tokens
+        finished = item.finish_reason is not None
+        if completion.lazy and not finished:
             return False  # detokenizing every step would cost ~a decode per token for text nobody reads yet
-        new_tokens = request.output_token_ids[completion.num_tokens_seen :]
-        completion.num_tokens_seen = request.num_output_tokens
+        new_tokens = completion.token_ids[completion.num_tokens_seen :]
+        completion.num_tokens_seen = len(completion.token_ids)
         stop = completion.detokenizer.update(new_tokens)
         if stop is not None:
             completion.finish_reason, completion.stop_reason = "stop", stop
-        elif request.is_finished:
-            completion.finish_reason = request.status.finish_reason
-            completion.stop_reason = request.stop_reason
+        elif finished:
+            completion.finish_reason, completion.stop_reason = item.finish_reason, item.stop_reason
         completion.text += completion.detokenizer.get_delta(completion.finish_reason is not None)
         return stop is not None
 
@@ -130,16 +145,16 @@ class OutputProcessor:
         if parent.emitted and not parent.finished and parent.steps_held < self.stream_interval:
             return None  # the tokens stay in the completions' state; the next output carries them
         parent.steps_held = 0
-        parent.emitted = parent.emitted or any(c.request.num_output_tokens for c in parent.completions.values())
+        parent.emitted = parent.emitted or any(c.token_ids for c in parent.completions.values())
         delta = parent.kind is OutputKind.DELTA
         want_logprobs = parent.prepared.params.logprobs is not None
         outputs = [self._completion_output(c, delta, want_logprobs) for c in parent.completions.values()]
         p = parent.prepared
-        cached = max(0, min(c.request.num_cached_tokens for c in parent.completions.values()))
+        cached = max(0, min(c.num_cached_tokens for c in parent.completions.values()))
         return RequestOutput(p.request_id, p.prompt, p.prompt_token_ids, outputs, parent.finished, cached)
 
     def _completion_output(self, completion: _Completion, delta: bool, want_logprobs: bool) -> CompletionOutput:
-        tokens = completion.request.output_token_ids
+        tokens = completion.token_ids
         if want_logprobs:
             self._convert_new_logprobs(completion)
         text_from, tokens_from = (completion.text_sent, completion.tokens_sent) if delta else (0, 0)
@@ -156,9 +171,8 @@ class OutputProcessor:
 
     def _convert_new_logprobs(self, completion: _Completion) -> None:
         """Convert the logprobs of the tokens not converted yet, so streaming them stays linear."""
-        request = completion.request
         done = len(completion.logprobs)
-        for entry, token_id in zip(request.output_logprobs[done:], request.output_token_ids[done:]):
+        for entry, token_id in zip(completion.raw_logprobs[done:], completion.token_ids[done:]):
             completion.logprobs.append(self._to_logprobs(entry, token_id))
             completion.cumulative_logprob += entry.token_logprob
 

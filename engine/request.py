@@ -65,6 +65,7 @@ class Request:
     num_pending_outputs: int = 0  # tokens scheduled steps will sample, not yet known here
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 until then
     num_preemptions: int = 0
+    num_reported_tokens: int = 0  # output tokens already handed on (``CoreOutput``)
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     first_token_time: float | None = None
     _all_token_ids: list[int] = field(init=False, repr=False)  # prompt + output, kept in step (no concat per step)

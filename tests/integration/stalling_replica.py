@@ -12,16 +12,16 @@ from pagoda.cluster.replica import LLMReplica
 class StallingReplica(LLMReplica):
     def stall(self) -> None:
         never = threading.Event()  # nobody sets it: the replica is killed with its engine thread still waiting
-        step = self.engine.engine.step
+        step = self.engine.engine.step_core
 
         def hung_step():
             never.wait()
             return step()
 
-        self.engine.engine.step = hung_step
+        self.engine.engine.step_core = hung_step
 
     def fail(self) -> None:
         def failing_step():
             raise RuntimeError("injected: a rank of the tensor-parallel group is gone")
 
-        self.engine.engine.step = failing_step
+        self.engine.engine.step_core = failing_step

@@ -90,6 +90,29 @@ def test_task_cancellation_aborts(async_engine):
     assert async_engine.stats().kv_cache_usage == 0
 
 
+def test_stop_strings_found_by_the_front_end_their_completion_in_the_core(async_engine, embedded_llm):
+    """The core hands on token ids; the front detokenizes, finds a stop string and aborts the completion that
+    hit it. With n=2 only that completion ends: the streamed text and tokens equal the offline engine's (which
+    finds stop strings itself), and the core frees every block and forgets both completions."""
+    free = SamplingParams(temperature=0.8, seed=7, n=2, max_tokens=24, ignore_eos=True)
+    first, second = (c.text for c in embedded_llm.generate(["Name three rivers."], free, use_tqdm=False)[0].outputs)
+    stop = next(first[i:i + 3] for i in range(4, len(first) - 3) if first[i:i + 3] not in second)
+    params = SamplingParams(temperature=0.8, seed=7, n=2, max_tokens=24, ignore_eos=True, stop=[stop])
+    want = embedded_llm.generate(["Name three rivers."], params, use_tqdm=False)[0].outputs
+    assert [c.finish_reason for c in want] == ["stop", "length"]  # the stop string ends completion 0 only
+
+    stream = asyncio.run(_collect(async_engine, "Name three rivers.", params, "stops", OutputKind.DELTA))
+    assert stream[-1].finished
+    for index, expected in enumerate(want):
+        got = [c for out in stream for c in out.outputs if c.index == index]
+        assert "".join(c.text for c in got) == expected.text and stop not in expected.text
+        assert sum((c.token_ids for c in got), []) == expected.token_ids
+        assert got[-1].finish_reason == expected.finish_reason and got[-1].stop_reason == expected.stop_reason
+    assert _wait_idle(async_engine, timeout=5.0) < 5.0 and async_engine.stats().kv_cache_usage == 0
+    if async_engine.core.__class__.__name__ == "ThreadCore":  # its engine is reachable: nothing left behind
+        assert not async_engine.engine._children and not async_engine.engine._parent_of
+
+
 def test_bad_input_raises_from_generate(async_engine):
     async def main():
         with pytest.raises(ValueError, match="top_p must be in"):

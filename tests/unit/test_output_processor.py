@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from pagoda.engine.core_output import CoreOutput
 from pagoda.engine.input_processor import PreparedRequest
 from pagoda.engine.output_processor import OutputKind, OutputProcessor, child_ids
 from pagoda.engine.request import Logprob, Request, RequestStatus
@@ -53,6 +54,13 @@ def random_logprobs(rng: random.Random, token_id: int) -> TokenLogprobs:
     return TokenLogprobs(own, rank, top_ids, top)
 
 
+def news(request: Request) -> CoreOutput:
+    """What the engine core hands on for ``request``'s tokens not handed on yet."""
+    start, request.num_reported_tokens = request.num_reported_tokens, request.num_output_tokens
+    return CoreOutput(request.request_id, request.output_token_ids[start:], request.output_logprobs[start:],
+                      request.status.finish_reason, request.stop_reason, 0)
+
+
 def num_entries(request: Request) -> int:
     """Logprob dict entries (one decode each: the sampled token too, unless among the top) so far."""
     return sum(len(set(e.top_ids) | {t}) for e, t in zip(request.output_logprobs, request.output_token_ids))
@@ -67,7 +75,7 @@ def test_streamed_logprobs_match_a_from_scratch_conversion_and_decode_each_token
     params = SamplingParams(n=n, max_tokens=64, logprobs=NUM_TOP)
     prepared = PreparedRequest("r", None, PROMPT, params, 0, 0.0)
     children = [Request(child, list(PROMPT), params, (0,)) for child in child_ids("r", n)]
-    processor.add(prepared, kind, children)
+    processor.add(prepared, kind)
 
     sent = {c.request_id: ([], []) for c in children}  # DELTA: token ids and logprobs received so far
     first_cumulative = None
@@ -82,7 +90,7 @@ def test_streamed_logprobs_match_a_from_scratch_conversion_and_decode_each_token
                 request.append_output_token(token_id, random_logprobs(rng, token_id))
             if last:
                 request.status = RequestStatus.FINISHED_LENGTH
-        outputs, stopped = processor.process(updated)
+        outputs, stopped = processor.process([news(r) for r in updated])
         assert stopped == []
 
         # (b) each token's entries were decoded exactly once, however many steps re-emitted them
@@ -120,9 +128,9 @@ def test_no_logprobs_asked_gives_none_and_decodes_nothing():
     processor = OutputProcessor(tokenizer)
     params = SamplingParams(max_tokens=8)
     request = Request("r", list(PROMPT), params, (0,))
-    processor.add(PreparedRequest("r", None, PROMPT, params, 0, 0.0), OutputKind.DELTA, [request])
+    processor.add(PreparedRequest("r", None, PROMPT, params, 0, 0.0), OutputKind.DELTA)
     for token_id in (3, 4, 5):
         request.append_output_token(token_id)
-        (output,), _ = processor.process([request])
+        (output,), _ = processor.process([news(request)._replace(new_logprobs=None)])
         assert output.outputs[0].logprobs is None and output.outputs[0].cumulative_logprob is None
     assert tokenizer.logprob_decodes == 0

@@ -57,13 +57,13 @@ def make_replica(monkeypatch, tiny_models):
 
 def wrap_step(replica: LLMReplica, before_step) -> None:
     """Make the engine call ``before_step()`` at the start of every step (the test's injection point)."""
-    step = replica.engine.engine.step
+    step = replica.engine.engine.step_core
 
     def wrapped():
         before_step()
         return step()
 
-    replica.engine.engine.step = wrapped
+    replica.engine.engine.step_core = wrapped
 
 
 async def first_chunk(replica: LLMReplica, request_id: str, prompt: list[int]):
