@@ -2,8 +2,10 @@
 seconds (Ray's RandomKiller pattern) while closed-loop streams run, and check what clients see.
 
     python -m bench.chaos --duration-s 120 --kill-every-s 20 --targets replica rank ingress --out bench/results
-    python -m bench.chaos --duration-s 40 --kill-every-s 12 --targets replica ingress --order cycle \\
+    python -m bench.chaos --duration-s 28 --kill-every-s 4 --targets replica ingress --order cycle \\
         --max-kills 2 --concurrency 8 --max-num-seqs 1          # the size CI runs (tests/integration)
+
+(tests/integration/test_chaos.py; ``pytest -m slow`` runs its longer variant: ``--duration-s 40 --kill-every-s 12``.)
 
 The application runs as KubeRay runs it (``bench.chaos_cluster``: API servers in an ingress Serve replica on
 fixed ports), ``--replicas`` engine replicas of a tiny random model on CPU, each with ``--tp`` ranks (2 when

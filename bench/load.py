@@ -2,12 +2,14 @@
 and how fast, and whether anything hangs, fails or leaks.
 
     python -m bench.load                                        # 100, 1,000, 5,000 streams, HTTP and gRPC
-    python -m bench.load --concurrency 200 --protocols http     # the size CI runs (tests/integration)
+    python -m bench.load --concurrency 200 --queue-run --queue-run-concurrency 200 --client-procs 2 \
+        --no-plot                                               # the size CI runs (tests/integration)
     python -m bench.load --queue-run                            # a small configured queue: the refusals' latency
 
 A level is one burst: ``concurrency`` streams start together (split over ``--client-procs`` load
-processes, so the client is not the ceiling), each a short request (``--prompt-len`` random token ids,
-``--max-tokens`` out, ``ignore_eos``) sent once. Every stream ends as one of:
+processes, so the client is not the ceiling; they start once every one of them has imported and connected),
+each a short request (``--prompt-len`` random token ids, ``--max-tokens`` out, ``ignore_eos``) sent once.
+Every stream ends as one of:
 
 - ``ok``: all its tokens arrived;
 - ``refused``: 429 / RESOURCE_EXHAUSTED (the documented answer when the queues are full);
@@ -15,10 +17,11 @@ processes, so the client is not the ceiling), each a short request (``--prompt-l
 - ``hung``: no end within ``--stream-timeout-s``.
 
 After each level the server's engines must be empty again: no running or waiting request and KV
-usage 0 (``pagoda status``). The server runs the application's defaults with a tiny random model on
-CPU (``--shape``): what admission, queues and the API process do under a burst, not model speed.
-Writes bench/results/<name>.json|md|png. The seed's own table (99.8 / 98.7 / 95.2% success at
-100 / 1,000 / 5,000 concurrent; 12 / 45 / 120 ms) is printed beside it.
+usage 0, read as ``pagoda status`` reads them (``collect_status``) by this process, attached to the
+server's Ray cluster. The server runs the application's defaults with a tiny random model on CPU
+(``--shape``): what admission, queues and the API process do under a burst, not model speed.
+Writes bench/results/<name>.json|md|png (no PNG with ``--no-plot``). The seed's own table (99.8 / 98.7 /
+95.2% success at 100 / 1,000 / 5,000 concurrent; 12 / 45 / 120 ms) is printed beside it.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ import json
 import multiprocessing
 import os
 import queue
+import re
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench import chaos_cluster
 from bench.report import environment, markdown_table, write_report
 from bench.serving import MODEL_NAME, Variant
 from bench.serving_load import Workload, percentiles
@@ -44,6 +48,9 @@ from bench.serving_server import Server
 SEED_TABLE = {100: (99.8, 12), 1000: (98.7, 45), 5000: (95.2, 120)}  # concurrency -> (success %, latency ms)
 REFUSED_HTTP, REFUSED_GRPC = 429, "RESOURCE_EXHAUSTED"
 SERVER_FAULTS = ("500", "503", "INTERNAL", "UNAVAILABLE", "UNKNOWN")
+# `pagoda serve`'s ready lines: "ray cluster:  <gcs>   (connect: [RAY_AUTH_MODE=token, ]ray.init(...))"
+READY = re.compile(r"ray cluster:\s+(?P<gcs>\S+)\s+\(connect: (?P<token>RAY_AUTH_MODE=token, )?")
+GO_TIMEOUT_S = 300.0  # a load process that has not been told to start by then gives up (the bench failed)
 
 
 @dataclass
@@ -124,19 +131,25 @@ async def grpc_once(stub, pb, work: Workload, i: int, timeout_s: float) -> Outco
     return out
 
 
-def _client_proc(protocol: str, target: str, work: dict, indices: list[int], start_at: float, timeout_s: float,
+def _client_proc(protocol: str, target: str, work: dict, indices: list[int], ready, go, timeout_s: float,
                  q) -> None:
-    """One load process: all of ``indices`` started together at ``start_at``; puts its outcomes on ``q``."""
+    """One load process: says so on ``ready`` once it has imported and connected, then starts all of
+    ``indices`` together when ``go`` is set; puts its outcomes on ``q``."""
     _raise_fd_limit()
 
-    async def go() -> list[Outcome]:
+    async def go_when_all_are_ready() -> bool:
+        ready.put(os.getpid())
+        return await asyncio.to_thread(go.wait, GO_TIMEOUT_S)  # False: the bench gave up on this burst
+
+    async def run() -> list[Outcome]:
         work_ = Workload(**work)
         if protocol == "http":
             import aiohttp
 
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                              timeout=aiohttp.ClientTimeout(total=None)) as session:
-                await _until(start_at)
+                if not await go_when_all_are_ready():
+                    return []
                 return await asyncio.gather(*(http_once(session, target, work_, i, timeout_s) for i in indices))
         import grpc
 
@@ -146,15 +159,11 @@ def _client_proc(protocol: str, target: str, work: dict, indices: list[int], sta
         async with grpc.aio.insecure_channel(target) as channel:
             await channel.channel_ready()
             stub = pb_grpc.PagodaStub(channel)
-            await _until(start_at)
+            if not await go_when_all_are_ready():
+                return []
             return await asyncio.gather(*(grpc_once(stub, pb, work_, i, timeout_s) for i in indices))
 
-    q.put([asdict(o) for o in asyncio.run(go())])
-
-
-async def _until(t: float) -> None:
-    while time.perf_counter() < t:
-        await asyncio.sleep(0.002)
+    q.put([asdict(o) for o in asyncio.run(run())])
 
 
 def _raise_fd_limit() -> None:
@@ -165,54 +174,84 @@ def _raise_fd_limit() -> None:
 
 
 def burst(protocol: str, target: str, work: Workload, concurrency: int, procs: int, timeout_s: float) -> list[Outcome]:
-    """``concurrency`` streams started together, split over ``procs`` processes."""
+    """``concurrency`` streams started together, split over ``procs`` processes, once every one is ready."""
     procs = max(1, min(procs, concurrency))
     ctx = multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    start_at = time.perf_counter() + 3.0 + concurrency / 2000  # every process has imported and connected
+    q, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     shares = [list(range(k, concurrency, procs)) for k in range(procs)]
-    workers = [ctx.Process(target=_client_proc, args=(protocol, target, asdict(work), s, start_at, timeout_s, q))
-               for s in shares]
+    # daemon: a load process still waiting for ``go`` when the bench fails ends with it
+    workers = [ctx.Process(target=_client_proc, args=(protocol, target, asdict(work), s, ready, go, timeout_s, q),
+                           daemon=True) for s in shares]
     for w in workers:
         w.start()
-    results: list[list[dict]] = []
-    while len(results) < len(workers):
-        try:
-            results.append(q.get(timeout=5))
-        except queue.Empty:
-            dead = [w for w in workers if w.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"a load process exited with {dead[0].exitcode}") from None
+    _take(ready, len(workers), workers)  # every process has imported and connected
+    go.set()
+    results: list[list[dict]] = _take(q, len(workers), workers)
     for w in workers:
         w.join()
     return [Outcome(**d) for batch in results for d in batch]
 
 
+def _take(q, n: int, workers) -> list:
+    """``n`` items from ``q``; raises if a load process exits with an error first."""
+    items = []
+    while len(items) < n:
+        try:
+            items.append(q.get(timeout=5))
+        except queue.Empty:
+            dead = [w for w in workers if w.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a load process exited with {dead[0].exitcode}") from None
+    return items
+
+
 # ---- the server's state ---------------------------------------------------------------------------------
 
 
-def engine_state(server: Server, state_dir: Path) -> dict:
-    """Running, waiting and KV usage summed over the replicas (``pagoda status --json``)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PAGODA_STATE_DIR"] = str(state_dir)
-    if "RAY_AUTH_MODE=token" in Path(server.log.name).read_text():  # Ray's local clusters may want its token
-        env["RAY_AUTH_MODE"] = "token"
-    proc = subprocess.run([sys.executable, "-m", "pagoda.engine.cli", "status", "--app", MODEL_NAME, "--json"],
-                          capture_output=True, text=True, timeout=120, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"pagoda status failed: {proc.stderr[-2000:]}")
-    replicas = json.loads(proc.stdout)["replicas"]
+def attach_to(server: Server, timeout_s: float = 60.0) -> None:
+    """Connect this process to the server's own Ray cluster (the address `pagoda serve` prints once ready), so
+    that the engines' state is read here, not by a `pagoda status` process per check; ``detach`` before
+    ``server.stop()``."""
+    deadline = time.monotonic() + timeout_s
+    while not (ready := READY.search(Path(server.log.name).read_text())):
+        if time.monotonic() > deadline or server.proc.poll() is not None:
+            raise RuntimeError(f"pagoda serve printed no ray cluster address; see {server.log.name}")
+        time.sleep(0.2)
+    # Ray turns token auth on for a local cluster in the server's process: this driver then needs it too.
+    chaos_cluster.attach({"gcs_address": ready["gcs"], "auth_mode": "token" if ready["token"] else ""})
+
+
+def detach() -> None:
+    """Leave the server's cluster, and forget Serve's client of it: Ray keeps that client across ``ray.shutdown()``
+    and hands it out again on the next cluster if this process has the same job id there, as it has on each
+    server's cluster (the second driver after `pagoda serve`)."""
+    if "ray.serve" in sys.modules:
+        from ray.serve import context
+
+        context._disconnect()
+    chaos_cluster.detach()
+
+
+def engine_state() -> dict:
+    """Running, waiting and KV usage summed over the replicas, read as `pagoda status` reads them
+    (``collect_status``) on the cluster this process is attached to."""
+    from pagoda.cluster.status_cli import collect_status
+
+    status = collect_status(MODEL_NAME)
+    if status is None:
+        raise RuntimeError(f"no Serve application {MODEL_NAME!r} on the attached cluster")
+    replicas = status.replicas
     return {"replicas": len(replicas), "running": sum(r["num_running"] for r in replicas),
             "waiting": sum(r["num_waiting"] for r in replicas),
             "kv_usage": max((r["kv_cache_usage"] for r in replicas), default=0.0),
             "preemptions": sum(r["num_preemptions"] for r in replicas)}
 
 
-def settled_state(server: Server, state_dir: Path, timeout_s: float = 30.0) -> dict:
+def settled_state(timeout_s: float = 30.0) -> dict:
     """The engines' state once they are empty, or the last one seen after ``timeout_s`` (a leak)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        state = engine_state(server, state_dir)
+        state = engine_state()
         if (state["running"], state["waiting"], state["kv_usage"]) == (0, 0, 0.0) or time.monotonic() > deadline:
             return state
         time.sleep(1.0)
@@ -326,24 +365,27 @@ async def refusal_probe(server: Server, work: Workload, holders: int, probes: in
 
 def run_server(args, label: str, app: dict, concurrencies: list[int], work: Workload,
                probe_holders: int = 0) -> dict:
+    # its own state folder: the bench's `pagoda serve` does not take the place of a user's in ~/.cache/pagoda
     state_dir = args.out / "load_logs" / f"{label}-state"
     server = Server(app, Variant(label, env={"PAGODA_STATE_DIR": str(state_dir)}), args.num_cpus,
                     args.out / "load_logs")
     rows = []
     try:
         server.wait_ready()
+        attach_to(server)
         for protocol in args.protocols:
             target = server.http_url if protocol == "http" else server.grpc_target
             for c in concurrencies:
                 outcomes = burst(protocol, target, work, c, args.client_procs, args.stream_timeout_s)
-                row = summarize(protocol, c, outcomes, settled_state(server, state_dir))
+                row = summarize(protocol, c, outcomes, settled_state())
                 rows.append(row)
                 print(json.dumps({"label": label, **{k: row[k] for k in COLUMNS}}), flush=True)
         probe = asyncio.run(refusal_probe(server, work, probe_holders)) if probe_holders else None
         if probe:
             print(json.dumps({"label": label, "refusal_probe": probe}), flush=True)
-            settled_state(server, state_dir)
+            settled_state()
     finally:
+        detach()  # before the cluster goes: a driver that loses its GCS ends the process a minute later
         server.stop()
     return {"label": label, "config": app, "rows": rows, "refusal_probe": probe}
 
@@ -366,6 +408,7 @@ def main(argv=None) -> None:
     p.add_argument("--queue-run-concurrency", type=int, default=1000)
     p.add_argument("--name", default="load_cpu")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--no-plot", action="store_true", help="JSON and markdown only (the tests: no matplotlib)")
     args = p.parse_args(argv)
     _raise_fd_limit()
 
@@ -387,7 +430,7 @@ def main(argv=None) -> None:
                         for run in runs)
     write_report(args.out, args.name, result, f"Load bursts on loopback, {args.shape} on CPU, "
                  f"{args.prompt_len}-token prompts, {args.max_tokens} out\n\n" + table,
-                 lambda png: plot(result, png))
+                 None if args.no_plot else lambda png: plot(result, png))
 
 
 if __name__ == "__main__":

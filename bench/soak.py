@@ -2,7 +2,9 @@
 that appear only after thousands of requests — and a KV-pressure run served through preemption.
 
     python -m bench.soak                                   # 10 minutes steady + 2 minutes under KV pressure
-    python -m bench.soak --duration-s 30 --pressure-duration-s 20     # the size CI runs (tests/integration)
+    python -m bench.soak --duration-s 6 --pressure-duration-s 10 --concurrency 8 --no-plot   # the size CI runs
+
+(tests/integration/test_soak.py; ``pytest -m slow`` runs its longer variant: 20 s steady, 15 s under KV pressure.)
 
 Steady: ``--concurrency`` closed-loop streams over loopback, half HTTP and half gRPC, prompts of 8 to
 ``--max-prompt`` random tokens and 4 to ``--max-tokens`` out; every ``--disconnect-every``-th stream
@@ -14,7 +16,7 @@ waiting request, KV usage 0.
 
 KV pressure: a second server whose replica has a pool of ``--pressure-blocks`` KV blocks gets long
 prompts from more streams than fit; the engine must preempt and recompute, and every request must
-still finish. Writes bench/results/<name>.json|md|png (RSS over time).
+still finish. Writes bench/results/<name>.json|md|png (RSS over time; no PNG with ``--no-plot``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import time
 import zlib
 from pathlib import Path
 
-from bench.load import MODEL_NAME, Outcome, _raise_fd_limit, grpc_once, http_once, settled_state
+from bench.load import MODEL_NAME, Outcome, _raise_fd_limit, attach_to, detach, grpc_once, http_once, settled_state
 from bench.report import environment, markdown_table, write_report
 from bench.serving import Variant
 from bench.serving_load import Workload, percentiles
@@ -152,13 +154,15 @@ def run(args, label: str, app: dict, duration_s: float, max_prompt: int, concurr
                     args.out / "soak_logs")
     try:
         server.wait_ready()
+        attach_to(server)
         t0 = time.perf_counter()
         outcomes = asyncio.run(steady_load(server, args, duration_s, vocab, max_prompt, args.max_tokens,
                                            concurrency, zlib.crc32(label.encode()), samples))
         wall = time.perf_counter() - t0
-        after = settled_state(server, state_dir)
+        after = settled_state()
         row = summarize(label, outcomes, wall, after)
     finally:
+        detach()  # before the cluster goes: a driver that loses its GCS ends the process a minute later
         server.stop()
     print(json.dumps({k: v for k, v in row.items() if k != "failure_kinds"}), flush=True)
     return row
@@ -201,6 +205,7 @@ def main(argv=None) -> None:
     p.add_argument("--stream-timeout-s", type=float, default=120.0)
     p.add_argument("--name", default="soak_cpu")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--no-plot", action="store_true", help="JSON and markdown only (the tests: no matplotlib)")
     args = p.parse_args(argv)
     _raise_fd_limit()
 
@@ -231,7 +236,7 @@ def main(argv=None) -> None:
     write_report(args.out, args.name, result,
                  f"Soak on loopback, {args.shape} on CPU, {args.concurrency} streams (half HTTP, half gRPC) for "
                  f"{args.duration_s:.0f} s; KV pressure: {args.pressure_blocks} blocks\n\n" + markdown_table(rows, COLUMNS),
-                 lambda png: plot(samples, png))
+                 None if args.no_plot else lambda png: plot(samples, png))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,13 @@ this process (``core="thread"``, the default) or in a process of its own (``core
 them text on the thread that hears from the core, finds stop strings and aborts the completion a stop
 string ended.
 
-Delivery: each step's outputs go to each caller loop in one ``call_soon_threadsafe`` (not
+Text when it is read: a stream without stop strings keeps the core's token news until its consumer asks,
+then detokenizes it once (``OutputProcessor.process`` over every step that queued). A consumer that keeps
+up gets every step as before; one that falls behind (a loaded replica streaming to many clients) makes
+one detokenizer call per chunk it sends instead of one per step. A stream with stop strings is
+detokenized as news comes in, so a stop string ends its completion in the core at once.
+
+Delivery: each step's news goes to each caller loop in one ``call_soon_threadsafe`` (not
 one per request). A consumer that falls behind gets what queued up in one item: delta outputs joined
 (``RequestOutput.followed_by``), cumulative ones superseded. Nothing waits for company: an item goes
 as soon as the consumer asks.
@@ -29,7 +35,7 @@ import asyncio
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.core_output import CoreOutput
@@ -43,10 +49,16 @@ from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.snapshot import EngineSnapshot, SnapshotConfig
 
 
+_NEWS = object()  # a deferred stream's queue item: token news waits in _Stream.news
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue  # RequestOutput items, or an Exception that ends the stream
+    queue: asyncio.Queue  # RequestOutput items (or _NEWS when deferred), or an Exception that ends the stream
+    deferred: bool  # no stop strings: the consumer detokenizes its news when it reads it
+    news: list[CoreOutput] = field(default_factory=list)  # deferred: what the core sent since the last read
+    signalled: bool = False  # deferred: a _NEWS is in the queue for that news
 
 
 class AsyncLLMEngine:
@@ -98,18 +110,21 @@ class AsyncLLMEngine:
             prepared = self.inputs.process(request_id, prompt, sampling_params, priority, None, tenant)
         stream = self._open(prepared, output_kind)
         self.core.add(prepared)
-        finished, pending = False, None
+        finished, held = False, None  # held: an error that queued behind outputs still to send
         try:
             while not finished:
-                item, pending = (pending if pending is not None else await stream.queue.get()), None
+                item, held = self._read(stream, held if held is not None else await stream.queue.get()), None
                 if isinstance(item, BaseException):
                     raise item
+                if item is None:
+                    continue  # news, but no output yet (final outputs, stream_interval)
                 while not item.finished and not stream.queue.empty():  # fell behind: send what queued, once
-                    later = stream.queue.get_nowait()
+                    later = self._read(stream, stream.queue.get_nowait())
                     if isinstance(later, BaseException):
-                        pending = later
+                        held = later
                         break
-                    item = _coalesce(item, later, output_kind)
+                    if later is not None:
+                        item = _coalesce(item, later, output_kind)
                 finished = item.finished
                 yield item
         finally:
@@ -127,10 +142,19 @@ class AsyncLLMEngine:
         with self._lock:
             if prepared.request_id in self._streams:
                 raise ValueError(f"request_id {prepared.request_id!r} is already in use")
-            stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+            stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), deferred=not prepared.params.stop)
             self._streams[prepared.request_id] = stream
             self._outputs.add(prepared, output_kind)
         return stream
+
+    def _read(self, stream: _Stream, item):
+        """A queue item as the consumer sees it: a deferred stream's _NEWS becomes its output (None: none yet)."""
+        if item is not _NEWS:
+            return item
+        with self._lock:
+            news, stream.news, stream.signalled = stream.news, [], False
+            outputs, _ = self._outputs.process(news)  # no stop strings: nothing to abort
+        return outputs[0] if outputs else None
 
     async def abort(self, request_id: str) -> None:
         self.core.abort(request_id)
@@ -152,11 +176,22 @@ class AsyncLLMEngine:
 
     # ------------------------------------------------------------------ the core's side (CoreSink), on its thread
     def on_outputs(self, news: list[CoreOutput]) -> None:
-        """One step's tokens → outputs, then a single thread-safe call per caller loop (each wakes a loop
-        through a pipe). A completion that hit a stop string is aborted in the core."""
+        """One step's tokens: queued for deferred streams, made outputs for the others; then a single
+        thread-safe call per caller loop (each wakes a loop through a pipe). A completion that hit a stop
+        string is aborted in the core."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         with self._lock:
-            outputs, stopped = self._outputs.process(news)
+            now = []  # news detokenized here: streams with stop strings, and requests nobody reads (dropped)
+            for item in news:
+                stream = self._streams.get(self._outputs.parent_of(item.request_id))
+                if stream is None or not stream.deferred:
+                    now.append(item)
+                    continue
+                stream.news.append(item)
+                if not stream.signalled:
+                    stream.signalled = True
+                    by_loop[stream.loop].append((stream.queue, _NEWS))
+            outputs, stopped = self._outputs.process(now)
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is not None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pagoda.engine import cli_inputs, plugins
 from pagoda.engine.config import EMBEDDED_MODEL
 from pagoda.engine.graph_prompt import DEFAULT_ENCODING, ENCODINGS
+from pagoda.engine.request_fields import RequestField, plain_fields
+from pagoda.engine.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -35,20 +37,6 @@ class CliCommand:
 def plugin_commands() -> dict[str, CliCommand]:
     """The subcommands other rooms add, by name (``serve`` and ``status`` from ``cluster/``)."""
     return {name: plugins.resolve(plugins.CLI_COMMAND, name) for name in plugins.names(plugins.CLI_COMMAND)}
-
-
-_SAMPLING_FLAGS = [  # (flag, type, default, help)
-    ("--temperature", float, 0.0, "sampling temperature; 0 is greedy (default: %(default)s)"),
-    ("--top-p", float, 1.0, "nucleus sampling mass, in (0, 1] (default: %(default)s)"),
-    ("--top-k", int, -1, "keep the k most likely tokens; -1 disables (default: %(default)s)"),
-    ("--min-p", float, 0.0, "drop tokens below min_p x p(most likely), in [0, 1] (default: %(default)s)"),
-    ("--repetition-penalty", float, 1.0, "> 1 discourages tokens already in prompt or output (default: %(default)s)"),
-    ("--presence-penalty", float, 0.0, "in [-2, 2], subtracted once per token present in the output (default: %(default)s)"),
-    ("--frequency-penalty", float, 0.0, "in [-2, 2], subtracted per occurrence in the output (default: %(default)s)"),
-    ("--seed", int, None, "per-request seed for reproducible sampling (default: none)"),
-    ("--max-tokens", int, 256, "output tokens at most (default: %(default)s)"),
-    ("--min-tokens", int, 0, "generate at least this many tokens before EOS may end it (default: %(default)s)"),
-]
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -65,12 +53,26 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The flags SamplingParams' field metadata names (engine/request_fields.py), each with the field's name as
+    its dest (``cli_session.sampling_params_from_args``); the custom ones are added here and by _add_input_flags."""
     g = p.add_argument_group("sampling")
-    for flag, typ, default, help_text in _SAMPLING_FLAGS:
-        g.add_argument(flag, type=typ, default=default, help=help_text)
-    g.add_argument("--stop", action="append", default=[], help="stop string; repeat for several (never shown in the output)")
-    g.add_argument("--stop-token-ids", type=int, nargs="*", default=[], help="token ids that end generation")
-    g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    for flag, f in plain_fields(SamplingParams, "cli"):
+        g.add_argument(flag, dest=f.name, default=f.cli_default, **_flag_kind(flag, f))
+    g.add_argument("--stop", dest="stop", action="append", default=[],
+                   help="stop string; repeat for several (never shown in the output)")
+    g.add_argument("--stop-token-ids", dest="stop_token_ids", type=int, nargs="*", default=[],
+                   help="token ids that end generation")
+
+
+def _flag_kind(flag: str, f: RequestField) -> dict:
+    """A number takes a value; a bool that is off by default is a switch that turns it on."""
+    if f.type is bool:
+        if f.cli_default is not False:
+            raise TypeError(f"{flag}: a plain CLI bool must default to False; declare it custom(...) in its metadata")
+        return {"action": "store_true", "help": f.spec.help}
+    if f.repeated or f.type not in (int, float, str):
+        raise TypeError(f"{flag}: no plain CLI flag for {f.name}'s type; declare it custom(...) in its metadata")
+    return {"type": f.type, "help": f"{f.spec.help} (default: %(default)s)"}
 
 
 def _add_input_flags(p: argparse.ArgumentParser) -> None:

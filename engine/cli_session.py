@@ -15,18 +15,15 @@ from pagoda.engine.graph_prompt import DEFAULT_ENCODING
 from pagoda.engine.graph_request import GraphRequest
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.engine.output_processor import OutputKind
+from pagoda.engine.request_fields import Exposed, request_fields
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.tokenizer import encode_chat
 
 
 def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, seed=args.seed, max_tokens=args.max_tokens,
-        min_tokens=args.min_tokens, stop=args.stop, stop_token_ids=args.stop_token_ids,
-        ignore_eos=args.ignore_eos, structured=args.structured,
-    )
+    """Every field the CLI offers (its metadata names a flag, whose dest is the field's name)."""
+    return SamplingParams(**{f.name: getattr(args, f.name) for f in request_fields(SamplingParams)
+                             if isinstance(f.spec.cli, Exposed)})
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

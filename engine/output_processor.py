@@ -89,6 +89,10 @@ class OutputProcessor:
     def has(self, request_id: str) -> bool:
         return request_id in self._parents
 
+    def parent_of(self, child_id: str) -> str | None:
+        """The prompt a scheduler request belongs to (None: not tracked, or forgotten)."""
+        return self._parent_of.get(child_id)
+
     def remove(self, request_id: str) -> list[str]:
         """Forget a prompt (finished or aborted); returns its scheduler request ids."""
         parent = self._parents.pop(request_id, None)

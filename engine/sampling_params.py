@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pagoda.engine.config import require
+from pagoda.engine.request_fields import custom, hidden, spec
 from pagoda.engine.structured.spec import StructuredOutputSpec
 
 MAX_N = 64
@@ -37,23 +38,58 @@ def _as_tuple(value, name: str) -> tuple:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    n: int = 1  # completions per prompt
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0  # nucleus mass, in (0, 1]
-    top_k: int = -1  # -1 disables; otherwise >= 1
-    min_p: float = 0.0  # drop tokens below min_p * p(best), in [0, 1]
-    repetition_penalty: float = 1.0  # > 0; divides positive logits of prompt and output tokens
-    presence_penalty: float = 0.0  # in [-2, 2]; subtracted once per token present in the output
-    frequency_penalty: float = 0.0  # in [-2, 2]; subtracted per occurrence in the output
-    seed: int | None = None  # per-request generator; same seed, same tokens
-    stop: tuple[str, ...] = field(default=())  # strings that end generation; never in returned text
-    stop_token_ids: tuple[int, ...] = field(default=())  # token ids that end generation
-    max_tokens: int = 16  # output tokens at most
-    min_tokens: int = 0  # EOS and stop token ids are masked until this many were generated
-    ignore_eos: bool = False  # keep going past EOS (benchmarks)
-    logprobs: int | None = None  # return the sampled token's logprob plus this many top ones
-    skip_special_tokens: bool = True  # detokenization
-    structured: StructuredOutputSpec | None = None  # the grammar the output must match (engine/structured/)
+    # Each field's metadata is its contract with the front ends (engine/request_fields.py): its help text and
+    # its name in the OpenAI body, the pagoda.v1 SamplingParams message and the CLI, or why one leaves it out.
+    n: int = field(default=1, metadata=spec(
+        "completions per prompt", openai="n", grpc="n", cli=hidden("the terminal shows one completion")))
+    temperature: float = field(default=1.0, metadata=spec(
+        "sampling temperature; 0 is greedy", openai="temperature", grpc="temperature", cli="--temperature",
+        cli_default=0.0))  # a terminal answer is greedy unless asked otherwise
+    top_p: float = field(default=1.0, metadata=spec(
+        "nucleus sampling mass, in (0, 1]", openai="top_p", grpc="top_p", cli="--top-p"))
+    top_k: int = field(default=-1, metadata=spec(
+        "keep the k most likely tokens; -1 disables", openai="top_k", grpc="top_k", cli="--top-k"))
+    min_p: float = field(default=0.0, metadata=spec(
+        "drop tokens below min_p x p(most likely), in [0, 1]", openai="min_p", grpc="min_p", cli="--min-p"))
+    repetition_penalty: float = field(default=1.0, metadata=spec(
+        "> 0; divides positive logits of prompt and output tokens (> 1 discourages repeats)",
+        openai="repetition_penalty", grpc="repetition_penalty", cli="--repetition-penalty"))
+    presence_penalty: float = field(default=0.0, metadata=spec(
+        "in [-2, 2]; subtracted once per token present in the output",
+        openai="presence_penalty", grpc="presence_penalty", cli="--presence-penalty"))
+    frequency_penalty: float = field(default=0.0, metadata=spec(
+        "in [-2, 2]; subtracted per occurrence in the output",
+        openai="frequency_penalty", grpc="frequency_penalty", cli="--frequency-penalty"))
+    seed: int | None = field(default=None, metadata=spec(
+        "per-request generator; same seed, same tokens", openai="seed", grpc="seed", cli="--seed"))
+    stop: tuple[str, ...] = field(default=(), metadata=spec(
+        "strings that end generation; never in returned text",
+        openai=custom("stop", "a string or a list of strings"), grpc="stop",
+        cli=custom("--stop", "one string per flag, repeated")))
+    stop_token_ids: tuple[int, ...] = field(default=(), metadata=spec(
+        "token ids that end generation", openai="stop_token_ids", grpc="stop_token_ids",
+        cli=custom("--stop-token-ids", "several ids after one flag")))
+    max_tokens: int = field(default=16, metadata=spec(
+        "output tokens at most", openai="max_tokens", grpc="max_tokens", cli="--max-tokens",
+        cli_default=256))  # a terminal answer is a few sentences; chat's max_completion_tokens is an alias
+    min_tokens: int = field(default=0, metadata=spec(
+        "EOS and stop token ids are masked until this many tokens were generated",
+        openai="min_tokens", grpc="min_tokens", cli="--min-tokens"))
+    ignore_eos: bool = field(default=False, metadata=spec(
+        "keep generating past EOS (benchmarks)", openai="ignore_eos", grpc="ignore_eos", cli="--ignore-eos"))
+    logprobs: int | None = field(default=None, metadata=spec(
+        "return the sampled token's logprob plus this many top ones",
+        openai=custom("logprobs", "an int on /v1/completions; on chat a bool, with top_logprobs the count"),
+        grpc="logprobs", cli=hidden("the terminal shows text, not logprobs")))
+    skip_special_tokens: bool = field(default=True, metadata=spec(
+        "leave special tokens out of the returned text (detokenization)",
+        openai="skip_special_tokens", grpc="skip_special_tokens",
+        cli=hidden("the terminal shows the answer as a user reads it; the APIs return special tokens on request")))
+    structured: StructuredOutputSpec | None = field(default=None, metadata=spec(
+        "the grammar the output must match (engine/structured/)",
+        openai=custom("response_format", "response_format or vLLM's structured_outputs (structured.from_openai)"),
+        grpc=custom("structured", "a StructuredOutput message (grpc_request.structured_spec)"),
+        cli=custom("--json-schema", "one of --json-schema, --regex, --grammar (engine/cli_inputs.py)")))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _as_tuple(self.stop, "stop"))

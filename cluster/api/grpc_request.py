@@ -1,9 +1,10 @@
 """pagoda.v1 request fields -> Frontend arguments: sampling (with its structured-output constraint) and the graph.
 
-Pure functions over generated messages. Each error is an ApiError (INVALID_ARGUMENT) naming the field as
-this protocol spells it: ``sampling.structured.regex``, ``graph_encoding``, or a path into the graph's JSON
-text (``graph.edges[0].target``). Proto3 has no unset string, so an empty ``graph`` or ``graph_encoding``
-is absent.
+Pure functions over generated messages. Which SamplingParams field each proto field sets comes from the
+dataclass's field metadata (``engine/request_fields.py``); only ``structured`` is mapped by hand. Each error is
+an ApiError (INVALID_ARGUMENT) naming the field as this protocol spells it: ``sampling.structured.regex``,
+``graph_encoding``, or a path into the graph's JSON text (``graph.edges[0].target``). Proto3 has no unset
+string, so an empty ``graph`` or ``graph_encoding`` is absent.
 """
 
 from __future__ import annotations
@@ -13,23 +14,25 @@ import json
 from pagoda.cluster.api import errors
 from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
 from pagoda.engine.graph_request import GraphRequest, GraphRequestError
+from pagoda.engine.request_fields import plain_fields
+from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.structured import StructuredOutputError, StructuredOutputSpec
 from pagoda.engine.structured.spec import choice_ebnf
 
-_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty", "seed", "max_tokens", "min_tokens", "logprobs")
+_SAMPLING = pb.SamplingParams.DESCRIPTOR.fields_by_name
+_PLAIN = plain_fields(SamplingParams, "grpc")  # (proto field, SamplingParams field): each but `structured`
 _STRUCTURED = "sampling.structured"
 
 
 def sampling_kwargs(s: pb.SamplingParams) -> dict:
-    """Keyword arguments of ``SamplingParams``: the fields the client set."""
-    kwargs = {name: getattr(s, name) for name in _SAMPLING_FIELDS if s.HasField(name)}
-    if s.stop:
-        kwargs["stop"] = list(s.stop)
-    if s.stop_token_ids:
-        kwargs["stop_token_ids"] = list(s.stop_token_ids)
-    if s.ignore_eos:
-        kwargs["ignore_eos"] = True
+    """Keyword arguments of ``SamplingParams``: the fields the client set. A field with presence (``optional``)
+    is set when present; repeated fields and proto3 scalars without presence (``ignore_eos``) when not empty/zero."""
+    kwargs = {}
+    for proto_name, f in _PLAIN:
+        value = getattr(s, proto_name)
+        present = s.HasField(proto_name) if _SAMPLING[proto_name].has_presence else bool(value)
+        if present:
+            kwargs[f.name] = list(value) if f.repeated else value
     if s.HasField("structured"):
         kwargs["structured"] = structured_spec(s.structured)
     return kwargs

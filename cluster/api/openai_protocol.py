@@ -1,13 +1,15 @@
 """OpenAI request bodies -> pagoda inputs, and pagoda outputs -> OpenAI response objects.
 
 Pure functions over dicts (no web framework), so each shape is unit-testable. Field names follow
-OpenAI's API (``max_tokens``/``max_completion_tokens``, ``stop``, ``n``, ``logprobs``,
-``top_logprobs``, ``stream_options.include_usage``) plus vLLM's extensions (``top_k``, ``min_p``,
-``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``) and ``priority``, plus pagoda's
-``tenant`` (a string: whose share of the engine the request spends; ``Frontend.generate`` checks the name)
-and, on chat completions, ``graph`` and ``graph_encoding`` (``engine/graph_request.py``: the graph's text
-goes before the first user message's content). ``/v1/completions`` refuses a graph, naming the field: its
-prompt is the client's exact text (or token ids), with no user message for the graph to go before.
+OpenAI's API (``max_tokens``/``max_completion_tokens``, ``stop``, ``n``, ``logprobs``, ``top_logprobs``,
+``stream_options.include_usage``) plus vLLM's extensions (``top_k``, ``min_p``, ``repetition_penalty``,
+``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``skip_special_tokens``, ``priority``). The plain sampling
+fields and their names come from SamplingParams' field metadata (``engine/request_fields.py``);
+``parse_request`` spells out the rest. pagoda adds ``tenant`` (a string: whose share of the engine the request
+spends; ``Frontend.generate`` checks the name) and, on chat completions, ``graph`` and ``graph_encoding``
+(``engine/graph_request.py``: the graph's text goes before the first user message's content).
+``/v1/completions`` refuses a graph, naming the field: its prompt is the client's exact text (or token ids),
+with no user message for the graph to go before.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ from dataclasses import dataclass, field
 from pagoda.cluster.api import errors
 from pagoda.engine.graph_request import GraphRequest, GraphRequestError
 from pagoda.engine.request import CompletionOutput
+from pagoda.engine.request_fields import RequestField, plain_fields
+from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.structured import StructuredOutputError, from_openai
 
-# body field -> (SamplingParams field, accepted types)
-_NUMBER = (int, float)
-_SAMPLING_FIELDS = {
-    "n": ("n", int), "temperature": ("temperature", _NUMBER), "top_p": ("top_p", _NUMBER),
-    "top_k": ("top_k", int), "min_p": ("min_p", _NUMBER), "repetition_penalty": ("repetition_penalty", _NUMBER),
-    "presence_penalty": ("presence_penalty", _NUMBER), "frequency_penalty": ("frequency_penalty", _NUMBER),
-    "seed": ("seed", int), "max_tokens": ("max_tokens", int), "min_tokens": ("min_tokens", int),
-    "ignore_eos": ("ignore_eos", bool), "stop_token_ids": ("stop_token_ids", list),
-}
+
+def _json_types(f: RequestField) -> tuple[type, ...]:
+    """What JSON may carry a plain field: a list for a repeated one (items checked by SamplingParams), any
+    number for a float, else the field's own type (never a bool for an int: ``_typed``)."""
+    return (list,) if f.repeated else (int, float) if f.type is float else (f.type,)
+
+
+# body field -> (SamplingParams field, accepted types); stop, logprobs and structured are parsed by hand below
+_SAMPLING_FIELDS = {name: (f.name, _json_types(f)) for name, f in plain_fields(SamplingParams, "openai")}
 
 
 _IMAGE_KEYS = ("images", "image", "image_url", "multi_modal_data")  # body fields a client may try for images

@@ -16,6 +16,6 @@
 - ``review``: a run summed up, errors the servers logged, engine idle and still serving afterwards;
 - ``known_bugs``: server bugs found and not fixed yet, which the runs set aside (each with a failing test; none open).
 
-Used by tests/integration/test_fuzz_api.py and test_fuzz_images.py (500 per protocol) and ``python -m
+Used by tests/integration/test_fuzz_api.py and images/test_fuzz_images.py (500 per protocol) and ``python -m
 bench.fuzz`` (10,000 per protocol).
 """

@@ -1,5 +1,6 @@
 """A local Ray cluster + the Serve application (one CPU replica of the embedded model) + the API
-servers on loopback — shared by the gRPC and OpenAI test modules (one per module)."""
+servers on loopback — for the test modules that serve through the API (one per module, or one per package of
+modules that share it: api/conftest.py)."""
 
 from __future__ import annotations
 

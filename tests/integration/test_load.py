@@ -17,7 +17,7 @@ def test_bursts_are_served_or_refused_cleanly_and_nothing_leaks(tmp_path):
     cmd = [sys.executable, "-m", "bench.load", "--concurrency", "200", "--protocols", "http", "grpc",
            "--client-procs", "2", "--num-cpus", "2", "--stream-timeout-s", "120", "--queue-run",
            "--queue-run-concurrency", "200", "--model-dir", str(tmp_path / "models"), "--out", str(tmp_path),
-           "--name", "load"]
+           "--name", "load", "--no-plot"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

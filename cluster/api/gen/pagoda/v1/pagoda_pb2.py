@@ -15,15 +15,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pagoda/v1/pagoda.proto\x12\tpagoda.v1\"S\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12%\n\x05parts\x18\x03 \x03(\x0b\x32\x16.pagoda.v1.ContentPart\"6\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.pagoda.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xc7\x04\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x17\n\nmax_tokens\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\r \x01(\rH\n\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x0b\x88\x01\x01\x12/\n\nstructured\x18\x10 \x01(\x0b\x32\x1b.pagoda.v1.StructuredOutputB\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobs\"\xc8\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04\x65\x62nf\x18\x04 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x06 \x01(\x0b\x32\x12.pagoda.v1.ChoicesH\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x07 \x01(\x08\x42\x0c\n\nconstraint\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xab\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.pagoda.v1.TokenIdsH\x00\x12+\n\x08messages\x18\x05 \x01(\x0b\x32\x17.pagoda.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.pagoda.v1.SamplingParams\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x0e\n\x06images\x18\x08 \x03(\x0c\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\r\n\x05graph\x18\n \x01(\t\x12\x16\n\x0egraph_encoding\x18\x0b \x01(\tB\x08\n\x06prompt\"L\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.pagoda.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xd2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.pagoda.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.pagoda.v1.FinishReason\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.pagoda.v1.Usage\"\x8d\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.pagoda.v1.ChatMessagesH\x00\x12\r\n\x05graph\x18\x04 \x01(\t\x12\x16\n\x0egraph_encoding\x18\x05 \x01(\tB\x07\n\x05input\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xf5\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x06 \x01(\r\x12\x14\n\x0cnum_replicas\x18\x07 \x01(\r\x12\x19\n\x11has_chat_template\x18\x08 \x01(\x08\x12\x1a\n\x12served_model_names\x18\t \x03(\t\x12\x17\n\x0fsupports_images\x18\n \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xdc\x01\n\x06Pagoda\x12\x45\n\x08Generate\x12\x1a.pagoda.v1.GenerateRequest\x1a\x1b.pagoda.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.pagoda.v1.TokenizeRequest\x1a\x1b.pagoda.v1.TokenizeResponse\x12\x46\n\tModelInfo\x12\x1b.pagoda.v1.ModelInfoRequest\x1a\x1c.pagoda.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pagoda/v1/pagoda.proto\x12\tpagoda.v1\"S\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12%\n\x05parts\x18\x03 \x03(\x0b\x32\x16.pagoda.v1.ContentPart\"6\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.pagoda.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x81\x05\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x17\n\nmax_tokens\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\r \x01(\rH\n\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x0b\x88\x01\x01\x12/\n\nstructured\x18\x10 \x01(\x0b\x32\x1b.pagoda.v1.StructuredOutput\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0c\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\xc8\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04\x65\x62nf\x18\x04 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x06 \x01(\x0b\x32\x12.pagoda.v1.ChoicesH\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x07 \x01(\x08\x42\x0c\n\nconstraint\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xab\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.pagoda.v1.TokenIdsH\x00\x12+\n\x08messages\x18\x05 \x01(\x0b\x32\x17.pagoda.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.pagoda.v1.SamplingParams\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x0e\n\x06images\x18\x08 \x03(\x0c\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\r\n\x05graph\x18\n \x01(\t\x12\x16\n\x0egraph_encoding\x18\x0b \x01(\tB\x08\n\x06prompt\"L\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.pagoda.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xd2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.pagoda.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.pagoda.v1.FinishReason\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.pagoda.v1.Usage\"\x8d\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.pagoda.v1.ChatMessagesH\x00\x12\r\n\x05graph\x18\x04 \x01(\t\x12\x16\n\x0egraph_encoding\x18\x05 \x01(\tB\x07\n\x05input\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xf5\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x06 \x01(\r\x12\x14\n\x0cnum_replicas\x18\x07 \x01(\r\x12\x19\n\x11has_chat_template\x18\x08 \x01(\x08\x12\x1a\n\x12served_model_names\x18\t \x03(\t\x12\x17\n\x0fsupports_images\x18\n \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xdc\x01\n\x06Pagoda\x12\x45\n\x08Generate\x12\x1a.pagoda.v1.GenerateRequest\x1a\x1b.pagoda.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.pagoda.v1.TokenizeRequest\x1a\x1b.pagoda.v1.TokenizeResponse\x12\x46\n\tModelInfo\x12\x1b.pagoda.v1.ModelInfoRequest\x1a\x1c.pagoda.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagoda.v1.pagoda_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2359
-  _globals['_FINISHREASON']._serialized_end=2479
+  _globals['_FINISHREASON']._serialized_start=2417
+  _globals['_FINISHREASON']._serialized_end=2537
   _globals['_CHATMESSAGE']._serialized_start=37
   _globals['_CHATMESSAGE']._serialized_end=120
   _globals['_CONTENTPART']._serialized_start=122
@@ -33,29 +33,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=236
   _globals['_TOKENIDS']._serialized_end=259
   _globals['_SAMPLINGPARAMS']._serialized_start=262
-  _globals['_SAMPLINGPARAMS']._serialized_end=845
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=848
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1048
-  _globals['_CHOICES']._serialized_start=1050
-  _globals['_CHOICES']._serialized_end=1076
-  _globals['_GENERATEREQUEST']._serialized_start=1079
-  _globals['_GENERATEREQUEST']._serialized_end=1378
-  _globals['_TOPLOGPROB']._serialized_start=1380
-  _globals['_TOPLOGPROB']._serialized_end=1456
-  _globals['_TOKENLOGPROB']._serialized_start=1458
-  _globals['_TOKENLOGPROB']._serialized_end=1558
-  _globals['_USAGE']._serialized_start=1560
-  _globals['_USAGE']._serialized_end=1640
-  _globals['_GENERATERESPONSE']._serialized_start=1643
-  _globals['_GENERATERESPONSE']._serialized_end=1853
-  _globals['_TOKENIZEREQUEST']._serialized_start=1856
-  _globals['_TOKENIZEREQUEST']._serialized_end=1997
-  _globals['_TOKENIZERESPONSE']._serialized_start=1999
-  _globals['_TOKENIZERESPONSE']._serialized_end=2074
-  _globals['_MODELINFOREQUEST']._serialized_start=2076
-  _globals['_MODELINFOREQUEST']._serialized_end=2109
-  _globals['_MODELINFORESPONSE']._serialized_start=2112
-  _globals['_MODELINFORESPONSE']._serialized_end=2357
-  _globals['_PAGODA']._serialized_start=2482
-  _globals['_PAGODA']._serialized_end=2702
+  _globals['_SAMPLINGPARAMS']._serialized_end=903
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=906
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1106
+  _globals['_CHOICES']._serialized_start=1108
+  _globals['_CHOICES']._serialized_end=1134
+  _globals['_GENERATEREQUEST']._serialized_start=1137
+  _globals['_GENERATEREQUEST']._serialized_end=1436
+  _globals['_TOPLOGPROB']._serialized_start=1438
+  _globals['_TOPLOGPROB']._serialized_end=1514
+  _globals['_TOKENLOGPROB']._serialized_start=1516
+  _globals['_TOKENLOGPROB']._serialized_end=1616
+  _globals['_USAGE']._serialized_start=1618
+  _globals['_USAGE']._serialized_end=1698
+  _globals['_GENERATERESPONSE']._serialized_start=1701
+  _globals['_GENERATERESPONSE']._serialized_end=1911
+  _globals['_TOKENIZEREQUEST']._serialized_start=1914
+  _globals['_TOKENIZEREQUEST']._serialized_end=2055
+  _globals['_TOKENIZERESPONSE']._serialized_start=2057
+  _globals['_TOKENIZERESPONSE']._serialized_end=2132
+  _globals['_MODELINFOREQUEST']._serialized_start=2134
+  _globals['_MODELINFOREQUEST']._serialized_end=2167
+  _globals['_MODELINFORESPONSE']._serialized_start=2170
+  _globals['_MODELINFORESPONSE']._serialized_end=2415
+  _globals['_PAGODA']._serialized_start=2540
+  _globals['_PAGODA']._serialized_end=2760
 # @@protoc_insertion_point(module_scope)

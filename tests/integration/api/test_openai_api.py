@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API, driven by the official ``openai`` package against a real local
-Ray cluster + Serve app (one CPU replica of the embedded model) and uvicorn on 127.0.0.1."""
+Ray cluster + Serve app (one CPU replica of the embedded model, shared with test_grpc_api: conftest.py) and
+uvicorn on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -18,18 +19,12 @@ except ImportError:
 from pagoda.cluster.api.config import ApiConfig
 from pagoda.engine.graph_prompt import Graph, graph_message
 from pagoda.engine.tokenizer import encode_chat, load_tokenizer
-from tests.integration.api_app import more_servers, running_app, wait_engine_busy, wait_engine_idle
+from tests.integration.api_app import more_servers, wait_engine_busy, wait_engine_idle
 from tests.unit.test_graph_prompt import MEDICAL
 
 MODEL = "apitest"
 PROMPT = "The capital of France is"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def app(embedded_path):
-    with running_app(str(embedded_path)) as (config, handle, servers):
-        yield config, handle, servers
 
 
 @pytest.fixture(scope="module")

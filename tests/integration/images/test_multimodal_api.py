@@ -1,9 +1,9 @@
 """Images through the front doors, end to end: the official ``openai`` client and the pagoda.v1 gRPC
 stubs against a real local Ray cluster + Serve app (one CPU replica of the tiny random-weight
-GLM-4.1V) on 127.0.0.1 — the requests Open-AutoGLM's phone agent sends (a system prompt, then a
-screenshot as a base64 PNG data URL and the task). Every bad image is a 400 / INVALID_ARGUMENT naming
-its part, whether the front end or the engine finds it, and leaves no KV block behind; a text-only
-model (the embedded one) refuses image parts the same way."""
+GLM-4.1V, shared with test_fuzz_images: conftest.py) on 127.0.0.1 — the requests Open-AutoGLM's phone
+agent sends (a system prompt, then a screenshot as a base64 PNG data URL and the task). Every bad image
+is a 400 / INVALID_ARGUMENT naming its part, whether the front end or the engine finds it, and leaves no
+KV block behind; a text-only model (the embedded one) refuses image parts the same way."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
 from pagoda.cluster.api.server import ApiServers
 from pagoda.cluster.config import AppConfig
 from pagoda.engine.config import MultiModalConfig
-from tests.integration.api_app import more_servers, running_app, wait_engine_idle
+from tests.integration.api_app import more_servers, wait_engine_idle
 from tests.loopback_http import image_site as loopback_image_site
 
 MODEL = "apitest"
@@ -70,12 +70,6 @@ def agent_messages(*images: str, task: str = TASK) -> list[dict]:
     """Open-AutoGLM's request shape: a system prompt, then the screenshot(s) and the task."""
     content = [{"type": "image_url", "image_url": {"url": url}} for url in images] + [{"type": "text", "text": task}]
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]
-
-
-@pytest.fixture(scope="module")
-def app(tiny_glm4v):
-    with running_app(str(tiny_glm4v)) as (config, handle, servers):
-        yield config, handle, servers
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The pagoda.v1 gRPC service with its generated stubs, health and reflection, against a real local
-Ray cluster + Serve app (one CPU replica of the embedded model) on 127.0.0.1."""
+Ray cluster + Serve app (one CPU replica of the embedded model, shared with test_openai_api: conftest.py) on
+127.0.0.1."""
 
 from __future__ import annotations
 
@@ -23,17 +24,11 @@ from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
 from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
 from pagoda.engine.graph_prompt import Graph, graph_message
 from pagoda.engine.tokenizer import encode_chat, load_tokenizer
-from tests.integration.api_app import more_servers, running_app, wait_engine_busy, wait_engine_idle
+from tests.integration.api_app import more_servers, wait_engine_busy, wait_engine_idle
 from tests.unit.test_graph_prompt import MEDICAL
 
 PROMPT = "The capital of France is"
 FRANCE = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="What is the capital of France?")])
-
-
-@pytest.fixture(scope="module")
-def app(embedded_path):
-    with running_app(str(embedded_path)) as (config, handle, servers):
-        yield config, handle, servers
 
 
 @pytest.fixture(scope="module")
