@@ -56,7 +56,7 @@ def _phase_breakdown(engine, params, workload, kind: str = "final") -> dict:
         news = engine._news(updated)
         t4 = time.perf_counter()
         _, stopped = engine.outputs.process(news)
-        engine.abort_request(stopped)
+        engine.stop_completions(stopped)
         t5 = time.perf_counter()
         times = dict(zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)))
         steps += 1

@@ -197,7 +197,7 @@ class AsyncLLMEngine:
                 if stream is not None:
                     by_loop[stream.loop].append((stream.queue, output))
         for child in stopped:
-            self.core.abort(child)
+            self.core.stop_completion(child)
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)

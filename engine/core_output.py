@@ -6,8 +6,8 @@
 vLLM v1 splits the work the same way: turning tokens into text costs two tokenizer calls per request
 per step, and in the core it was host time that every step waited for (with 256 streams, more than the
 forward itself on a small model). In the front it runs beside the next step, on the front's thread or,
-with ``ProcessCore``, in another process. A stop string is found in the front, which then aborts that
-request in the core; the tokens the core produced meanwhile are dropped there.
+with ``ProcessCore``, in another process. A stop string is found in the front, which then ends that
+completion in the core (``stop_completion``); the tokens the core produced meanwhile are dropped there.
 
 A ``CoreOutput`` is small on purpose: ``ProcessCore`` pickles one per running request per step.
 """

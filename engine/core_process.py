@@ -12,7 +12,8 @@ off the same way.
 
 Messages (pickled, one per send; each side drains what queued and sends it as one message):
 
-- down: a list of commands, ``("add", prepared)`` / ``("abort", request_id)``, or ``[("stop",)]``;
+- down: a list of commands, ``("add", prepared)`` / ``("abort", request_id)`` /
+  ``("stop_completion", completion_id)``, or ``[("stop",)]``;
 - up: ``("ready", snapshot)`` or ``("start_failed", error)`` once, then ``_Batch``es: the latest snapshot,
   every step's ``CoreOutput``s in order (token ids: the front detokenizes), rejections, and a failure.
   A request crosses once, down; the snapshot's prefix summary crosses only when the core rebuilt it.
@@ -110,6 +111,9 @@ class ProcessCore(EngineCore):
 
     def abort(self, request_id: str) -> None:
         self._outbox.put(("abort", request_id))
+
+    def stop_completion(self, completion_id: str) -> None:
+        self._outbox.put(("stop_completion", completion_id))
 
     def snapshot(self) -> EngineSnapshot:
         return self._snapshot

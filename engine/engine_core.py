@@ -15,8 +15,9 @@ front detokenizes them (``OutputProcessor``), finds stop strings, and aborts wha
 
 The contract between a core and its front, both directions:
 
-- into the core: ``add(prepared)`` (validated by the front) and ``abort(request_id)`` (a prompt's id,
-  or one completion's), applied in the order sent, before the next step;
+- into the core: ``add(prepared)`` (validated by the front), ``abort(request_id)`` (a prompt, every
+  completion) and ``stop_completion(completion_id)`` (one completion a stop string ended), applied in
+  the order sent, before the next step;
 - out of it, on a thread of the core's choosing: ``CoreSink.on_outputs`` once per step,
   ``on_rejected`` for an add the engine refused (ValueError, QueueFullError), ``on_failed`` once when a
   step raised or the core died; ``snapshot()`` is the engine's latest published state (``EngineSnapshot``).
@@ -66,8 +67,11 @@ class EngineCore(abc.ABC):
 
     @abc.abstractmethod
     def abort(self, request_id: str) -> None:
-        """Drop a prompt's or one completion's request wherever it is (unknown ids are ignored); its KV
-        blocks return at the next turn."""
+        """Drop a prompt wherever it is (unknown ids are ignored); its KV blocks return at the next turn."""
+
+    @abc.abstractmethod
+    def stop_completion(self, completion_id: str) -> None:
+        """End one completion (``<id>`` or ``<id>#<i>``) that a stop string ended in the front."""
 
     @abc.abstractmethod
     def snapshot(self) -> EngineSnapshot:
@@ -86,7 +90,8 @@ class EngineCore(abc.ABC):
 def run_engine_loop(engine: LLMEngine, publisher: SnapshotPublisher, commands: queue.SimpleQueue,
                     sink: CoreSink, stopping: Callable[[], bool]) -> None:
     """Drive ``engine`` until ``stopping()`` or a step raises (then ``sink.on_failed`` and return).
-    ``commands`` holds ``("add", prepared)``, ``("abort", request_id)`` and ``("wake",)``."""
+    ``commands`` holds ``("add", prepared)``, ``("abort", request_id)``, ``("stop_completion", completion_id)``
+    and ``("wake",)``."""
     while not stopping():
         idle = not engine.has_unfinished_requests()
         if _drain(engine, commands, sink, block=idle) or idle:
@@ -126,6 +131,8 @@ def _apply(engine: LLMEngine, command: tuple, sink: CoreSink) -> None:
             sink.on_rejected(prepared.request_id, exc)
     elif kind == "abort":
         engine.abort_request(command[1])
+    elif kind == "stop_completion":
+        engine.stop_completions([command[1]])
 
 
 class ThreadCore(EngineCore):
@@ -148,6 +155,9 @@ class ThreadCore(EngineCore):
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
+
+    def stop_completion(self, completion_id: str) -> None:
+        self._commands.put(("stop_completion", completion_id))
 
     def snapshot(self) -> EngineSnapshot:
         return self._publisher.latest

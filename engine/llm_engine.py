@@ -127,14 +127,19 @@ class LLMEngine:
             self.scheduler.add_request(child)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
-        """Drop requests wherever they are; their KV blocks go back to the pool. An id is a prompt's (all its
-        completions end) or one completion's (``<id>#<i>``: a front ends it at a stop string). Unknown ids
-        are ignored."""
+        """Drop prompts wherever they are, every completion of each; their KV blocks go back to the pool.
+        Unknown ids are ignored (a refused request's id never touches the request it clashed with)."""
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             self.outputs.remove(request_id)
-            children = self._children.get(request_id) or ([request_id] if request_id in self._parent_of else [])
-            for child in list(children):
+            for child in list(self._children.get(request_id, ())):
                 self._end_child(child, RequestStatus.FINISHED_ABORTED)
+
+    def stop_completions(self, completion_ids: Iterable[str]) -> None:
+        """End single completions (``child_ids``' names) that a stop string ended in the front; their prompts'
+        other completions go on. Unknown ids are ignored."""
+        for child in completion_ids:
+            if child in self._parent_of:
+                self._end_child(child, RequestStatus.FINISHED_STOPPED)
 
     def _end_child(self, child: str, status: RequestStatus | None) -> None:
         """Forget a finished scheduler request (``status`` None: the scheduler already finished it)."""
