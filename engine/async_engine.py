@@ -142,9 +142,11 @@ class AsyncLLMEngine:
         with self._lock:
             if prepared.request_id in self._streams:
                 raise ValueError(f"request_id {prepared.request_id!r} is already in use")
+            # the front's own check: its completions' ids must not be another stream's (the core checks too,
+            # but a clash registered here first would take the other request's news)
+            self._outputs.add(prepared, output_kind)
             stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), deferred=not prepared.params.stop)
             self._streams[prepared.request_id] = stream
-            self._outputs.add(prepared, output_kind)
         return stream
 
     def _read(self, stream: _Stream, item):

@@ -33,7 +33,7 @@ from pagoda.engine.input_processor import InputProcessor, PreparedRequest, Promp
 from pagoda.engine.kv_cache.manager import KVCacheManager
 from pagoda.engine.loader import ResolvedModel, open_model
 from pagoda.engine.multimodal.processor import make_mm_processor
-from pagoda.engine.output_processor import OutputKind, OutputProcessor, child_ids
+from pagoda.engine.output_processor import OutputKind, OutputProcessor, check_ids_free, child_ids
 from pagoda.engine.request import Request, RequestOutput, RequestStatus
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler
@@ -102,12 +102,8 @@ class LLMEngine:
         QueueFullError when ``max_waiting`` requests already wait beyond the running batch's free places.
         ``output_kind`` None: the caller turns ``step_core``'s tokens into outputs itself (an engine core's front)."""
         ids = child_ids(prepared.request_id, prepared.params.n)
-        # Checked before anything is registered: a refused request must touch nobody else's, and with n > 1
-        # its completions ("x#1") may name another request ("x#1" sent as an id of its own), or vice versa.
-        clash = next((i for i in (prepared.request_id, *ids) if i in self._children or i in self._parent_of), None)
-        if clash is not None:
-            also = "" if clash == prepared.request_id else f" (its completion id {clash!r} is another request's)"
-            raise ValueError(f"request_id {prepared.request_id!r} is already in use{also}")
+        # Checked before anything is registered: a refused request must touch nobody else's
+        check_ids_free(prepared.request_id, prepared.params.n, lambda i: i in self._children or i in self._parent_of)
         sched = self.config.scheduler
         # The queue is what waits beyond the places the next step can fill: a burst that arrives between two
         # steps is not refused for seats that are free (a replica takes max_num_seqs + max_waiting requests).

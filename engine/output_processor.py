@@ -69,6 +69,15 @@ def child_ids(request_id: str, n: int) -> list[str]:
     return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
 
 
+def check_ids_free(request_id: str, n: int, taken) -> None:
+    """ValueError when the prompt's id or one of its completions' ids is ``taken(id)``. With n > 1 a
+    completion's id ("x#1") may name another request ("x#1" sent as an id of its own), or vice versa."""
+    clash = next((i for i in (request_id, *child_ids(request_id, n)) if taken(i)), None)
+    if clash is not None:
+        also = "" if clash == request_id else f" (its completion id {clash!r} is another request's)"
+        raise ValueError(f"request_id {request_id!r} is already in use{also}")
+
+
 class OutputProcessor:
     def __init__(self, tokenizer, stream_interval: int = 1) -> None:
         self.tokenizer = tokenizer
@@ -77,7 +86,9 @@ class OutputProcessor:
         self._parent_of: dict[str, str] = {}
 
     def add(self, prepared: PreparedRequest, kind: OutputKind) -> None:
-        """Track a prompt and its n scheduler requests (ids from ``child_ids``)."""
+        """Track a prompt and its n scheduler requests (ids from ``child_ids``); ValueError, touching nothing,
+        when one of those ids is tracked already."""
+        check_ids_free(prepared.request_id, prepared.params.n, lambda i: i in self._parents or i in self._parent_of)
         parent = _Parent(prepared, kind)
         lazy = kind is OutputKind.FINAL and not prepared.params.stop
         for index, child in enumerate(child_ids(prepared.request_id, prepared.params.n)):
