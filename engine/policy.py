@@ -22,9 +22,11 @@ Order is one sort key (``key``): smaller runs first and is preempted last. Polic
 - ``fair``: weighted fair share between tenants by tokens served (start-time fair queuing over
   virtual time = tokens / weight): the tenant with the least weighted service goes first, and within
   a tenant ``priority``'s rules (order, aging, preemption). Priority does not cross tenants: a tenant
-  cannot take another's share by marking its requests important. A tenant that becomes busy starts
-  at the busy tenants' least virtual time, so idle time is not banked as credit. Growth preemption
-  takes from the tenant furthest ahead.
+  cannot take another's share by marking its requests important. Only waiting tenants compete: a
+  tenant whose queue was empty re-enters at the least virtual time of the tenants waiting (level with
+  the most served when nobody waits), so neither idle time nor service got while nobody waited (an
+  engine filling its free seats) is banked as credit or owed as debt. Growth preemption takes from the
+  tenant furthest ahead.
 
 Victim cost: a preempted request frees the blocks it alone holds and must recompute its computed
 tokens. For a shortage of ``need`` blocks, the cheapest victim that frees enough on its own is
@@ -205,7 +207,7 @@ class FairSharePolicy(PriorityPolicy):
         super().__init__(config)
         self.weights = dict(config.tenant_weights)
         self.vtime: dict[str | None, float] = {}  # per tenant: tokens served / weight
-        self._busy: Counter[str | None] = Counter()  # per tenant: requests waiting or running
+        self._waiting: Counter[str | None] = Counter()  # per tenant: requests waiting
 
     def key(self, request: Schedulable, waited_steps: int) -> tuple:
         return (self.vtime.get(request.tenant, 0.0), self.rank(request, waited_steps), request.arrival_time)
@@ -236,30 +238,36 @@ class FairSharePolicy(PriorityPolicy):
         return PriorityPolicy.first(self, [r for r in waiting if r.tenant == tenant], step)
 
     def enqueued(self, request: Schedulable, step: int) -> None:
-        if request.request_id not in self._enqueued_at and request.request_id not in self._waited:
-            self._arrive(request.tenant)
+        if not self._waiting[request.tenant]:
+            self._catch_up(request.tenant)
+        self._waiting[request.tenant] += 1
         super().enqueued(request, step)
+
+    def admitted(self, request: Schedulable, step: int) -> None:
+        self._waiting[request.tenant] -= 1
+        super().admitted(request, step)
 
     def charged(self, request: Schedulable, num_tokens: int) -> None:
         self.vtime[request.tenant] = self.vtime.get(request.tenant, 0.0) + num_tokens / self.weight(request.tenant)
 
     def removed(self, request: Schedulable) -> None:
-        if request.request_id in self._enqueued_at or request.request_id in self._waited:
-            self._busy[request.tenant] -= 1
-            if self._busy[request.tenant] <= 0:
-                del self._busy[request.tenant]
+        if request.request_id in self._enqueued_at:  # aborted while waiting
+            self._waiting[request.tenant] -= 1
         super().removed(request)
 
     def admission_victim(self, head, running, need_blocks, cost, step):
         """Priority preempts within a tenant only: marking requests important never takes another's share."""
         return super().admission_victim(head, [r for r in running if r.tenant == head.tenant], need_blocks, cost, step)
 
-    def _arrive(self, tenant: str | None) -> None:
-        if not self._busy[tenant]:  # becomes busy: no credit for the time it was idle
-            others = [self.vtime.get(t, 0.0) for t in self._busy if t != tenant]
-            if others:
-                self.vtime[tenant] = max(self.vtime.get(tenant, 0.0), min(others))
-        self._busy[tenant] += 1
+    def _catch_up(self, tenant: str | None) -> None:
+        """``tenant``'s queue was empty: it asked for no more than it got, so it starts level with the tenants that
+        wait (the least of them: the one served next), or with the most served when nobody waits. Without this, a
+        tenant that got fewer tokens while there was room for all (an engine filling 128 free seats from two
+        streams gives both the same, i.e. the lighter-weight one 3x its share) is paid that back once seats run
+        out: on an H100 the payback lasted seconds and skewed the share to 1:3.8."""
+        waiting = [v for t, v in self.vtime.items() if self._waiting[t] and t != tenant]
+        floor = min(waiting) if waiting else max(self.vtime.values(), default=0.0)
+        self.vtime[tenant] = max(self.vtime.get(tenant, 0.0), floor)
 
     def _victim_class(self, request: Schedulable) -> tuple:
         return (self.vtime.get(request.tenant, 0.0), self.running_rank(request))

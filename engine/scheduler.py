@@ -10,7 +10,8 @@ latency targets are given, engine/slo.py), in this order:
 2. running requests that continue a chunked prefill,
 3. waiting requests, in policy order, with prefix-cache hits skipped over.
 
-Prompt tokens (2 and 3) also stay within the step's ``prefill_budget``. When the KV pool cannot grow
+Prompt tokens (2 and 3) also stay within the step's ``prefill_budget``, and a step the SLO controller
+keeps decode-only (``StepLimits.prefill`` False) takes none while any running request decodes. When the KV pool cannot grow
 a running request, the policy picks a victim among the running requests not yet scheduled this
 step and the request itself (blocks freed, recomputed later). Admission stops for the step once a
 running request was preempted for lack of blocks, and a request preempted in a step is never
@@ -111,7 +112,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self.step_count += 1
         self.limits = self._step_limits()
-        step = _Step(self.config.max_num_batched_tokens, self.limits.prefill_budget)
+        step = _Step(self.config.max_num_batched_tokens, self._prefill_budget())
         if self.waiting and self.policy.preempts_to_admit:
             self._make_room_for(self.policy.first(self.waiting, self.step_count), step)
         decodes, prefills = self._running_in_order()
@@ -137,6 +138,12 @@ class Scheduler:
             return self.limits
         oldest = min((r.arrival_time for r in self.waiting), default=None)
         return self.slo.limits(0.0 if oldest is None else max(0.0, self._clock() - oldest))
+
+    def _prefill_budget(self) -> int:
+        """The limits' prompt tokens; none on the SLO controller's decode-only steps, unless nothing would decode."""
+        if self.limits.prefill or not any(_num_unscheduled(r) == 1 for r in self.running):
+            return self.limits.prefill_budget
+        return 0
 
     def _running_in_order(self) -> tuple[list[Request], list[Request]]:
         """Decodes, then chunked-prefill continuations; each group in policy order."""

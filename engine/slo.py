@@ -4,55 +4,67 @@ A request's TPOT is the mean duration of the steps it decodes in. The controller
 the mean step time over runs of PERIOD steps (a TPOT over 8 tokens: a single long step among short
 ones is not a miss, a run of them is) under ``target_tpot_s``, and gives the rest to throughput.
 
-1. Model: t = a + b·decodes + c·prefill_tokens, least squares with forgetting (FORGET per step, to
-   follow a change of cost) and a ridge toward the previous fit: when all steps have one shape the
-   data fix only the time at that shape; the other directions keep what varied steps taught.
-2. Limits, from the model and the time budget (SETPOINT·target·feedback factor): max_running R is
-   the most decodes that fit beside min_prefill_budget prompt tokens; prefill_budget P is what the
-   recent decode batch leaves, (budget - a - b·decodes) / c. A tightening target so takes prompt
-   tokens first, decodes only once P is at its minimum (prompts always progress). If prompts cannot
-   refill the batch, fewer decodes leave them more room: the batch settles where refill fits the
-   budget, with no estimate of prompt tokens per output token (one burst skews that for long).
-3. Feedback fixes what the model misses (attention over long contexts, noise) and lets steps run
-   longer than the budget while their means stay under the target. Every PERIOD steps the p90 of
-   the last WINDOW steps' PERIOD-step means is read: over the target at two decisions running, the
-   factor shrinks in proportion; under target·(1 - BAND) at three, while requests were queued (so
+1. Model (engine/step_model.py): t = a + b·decodes + c·prefill_tokens + d·[prefill_tokens > 0]. ``d``
+   is the fixed price of a step that carries any prompt tokens (on a GPU, decode-only steps replay
+   CUDA graphs and mixed steps run eagerly: 8-11 ms against >= 14.5 ms for an 8B model on an H100).
+2. Duty cycle: since TPOT is a mean, decode-only steps that run under the time budget B
+   (SETPOINT·target·feedback factor) earn slack, and a step with prompt tokens spends it. The slack is
+   the sum of (B - measured time) over past steps, capped at what one prefill step spends plus
+   BANK·B (idle time is not hoarded into a burst); a step may carry prompt tokens (``StepLimits.prefill``)
+   when the slack, less what the steps still in flight are predicted to spend, covers the predicted
+   overshoot of a full prefill step, and k - 1 steps (below) have passed since the last one: steps a
+   little faster than predicted must not bring two prefill steps into one PERIOD-step window. So the mean step time stays at B whatever d is, and prompts keep
+   progressing: with d = 0 nearly every step carries prompts, as without the cycle; with a large d,
+   one step in up to PERIOD does, and it carries the prompts of all of them.
+3. Limits, from the model and B: max_running R is the most decodes whose decode-only steps earn, over
+   PERIOD steps, one prefill step of min_prefill_budget tokens; prefill_budget P (the tokens of a step
+   that carries prompts) is what a cycle of k steps earns beside the recent decode batch, less d:
+   (k·(B - a - b·decodes) - d) / c, with k the fewest steps (<= PERIOD) over which d costs at most
+   FIXED_SHARE of the slack spent. A tightening target so takes prompt tokens first, decodes only
+   once P is at its minimum (prompts always progress). If prompts cannot refill the batch, fewer
+   decodes leave them more room: the batch settles where refill fits the budget.
+4. Feedback fixes what the model misses (attention over long contexts, noise). Every PERIOD steps the
+   p90 of the last WINDOW steps' PERIOD-step means is read: over the target at two decisions running,
+   the factor shrinks in proportion; under target·(1 - BAND) at three, while requests were queued (so
    the limits, not the load, kept steps short), it grows by RAISE. In the band it holds; after a
    move the window refills first, so one error is corrected once.
-4. Hysteresis: a limit moves only to a proposal beyond its dead band (MOVE, plus 1 request or
+5. Hysteresis: a limit moves only to a proposal beyond its dead band (MOVE, plus 1 request or
    min_prefill_budget / 2 tokens) the same way at two decisions running.
 
-The first WARMUP steps run at the configured maxima: the engine starts empty, and those steps'
-varied shapes (whole prompts, then mixed batches) are what separate a, b and c.
+The first WARMUP steps run at the configured maxima, every step free to carry prompts: the engine
+starts empty, and those steps' varied shapes (whole prompts, then mixed batches) are what separate
+a, b and c; the decode-only steps of the duty cycle then separate a and d.
 
 TTFT: once the oldest queued request has waited half of ``target_ttft_s``, P gets
-urgency·TTFT_SLACK·budget seconds more, urgency rising linearly from 0 there to 1 at the target: a
-step may take (1 + TTFT_SLACK) times the budget while a prompt is late; if that lasts, the feedback
-takes it back out of the budget (TPOT stays on target, the mix leans to prompts). R is left alone:
-a running request is never cut, so a raised cap would outlast the wait it was raised for.
+urgency·TTFT_SLACK·B seconds' worth more, urgency rising linearly from 0 there to 1 at the target; the
+slack pays for it (the steps after a larger prefill step stay decode-only longer), so TPOT stays on
+target and the mix leans to prompts. R is left alone: a running request is never cut, so a raised
+cap would outlast the wait it was raised for.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pagoda.engine.config import require
+from pagoda.engine.step_model import StepTimeFit, StepTimeModel
 
 if TYPE_CHECKING:
     from pagoda.engine.config import SchedulerConfig
 
-SETPOINT = 0.9  # time budget / target: the fit's error and the steps' spread take the rest
-PERIOD = 8  # steps between decisions
+SETPOINT = 0.95  # time budget / target: the steps' spread takes the rest (the slack holds the mean at the budget)
+PERIOD = 8  # steps between decisions; the longest duty cycle
 WARMUP = 2 * PERIOD  # observations before the first decision
 WINDOW = 64  # recent step times the p90 is read from
 BAND = 0.15  # feedback's dead band: a p90 in [target·(1 - BAND), target] moves nothing
 RAISE = 1.1  # the factor's step up; its steps down are proportional to the overshoot
 MOVE = 0.08  # limits' dead band, relative
-TTFT_SLACK = 0.25  # how far past the time budget a late prompt may push a step
-FORGET = 0.995  # per step (the model's memory: ~200 steps)
-RIDGE = 1.0  # pull toward the previous fit at each solve, in steps' worth of evidence
+TTFT_SLACK = 0.25  # how much more than its usual overshoot a late prompt may add to a prefill step, in budgets
+FIXED_SHARE = 0.1  # the most of a duty cycle's slack that a prefill step's fixed cost may take (sets k)
+BANK = 0.5  # slack kept beyond one prefill step's need, in budgets: noise does not cost a cycle; no hoarding
 
 
 @dataclass(frozen=True)
@@ -60,60 +72,15 @@ class StepLimits:
     """What one step may schedule: the running batch's size and the tokens spent on prompts."""
 
     max_running: int  # running requests (admission stops at this many; running ones are never cut)
-    prefill_budget: int  # prompt tokens (new and continued prefill chunks) per step; decodes come on top
-
-
-@dataclass(frozen=True)
-class StepTimeModel:
-    """A step's predicted duration in seconds: a + b·decodes + c·prefill_tokens (a, b, c >= 0)."""
-
-    a: float
-    b: float  # per decode
-    c: float  # per prompt token
-
-    def predict(self, decodes: int, prefill_tokens: int) -> float:
-        return self.a + self.b * decodes + self.c * prefill_tokens
-
-
-class _Fit:
-    """Least squares with forgetting over (1, d/D, p/T): scaled alike, so one ridge suits all three."""
-
-    def __init__(self, max_decodes: int, max_tokens: int) -> None:
-        self.scales = (1.0, float(max_decodes), float(max_tokens))
-        self.xx = [[0.0] * 3 for _ in range(3)]
-        self.xt = [0.0] * 3
-        self.theta = [0.0] * 3
-        self.model = StepTimeModel(0.0, 0.0, 0.0)
-
-    def add(self, decodes: int, prefill_tokens: int, seconds: float) -> None:
-        x = (1.0, decodes / self.scales[1], prefill_tokens / self.scales[2])
-        for i in range(3):
-            self.xt[i] = FORGET * self.xt[i] + x[i] * seconds
-            for j in range(3):
-                self.xx[i][j] = FORGET * self.xx[i][j] + x[i] * x[j]
-
-    def solve(self) -> None:
-        """At decisions only: a step costs the host a few sums, not a solve."""
-        m = [[v + RIDGE * (i == j) for j, v in enumerate(row)] for i, row in enumerate(self.xx)]
-        self.theta = _solve3(m, [v + RIDGE * t for v, t in zip(self.xt, self.theta)])
-        self.model = StepTimeModel(*(max(v, 0.0) / s for v, s in zip(self.theta, self.scales)))
-
-
-def _det3(m: list[list[float]]) -> float:
-    return (m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
-            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
-
-
-def _solve3(m: list[list[float]], y: list[float]) -> list[float]:
-    """Cramer's rule; the ridge keeps m positive definite, so det >= RIDGE³."""
-    det = _det3(m)
-    return [_det3([[y[i] if j == col else m[i][j] for j in range(3)] for i in range(3)]) / det for col in range(3)]
+    prefill_budget: int  # prompt tokens (new and continued prefill chunks) of a step that carries prompts
+    prefill: bool = True  # False: a decode-only step (it earns slack), unless nothing decodes
 
 
 class SloController:
     """Moves StepLimits so that the p90 step time, and with it the TPOT, stays under target_tpot_s.
 
-    ``limits`` before each step, ``observe`` after it; times come in as arguments (deterministic).
+    ``limits`` before each step, ``observe`` after it; times come in as arguments (deterministic). With
+    async scheduling ``limits`` of step n+1 comes before ``observe`` of step n: one step may be in flight.
     """
 
     def __init__(self, target_tpot_s: float, target_ttft_s: float | None, max_num_seqs: int,
@@ -125,7 +92,7 @@ class SloController:
         self.target_tpot_s, self.target_ttft_s = target_tpot_s, target_ttft_s
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.min_prefill_budget = min(min_prefill_budget, max_num_batched_tokens)  # 16: one KV block by default
-        self._fit = _Fit(max_num_seqs, max_num_batched_tokens)
+        self._fit = StepTimeFit(max_num_seqs, max_num_batched_tokens)
         self._decodes = 0.0  # per step, smoothed over ~PERIOD steps: one finishing request is no news
         self._times: deque[tuple[float, bool]] = deque(maxlen=WINDOW)  # (seconds, requests were queued)
         self._queued = False
@@ -134,6 +101,10 @@ class SloController:
         self._streak = 0  # > 0: decisions in a row under the band; < 0: over the target
         self._pending: tuple[tuple[int, int], int] = ((0, 0), 0)  # proposed moves of (R, P), decisions in a row
         self._limits = StepLimits(max_num_seqs, max_num_batched_tokens)
+        self._slack = 0.0  # seconds: sum of (budget - step time), at most _slack_cap
+        self._slack_cap = 0.0
+        self._in_flight: deque[float] = deque(maxlen=2)  # predicted (step time - budget) of steps not yet observed
+        self._since_prefill = 0  # decode-only steps decided since the last step allowed prompts
 
     @classmethod
     def from_config(cls, config: SchedulerConfig) -> SloController | None:
@@ -161,28 +132,56 @@ class SloController:
         """This step's limits; ``oldest_wait_s``: how long the oldest queued request has waited (0: none)."""
         self._queued = oldest_wait_s > 0
         base = self._limits
-        if self.target_ttft_s is None or self._steps < WARMUP:
+        if self._steps < WARMUP:
             return base
-        urgency = min(1.0, max(0.0, 2 * oldest_wait_s / self.target_ttft_s - 1))
-        extra = urgency * TTFT_SLACK * self.time_budget_s / max(self.step_time_model.c, 1e-12)
-        return StepLimits(base.max_running, int(min(self.max_num_batched_tokens, base.prefill_budget + extra)))
+        overshoot = self._overshoot(base.prefill_budget)
+        spaced = self._since_prefill + 1 >= self._cycle(self._recent_decodes())  # one per cycle: no two in a window
+        prefill = spaced and self._slack - sum(self._in_flight) >= overshoot
+        self._in_flight.append(overshoot if prefill else self._overshoot(0))
+        self._since_prefill = 0 if prefill else self._since_prefill + 1
+        budget = base.prefill_budget
+        if self.target_ttft_s is not None:
+            urgency = min(1.0, max(0.0, 2 * oldest_wait_s / self.target_ttft_s - 1))
+            extra = urgency * TTFT_SLACK * self.time_budget_s / max(self.step_time_model.c, 1e-12)
+            budget = int(min(self.max_num_batched_tokens, budget + extra))
+        return StepLimits(base.max_running, budget, prefill)
 
     def observe(self, seconds: float, num_decodes: int, num_prefill_tokens: int) -> None:
         """A step ran ``num_decodes`` decodes and ``num_prefill_tokens`` prompt tokens in ``seconds``."""
+        if self._in_flight:
+            self._in_flight.popleft()
         if not 0 <= seconds < float("inf"):
             return  # a broken clock must not poison the fit
         self._fit.add(num_decodes, num_prefill_tokens, seconds)
         self._decodes += (num_decodes - self._decodes) / PERIOD
         self._times.append((seconds, self._queued))
+        self._slack = min(self._slack_cap, self._slack + self.time_budget_s - seconds)
         self._steps += 1
         if self._steps == WARMUP:  # the maxima were no decision: leave them at once, judge only what follows
             self._fit.solve()
             self._limits = self._split(self.time_budget_s)
             self._times.clear()
+            self._slack = 0.0  # the maxima's overshoot is no debt of what follows
         elif self._steps > WARMUP and self._steps % PERIOD == 0:
             self._fit.solve()
             self._feedback()
             self._settle(self._split(self.time_budget_s))
+        if self._steps >= WARMUP:
+            self._slack_cap = max(0.0, self._overshoot(self._limits.prefill_budget)) + BANK * self.time_budget_s
+
+    def _recent_decodes(self) -> float:
+        return min(self._limits.max_running, self._decodes)
+
+    def _overshoot(self, prefill_tokens: int) -> float:
+        """Predicted seconds over the budget of a step with the recent decodes and ``prefill_tokens``."""
+        return self.step_time_model.predict(self._recent_decodes(), prefill_tokens) - self.time_budget_s
+
+    def _cycle(self, decodes: float) -> int:
+        """k: the fewest steps (<= PERIOD) whose earnings beside ``decodes`` pay the fixed cost d with at most
+        FIXED_SHARE of them."""
+        model = self.step_time_model
+        room = self.time_budget_s - model.predict(decodes, 0)
+        return PERIOD if room <= 0 else min(PERIOD, max(1, math.ceil(model.d / (FIXED_SHARE * room))))
 
     def _feedback(self) -> None:
         if len(self._times) < WINDOW // 2:
@@ -209,13 +208,16 @@ class SloController:
         return means[int(0.9 * (len(means) - 1))]
 
     def _split(self, budget_s: float) -> StepLimits:
-        """R: the most decodes that fit beside min_prefill_budget; P: what the recent decodes leave."""
+        """R: the most decodes whose decode-only steps earn one smallest prefill step in PERIOD steps; P: what a
+        cycle of k steps earns beside the recent decodes, less the fixed cost (section 3 of the docstring)."""
         model = self.step_time_model
-        avail = budget_s - model.a
         b, c = max(model.b, 1e-12), max(model.c, 1e-12)
-        running = min(self.max_num_seqs, max(1, int((avail - c * self.min_prefill_budget) / b)))
+        smallest = model.d + c * self.min_prefill_budget
+        running = min(self.max_num_seqs, max(1, int((budget_s - model.a - smallest / PERIOD) / b)))
         decodes = min(running, self._decodes)
-        budget = min(self.max_num_batched_tokens, max(self.min_prefill_budget, int((avail - b * decodes) / c)))
+        room = budget_s - model.predict(decodes, 0)  # what one decode-only step leaves
+        budget = min(self.max_num_batched_tokens,
+                     max(self.min_prefill_budget, int((self._cycle(decodes) * room - model.d) / c)))
         return StepLimits(running, budget)
 
     def _settle(self, want: StepLimits) -> None:
@@ -232,9 +234,9 @@ class SloController:
             self._pending = ((0, 0), 0)
 
 
-def _direction(have: int, want: int, slack: int, bounds: tuple[int, int]) -> int:
-    """-1, 0 or 1: which way ``want`` lies beyond the dead band (MOVE, plus ``slack`` units) around ``have``.
+def _direction(have: int, want: int, units: int, bounds: tuple[int, int]) -> int:
+    """-1, 0 or 1: which way ``want`` lies beyond the dead band (MOVE, plus ``units``) around ``have``.
     A bound is always worth reaching: three short of max_num_seqs for no reason is a loss, not stability."""
-    if want == have or (abs(want - have) <= MOVE * have + slack and want not in bounds):
+    if want == have or (abs(want - have) <= MOVE * have + units and want not in bounds):
         return 0
     return 1 if want > have else -1
