@@ -53,8 +53,8 @@ def step_seed(seed: int, step: int) -> int:
 class GrammarMask:
     """The allowed tokens of a step's rows that have a grammar (``engine/worker/structured_state.py``)."""
 
-    bitmask: Tensor  # (B, ceil(V / 32)) int32, bit t of row r set: token t allowed (``structured.grammar``)
-    rows: tuple[int, ...]  # rows the mask applies to; the others are left as they are
+    bitmask: Tensor  # (R, ceil(V / 32)) int32, bit t of row j set: token t allowed in row rows[j] (``structured.grammar``)
+    rows: tuple[int, ...]  # (R,) the batch rows the mask applies to; the others are left as they are
     completed: tuple[bool, ...]  # (B,) the row's output already matches in full: min_tokens must not ban EOS
 
 

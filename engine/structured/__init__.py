@@ -22,22 +22,23 @@ How the engine drives it (contract for the sampler and the model runner; built i
    it finishes, is aborted or preempted. Compiling a large schema takes milliseconds to seconds;
    ``compile`` is thread-safe and cached, so it could run off the engine loop while the request waits
    (today it runs on the loop, at the request's first sampled step).
-3. Each step: ``bitmask = allocate_bitmask(S, V)`` (or a reused pinned buffer reset to -1) and
-   ``rows = fill_bitmasks(matchers_per_row, bitmask)`` (None for unconstrained rows); the mask goes to
-   the sampler with the batch (``SamplingBatch.grammar``). The sampler applies
-   ``apply_bitmask(logits, bitmask, rows)`` to its own copy of the logits after the min_tokens bans and
+3. Each step: one mask row per constrained row, R of the step's S rows (``allocate_bitmask(R, V)``;
+   the runner reuses one buffer, pinned on a GPU), filled by ``fill_bitmasks(matchers, bitmask)``;
+   the mask and the batch rows it is for go to the sampler with the batch (``SamplingBatch.grammar``).
+   The sampler applies ``apply_bitmask(logits, bitmask, rows)`` to its own copy of the logits after the min_tokens bans and
    before penalties, temperature, top-k/top-p and the greedy argmax, so the nucleus is taken over
    allowed tokens only. Unconstrained rows are untouched; logprobs still come from the raw logits.
-4. Advance: ``matcher.accept(token)`` once the sampled token is on the host, in step order (where the
-   runner appends sampled tokens to its requests). A False means the token broke the grammar (cannot
-   happen when the mask was applied); the runner has no per-request error to report, so it ends that
-   request: the token is replaced by EOS and the request's rows allow only EOS from then on (the same
-   for a grammar that fails to compile for this tokenizer, or a replay that does not match); logged.
+4. Advance: ``matcher.accept(token)`` for every sampled token, in step order, before the row's next mask
+   is filled (the runner does it at the next step, while the device runs that step's forward). A
+   False means the token broke the grammar (cannot happen when the mask was applied); the runner has
+   no per-request error to report, so it ends that request: its rows allow only EOS from then on, and
+   a token sampled for it is replaced by EOS (the same for a grammar that fails to compile for this
+   tokenizer, or a replay that does not match); logged.
    Asynchronous scheduling (a step launched before the previous step's tokens reach the host): a
    structured row's mask needs the previous token accepted, so a structured request is never plain
    greedy (``SamplingParams.plain_greedy``) and a step with a structured row never runs ahead: its
-   launch first finishes the step in flight, then queues the forward pass, fills the mask on the host
-   (while the device runs the forward) and samples.
+   launch first finishes the step in flight, then queues the forward pass, advances the matchers and
+   fills the mask on the host (while the device runs the forward) and samples.
 5. Stop: a complete match leaves only EOS allowed, so the request ends on EOS as usual and the matcher
    terminates. Two settings would fight the mask: ``ignore_eos`` and ``min_tokens``. A structured
    request stops on EOS whatever they say (EOS is sampled only after a complete match, and terminates

@@ -165,7 +165,8 @@ class ModelRunner:
         self.device = device
         self.max_model_len = max_model_len
         self.sampler = Sampler()
-        self.grammars = StructuredOutputState.for_tokenizer(load_tokenizer, vocab_size, eos_token_ids)  # sampling rank
+        self.grammars = StructuredOutputState.for_tokenizer(  # on the sampling rank
+            load_tokenizer, vocab_size, eos_token_ids, pin_memory=torch.device(device).type == "cuda")
         self.requests: dict[str, CachedRequestState] = {}
         self._unresolved: deque[StepHandle] = deque()  # launched greedy steps whose ids are not on the host
         self._last_ids: torch.Tensor | None = None  # without graphs: the newest greedy step's ids

@@ -60,7 +60,7 @@ def random_model(grammar_compiler, grammar_tok, spec, n=50, seed=0, max_tokens=2
             break
         logits = torch.randn(n, grammar_compiler.vocab_size, generator=gen)
         rows = fill_bitmasks(live, bitmask)
-        apply_bitmask(logits, bitmask, rows)
+        apply_bitmask(logits, bitmask[rows], rows)  # mask row j for logits row rows[j]
         cdf = (logits / temperature).softmax(-1).cumsum(-1)  # inverse-CDF sampling: multinomial is 20x slower
         u = torch.rand(n, 1, generator=gen) * cdf[:, -1:]
         sampled = torch.searchsorted(cdf, u, right=True).squeeze(1)  # first token whose mass passes u
@@ -159,7 +159,7 @@ def test_a_mixed_batch_masks_only_the_constrained_rows(grammar_compiler):
     original = logits.clone()
     bitmask = allocate_bitmask(4, vocab)
     rows = fill_bitmasks(matchers, bitmask)
-    apply_bitmask(logits, bitmask, rows)
+    apply_bitmask(logits, bitmask[rows], rows)
     assert rows == [0, 2]
     assert torch.equal(logits[[1, 3]], original[[1, 3]])  # bit for bit
     for row in rows:
@@ -181,7 +181,7 @@ def test_the_sampler_picks_only_allowed_tokens_from_masked_logits(grammar_compil
         logits = torch.randn(len(params), grammar_compiler.vocab_size, generator=gen) * 3
         bitmask = allocate_bitmask(len(params), grammar_compiler.vocab_size)
         rows = fill_bitmasks([m if m and not m.is_terminated() else None for m in matchers], bitmask)
-        apply_bitmask(logits, bitmask, rows)
+        apply_bitmask(logits, bitmask[rows], rows)  # mask row j for logits row rows[j]
         batch = SamplingBatch.build(params, [[11, 12, 13]] * len(params), outputs, grammar_compiler.stop_token_ids,
                                     grammar_compiler.vocab_size, torch.device("cpu"))
         tokens, _ = Sampler()(logits, batch)
@@ -245,8 +245,8 @@ def test_compiled_grammars_are_cached_least_recently_used_first(grammar_tok):
 def test_apply_bitmask_handles_non_contiguous_logits(grammar_compiler):
     # xgrammar's CPU kernel ignores strides: a transposed view came out half unmasked.
     matcher = grammar_compiler.matcher(StructuredOutputSpec(regex="[0-9]"))
-    bitmask = allocate_bitmask(2, grammar_compiler.vocab_size)
-    matcher.fill_bitmask(bitmask, 1)
+    bitmask = allocate_bitmask(1, grammar_compiler.vocab_size)  # for logits row 1
+    matcher.fill_bitmask(bitmask, 0)
     logits = torch.randn(grammar_compiler.vocab_size, 2).t()
     assert not logits.is_contiguous()
     apply_bitmask(logits, bitmask, [1])
@@ -269,8 +269,8 @@ def test_apply_bitmask_on_the_gpu_matches_the_cpu(grammar_compiler):
     rows = fill_bitmasks(matchers, bitmask)
     logits = torch.randn(3, grammar_compiler.vocab_size)
     on_gpu = logits.cuda()
-    apply_bitmask(logits, bitmask, rows)
-    apply_bitmask(on_gpu, bitmask, rows)  # the host mask is copied to the device
+    apply_bitmask(logits, bitmask[rows], rows)
+    apply_bitmask(on_gpu, bitmask[rows].pin_memory(), rows)  # the host mask is copied to the device
     assert torch.equal(on_gpu.cpu(), logits)
 
 

@@ -48,10 +48,10 @@ def test_only_rows_with_a_grammar_are_masked(grammar_compiler):
     state = make_state(grammar_compiler, made)
     mask = state.mask(["a", "b", "c"], [PLAIN, SamplingParams(structured=DIGITS), PLAIN], [[], [], []])
     assert len(made) == 1 and mask.rows == (1,) and mask.completed == (False, False, False)
-    assert (mask.bitmask[0] == -1).all() and (mask.bitmask[2] == -1).all()
+    assert mask.bitmask.shape[0] == 1  # one mask row per constrained row
     fresh = torch.full_like(mask.bitmask, -1)
-    grammar_compiler.matcher(DIGITS).fill_bitmask(fresh, 1)
-    assert torch.equal(mask.bitmask[1], fresh[1])
+    grammar_compiler.matcher(DIGITS).fill_bitmask(fresh, 0)
+    assert torch.equal(mask.bitmask[0], fresh[0])
     state.mask(["b"], [SamplingParams(structured=DIGITS)], [[]])
     assert len(made) == 1  # one compiler for every request
 
@@ -68,6 +68,20 @@ def test_accepted_tokens_advance_to_completion_then_eos_only(grammar_compiler, g
     assert allowed(mask.bitmask, 0, grammar_compiler.vocab_size) == set(eos)
     assert state.accept(["a"], [eos[0]]) == [eos[0]]  # terminates it; it still allows EOS only
     assert allowed(state.mask(["a"], params, [[]]).bitmask, 0, grammar_compiler.vocab_size) == set(eos)
+
+
+def test_a_dropped_request_forgets_its_queued_ids(grammar_compiler, grammar_tok):
+    state = make_state(grammar_compiler)
+    params = [SamplingParams(structured=JSON_PAIR)]
+    brace = ids(grammar_tok, '{"x": 1')[:1]
+    state.mask(["a"], params, [[]])
+    state.accept(["a"], brace)  # queued, then the request is preempted before the next step
+    state.drop("a")
+    mask = state.mask(["a"], params, [[]])  # back with no outputs (recomputed): a fresh matcher, nothing replayed
+    fresh = torch.full_like(mask.bitmask, -1)
+    grammar_compiler.matcher(JSON_PAIR).fill_bitmask(fresh, 0)
+    assert torch.equal(mask.bitmask, fresh)
+    assert brace[0] in allowed(mask.bitmask, 0, grammar_compiler.vocab_size)  # had it been accepted: not the start
 
 
 def test_a_resumed_request_replays_its_outputs(grammar_compiler, grammar_tok):
@@ -90,10 +104,11 @@ def test_a_refused_token_ends_the_request_with_eos(grammar_compiler, grammar_tok
     letter = ids(grammar_tok, "x")[0]
     state.mask(["p", "a"], params, [[], []])
     eos = grammar_compiler.stop_token_ids[0]
-    assert state.accept(["p", "a"], [letter, letter]) == [letter, eos]  # the plain row keeps its token
-    mask = state.mask(["p", "a"], params, [[letter], [eos]])
+    assert state.accept(["p", "a"], [letter, letter]) == [letter, letter]  # queued: advanced at the next mask
+    mask = state.mask(["p", "a"], params, [[letter], [letter]])
     assert mask.rows == (1,) and mask.completed == (False, True)  # completed: min_tokens must not ban EOS
-    assert allowed(mask.bitmask, 1, grammar_compiler.vocab_size) == set(grammar_compiler.stop_token_ids)
+    assert allowed(mask.bitmask, 0, grammar_compiler.vocab_size) == set(grammar_compiler.stop_token_ids)
+    assert state.accept(["p", "a"], [letter, letter]) == [letter, eos]  # the plain row keeps its token
 
 
 def test_outputs_that_break_the_grammar_on_replay_end_the_request(grammar_compiler, grammar_tok):
@@ -106,8 +121,25 @@ def test_outputs_that_break_the_grammar_on_replay_end_the_request(grammar_compil
 def test_without_a_tokenizer_structured_requests_end_at_once(grammar_compiler):
     state = StructuredOutputState.for_tokenizer(None, grammar_compiler.vocab_size, grammar_compiler.stop_token_ids)
     mask = state.mask(["a", "b"], [SamplingParams(structured=DIGITS), PLAIN], [[], []])
-    assert mask.rows == (0,) and (mask.bitmask[1] == -1).all()
+    assert mask.rows == (0,) and mask.bitmask.shape[0] == 1
     assert allowed(mask.bitmask, 0, grammar_compiler.vocab_size) == set(grammar_compiler.stop_token_ids)
+
+
+def test_a_step_rewrites_every_row_an_earlier_step_left_in_the_buffer(grammar_compiler, grammar_tok):
+    state = make_state(grammar_compiler)
+    eos = set(grammar_compiler.stop_token_ids)
+    letter = ids(grammar_tok, "x")[0]
+    two = [SamplingParams(structured=DIGITS)] * 2
+    state.mask(["a", "b"], two, [[], []])
+    state.accept(["a", "b"], [letter, letter])  # both broken: their rows allow EOS only
+    assert all(allowed(state.mask(["a", "b"], two, [[], []]).bitmask, j, grammar_compiler.vocab_size) == eos
+               for j in (0, 1))
+    mask = state.mask(["p", "c", "b"], [PLAIN, SamplingParams(structured=JSON_PAIR), two[1]], [[], [], []])
+    assert mask.rows == (1, 2) and mask.completed == (False, False, True)
+    fresh = torch.full_like(mask.bitmask, -1)
+    grammar_compiler.matcher(JSON_PAIR).fill_bitmask(fresh, 0)
+    assert torch.equal(mask.bitmask[0], fresh[0])  # the new request's row, where "a"'s EOS-only row was
+    assert allowed(mask.bitmask, 1, grammar_compiler.vocab_size) == eos
 
 
 def test_sampling_params_carry_a_validated_spec():
