@@ -268,10 +268,14 @@ class Frontend:
                 f"prompt length ({length}{images}) + max_tokens ({params.max_tokens}) must be <= "
                 f"max_model_len ({self.info.max_model_len})", "max_tokens" if length < self.info.max_model_len else "prompt")
 
+    def at_capacity(self) -> bool:
+        """No place is free for another request (``check_capacity`` would refuse it)."""
+        return self._in_flight >= self.max_in_flight
+
     def check_capacity(self) -> None:
         """Refuse at once when no place is free: before the body is parsed or the prompt tokenized, so a
         burst's refusals cost next to nothing (``generate`` takes the place itself)."""
-        if self._in_flight >= self.max_in_flight:
+        if self.at_capacity():
             cap = self.api.max_concurrent_requests
             why = (f"max_concurrent_requests={cap}" if cap is not None else
                    "every replica's queue is full and so is the API's (api.max_queued_requests="

@@ -272,7 +272,10 @@ def test_backpressure_is_429_with_retry_after_and_size_413_without(app, guarded)
         assert r.status_code == 200  # holds the only slot
         second = httpx.post(url, json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2}, headers=auth)
         assert second.status_code == 429 and second.headers["retry-after"] == "1"
-        assert second.json()["error"]["type"] == "rate_limit_error"
+        assert second.json()["error"]["type"] == "rate_limit_error"  # refused before routing, the route's body
+        wrong = httpx.post(url, json={"model": MODEL, "prompt": PROMPT}, headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code == 401  # the key is checked first, full or not
+        assert httpx.get(guarded.http_url + "/v1/models", headers=auth).status_code == 200  # not a generate path
     wait_engine_idle(app[1], timeout_s=1.0)
 
 
