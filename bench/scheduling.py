@@ -122,6 +122,8 @@ def base_engine(args) -> tuple[dict, int]:
               "max_num_batched_tokens": args.max_num_batched_tokens}
     if args.aging_steps is not None:
         kwargs["aging_steps"] = args.aging_steps
+    if args.sync_scheduling:
+        kwargs["async_scheduling"] = False
     return kwargs, load_hf_config(path).vocab_size
 
 
@@ -362,6 +364,8 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--high-priority", type=int, default=-1, help="priority of high-priority requests (low: 0)")
     p.add_argument("--aging-steps", type=int, default=None, help="the engine's aging_steps (default: its default)")
+    p.add_argument("--sync-scheduling", action="store_true", help="every system with async_scheduling off (a step's "
+                   "result is taken before the next is launched, so each step's measured time is its own)")
     p.add_argument("--prompt-len", type=int, default=None, help="length scale P (CPU 32, GPU 512)")
     p.add_argument("--max-tokens", type=int, default=None, help="output scale O (CPU 16, GPU 128)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="CPU 16, GPU 128")
