@@ -42,7 +42,7 @@ from torch import nn
 from pagoda.engine.attention_metadata import AttentionMetadata
 
 if TYPE_CHECKING:
-    from pagoda.engine.worker.model_runner import HostBatch
+    from pagoda.engine.worker.runner_data import HostBatch
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:

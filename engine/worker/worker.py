@@ -25,7 +25,8 @@ from pagoda.engine.models.base import SupportsImages
 from pagoda.engine.models.registry import kv_cache_spec
 from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagoda.engine.tokenizer import load_tokenizer
-from pagoda.engine.worker.model_runner import ModelRunner, StepHandle
+from pagoda.engine.worker.model_runner import ModelRunner
+from pagoda.engine.worker.runner_data import StepHandle
 
 _PROFILE_IMAGE_SIDE = 8192  # pixels: larger than any resize cap, so the processor scales it down to the cap
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -15,7 +15,7 @@ from pagoda.engine.multimodal.inputs import ImageInput, MultiModalInputs
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.worker.encoder_cache import EncoderCache
 from pagoda.engine.worker.image_inputs import image_slices, rope_positions
-from pagoda.engine.worker.model_runner import CachedRequestState
+from pagoda.engine.worker.runner_data import CachedRequestState
 
 IMG = 99  # the image placeholder id in these prompts
 
