@@ -156,8 +156,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One step, detokenized: the outputs of the requests added with an output kind."""
         outputs, stopped = self.outputs.process(self.step_core())
-        for child in stopped:
-            self._end_child(child, RequestStatus.FINISHED_STOPPED)
+        self.stop_completions(stopped)
         return outputs
 
     def step_core(self) -> list[CoreOutput]:

@@ -182,9 +182,7 @@ class GrammarMatcher:
     def fill_bitmask(self, bitmask: Tensor, row: int) -> None:
         """Writes the tokens allowed next into ``bitmask[row]`` (a host int32 tensor)."""
         if self._matcher.is_terminated():
-            bitmask[row].zero_()
-            for token_id in self.stop_token_ids:
-                bitmask[row, token_id // 32] |= _bit(token_id % 32)
+            allow_only(bitmask, row, self.stop_token_ids)
         else:
             self._matcher.fill_next_token_bitmask(bitmask, row)
 
@@ -203,6 +201,13 @@ class GrammarMatcher:
     def is_completed(self) -> bool:
         """The output so far is a complete match (EOS would be accepted now)."""
         return self._matcher.is_terminated() or self._matcher.is_completed()
+
+
+def allow_only(bitmask: Tensor, row: int, token_ids: Sequence[int]) -> None:
+    """Row ``row`` of a host bitmask allows exactly ``token_ids``."""
+    bitmask[row].zero_()
+    for token_id in token_ids:
+        bitmask[row, token_id // 32] |= _bit(token_id % 32)
 
 
 def _bit(index: int) -> int:

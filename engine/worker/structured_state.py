@@ -101,12 +101,15 @@ class StructuredOutputState:
         rows = [i for i, p in enumerate(params) if p.structured is not None]
         if not rows:
             return None
-        from pagoda.engine.structured.grammar import fill_bitmasks
+        from pagoda.engine.structured.grammar import allow_only, fill_bitmasks
 
         matchers = [self._matcher(req_ids[i], params[i], outputs[i]) for i in rows]
         bitmask = self._rows(len(rows))  # (R, ceil(V / 32)) int32: row j is for rows[j]
         for j in (j for j, m in enumerate(matchers) if m is _FAILED):
-            _stop_tokens_only(bitmask, j, self.stop_token_ids)  # no stop token: all allowed, max_tokens ends it
+            if self.stop_token_ids:
+                allow_only(bitmask, j, self.stop_token_ids)
+            else:  # no stop token: all allowed, max_tokens ends it
+                bitmask[j].fill_(-1)
         fill_bitmasks([None if m is _FAILED else m for m in matchers], bitmask)
         completed = dict(zip(rows, (m is _FAILED or m.is_completed() for m in matchers)))
         return GrammarMask(bitmask, tuple(rows), tuple(completed.get(i, False) for i in range(len(params))))
@@ -151,14 +154,3 @@ class StructuredOutputState:
                 matcher = _FAILED
             self._matchers[req_id] = matcher
         return matcher
-
-
-def _stop_tokens_only(bitmask: Tensor, row: int, stop_token_ids: Sequence[int]) -> None:
-    """Row ``row`` of a bitmask allows only the stop tokens (every token when there are none)."""
-    if not stop_token_ids:
-        bitmask[row].fill_(-1)
-        return
-    bitmask[row].zero_()
-    for token_id in stop_token_ids:
-        word, bit = divmod(token_id, 32)
-        bitmask[row, word] |= -(1 << 31) if bit == 31 else 1 << bit
