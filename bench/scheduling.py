@@ -148,6 +148,8 @@ def run_system(spec: dict) -> dict:
     warm_up(engine, lengths, spec["vocab"])
     run = drive(engine, requests, spec["stop_s"])
     preemptions = engine.stats().num_preemptions
+    slo = engine.scheduler.slo
+    fit = None if slo is None else {f"{k}_ms": round(1000 * v, 5) for k, v in vars(slo.step_time_model).items()}
     engine.shutdown()
     del engine
     gc.collect()
@@ -155,7 +157,7 @@ def run_system(spec: dict) -> dict:
             for name, recs in groups(run.records).items()]
     rows[0]["preemptions"] = preemptions  # the "all" row
     return {"system": spec["system"], "engine": spec["engine"], "offered": len(requests), "aborted": run.aborted,
-            "wall_s": run.wall_s, "preemptions": preemptions, "rows": rows, "series": run.series,
+            "wall_s": run.wall_s, "preemptions": preemptions, "step_time_model": fit, "rows": rows, "series": run.series,
             "requests": per_request(run.records)}
 
 
@@ -412,8 +414,8 @@ def main(argv=None) -> None:
                 "workload": {"rate": rate, "duration_s": args.duration_s, "seed": args.seed,
                              "high_priority": args.high_priority}}
         systems[system] = _call(run_system, spec, isolate)
-        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in systems[system]["rows"][0].items()}),
-              flush=True)
+        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in systems[system]["rows"][0].items()}
+                         | {"step_time_model": systems[system]["step_time_model"]}), flush=True)
     name = args.name or f"scheduling_{args.shape or 'cpu'}"
     result = {
         "benchmark": name, "environment": environment(),

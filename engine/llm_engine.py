@@ -167,7 +167,7 @@ class LLMEngine:
         if not self.config.scheduler.async_scheduling:
             started = time.perf_counter()
             result = self._guarded(self.executor.execute_model, scheduled)
-            self.scheduler.step_done(scheduled, time.perf_counter() - started)
+            self.scheduler.step_done(scheduled, time.perf_counter() - started, result.device_seconds)
             return self._news(self.scheduler.update_from_output(scheduled, result))
         self._guarded(self.executor.submit, scheduled)
         self._in_flight.append((scheduled, time.perf_counter()))
@@ -177,7 +177,7 @@ class LLMEngine:
             done, submitted_at = self._in_flight.popleft()
             result = self._guarded(self.executor.take_output)
             now = time.perf_counter()
-            self.scheduler.step_done(done, now - max(submitted_at, self._last_result_at))
+            self.scheduler.step_done(done, now - max(submitted_at, self._last_result_at), result.device_seconds)
             self._last_result_at = now
             news += self._news(self.scheduler.update_from_output(done, result))
         return news

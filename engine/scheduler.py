@@ -127,11 +127,12 @@ class Scheduler:
         return SchedulerOutput(step.new_reqs, step.cached_reqs, step.plan, sum(step.plan.values()),
                                self.ledger.take_dropped())
 
-    def step_done(self, scheduled: SchedulerOutput, seconds: float) -> None:
-        """A step's result arrived ``seconds`` after it started running (the SLO controller's measurement)."""
+    def step_done(self, scheduled: SchedulerOutput, seconds: float, device_seconds: float | None = None) -> None:
+        """A step's result arrived ``seconds`` after it started running, and it ran ``device_seconds`` on a
+        GPU (None: not measured); the SLO controller's measurements."""
         if self.slo is not None and not scheduled.is_empty:
             decodes = sum(1 for n in scheduled.num_scheduled_tokens.values() if n == 1)
-            self.slo.observe(seconds, decodes, scheduled.total_num_scheduled_tokens - decodes)
+            self.slo.observe(seconds, decodes, scheduled.total_num_scheduled_tokens - decodes, device_seconds)
 
     def _step_limits(self) -> StepLimits:
         if self.slo is None:

@@ -60,6 +60,7 @@ class ModelRunnerOutput:
     req_ids: list[str]  # batch order
     sampled_token_ids: list[list[int]]  # per request: [] when the step ended mid-prompt (chunked prefill)
     logprobs: list[TokenLogprobs | None]  # per request: None unless asked for and a token was sampled
+    device_seconds: float | None = None  # the step's time on a CUDA device (``DeviceSpan``); None elsewhere
 
     @staticmethod
     def empty() -> "ModelRunnerOutput":

@@ -23,6 +23,11 @@ ones is not a miss, a run of them is) under ``target_tpot_s``, and gives the res
    FIXED_SHARE of the slack spent. A tightening target so takes prompt tokens first, decodes only
    once P is at its minimum (prompts always progress). If prompts cannot refill the batch, fewer
    decodes leave them more room: the batch settles where refill fits the budget.
+   The model is fitted to each step's own time on the device where there is one (``DeviceSpan``): with
+   async scheduling step n + 1 is launched before step n's result is taken, so on the host's clock an
+   eager prefill step's launch (10-15 ms for an 8B model) lands on the decode-only step before it, and
+   the fit would price decodes for what prompts cost. The slack and the feedback keep the host's
+   intervals between results: that is what a request's TPOT is made of.
 4. Feedback fixes what the model misses (attention over long contexts, noise). Every PERIOD steps the
    p90 of the last WINDOW steps' PERIOD-step means is read: over the target at two decisions running,
    the factor shrinks in proportion; under target·(1 - BAND) at three, while requests were queued (so
@@ -146,13 +151,17 @@ class SloController:
             budget = int(min(self.max_num_batched_tokens, budget + extra))
         return StepLimits(base.max_running, budget, prefill)
 
-    def observe(self, seconds: float, num_decodes: int, num_prefill_tokens: int) -> None:
-        """A step ran ``num_decodes`` decodes and ``num_prefill_tokens`` prompt tokens in ``seconds``."""
+    def observe(self, seconds: float, num_decodes: int, num_prefill_tokens: int,
+                device_seconds: float | None = None) -> None:
+        """A step ran ``num_decodes`` decodes and ``num_prefill_tokens`` prompt tokens in ``seconds`` (between
+        results, on the host: what the slack and the feedback count) and ``device_seconds`` on a GPU (what
+        the model is fitted to when given: section 1 of the module docstring)."""
         if self._in_flight:
             self._in_flight.popleft()
-        if not 0 <= seconds < float("inf"):
+        fit_seconds = seconds if device_seconds is None else device_seconds
+        if not (0 <= seconds < float("inf") and 0 <= fit_seconds < float("inf")):
             return  # a broken clock must not poison the fit
-        self._fit.add(num_decodes, num_prefill_tokens, seconds)
+        self._fit.add(num_decodes, num_prefill_tokens, fit_seconds)
         self._decodes += (num_decodes - self._decodes) / PERIOD
         self._times.append((seconds, self._queued))
         self._slack = min(self._slack_cap, self._slack + self.time_budget_s - seconds)

@@ -29,6 +29,7 @@ accepted (``structured_state.py``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -42,7 +43,9 @@ from pagoda.engine.layers.sampler import Sampler, SamplingBatch
 from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagoda.engine.worker.cuda_graph import DecodeGraphs
 from pagoda.engine.worker.image_inputs import ImageEmbedder, image_slices, rope_positions
-from pagoda.engine.worker.runner_data import CachedRequestState, HostBatch, IdsToHost, ModelInputs, StepHandle
+from pagoda.engine.worker.runner_data import (
+    CachedRequestState, DeviceSpan, HostBatch, IdsToHost, ModelInputs, StepHandle,
+)
 from pagoda.engine.worker.structured_state import StructuredOutputState
 
 
@@ -97,6 +100,7 @@ class ModelRunner:
         self._update_states(scheduled)
         if scheduled.is_empty:
             return StepHandle(scheduled, [], ModelRunnerOutput.empty())
+        span = DeviceSpan.begin(self.device)  # before the host builds the batch: the device may wait for that too
         host = self._host_batch(scheduled)
         sample_req_ids = [host.req_ids[i] for i in host.rows_to_sample]
         greedy = bool(sample_req_ids) and all(self.requests[r].plain_greedy for r in sample_req_ids)
@@ -118,12 +122,16 @@ class ModelRunner:
         if not greedy:  # the sampler (rank 0 under TP), now; or nothing to sample
             logits = self.model.compute_logits(hidden) if sample_req_ids else None  # (S, V) float32
             by_req = self.sample_rows(sample_req_ids, logits) if sample_req_ids else {}
-            return StepHandle(scheduled, sample_req_ids, self._output(scheduled, by_req))
+            if span is not None:
+                span.stop()
+            return StepHandle(scheduled, sample_req_ids, self._output(scheduled, by_req), span=span)
         if ids is None:
             ids = self.model.greedy_tokens(hidden)  # (S,)
             if self.graphs is not None:
                 self.graphs.last_ids[: len(ids)].copy_(ids)  # where the next step's graphs look
-        handle = StepHandle(scheduled, sample_req_ids, ids=IdsToHost(ids, self._pinned_ids(len(ids))))
+        if span is not None:
+            span.stop()
+        handle = StepHandle(scheduled, sample_req_ids, ids=IdsToHost(ids, self._pinned_ids(len(ids))), span=span)
         for row, req_id in enumerate(sample_req_ids):
             self.requests[req_id].pending = (handle, row)
         self._last_ids = ids
@@ -132,9 +140,13 @@ class ModelRunner:
 
     def finish(self, handle: StepHandle) -> ModelRunnerOutput:
         """The step's sampled tokens (waiting for the device if they are still there); steps are
-        finished in launch order."""
+        finished in launch order, each with its time on the device (waited for: a step that sampled nothing
+        would otherwise return before it ran)."""
         while handle.output is None:
             self._resolve(self._unresolved[0])
+        if handle.span is not None:
+            handle.output = dataclasses.replace(handle.output, device_seconds=handle.span.seconds())
+            handle.span = None
         return handle.output
 
     def _runs_ahead(self, scheduled: SchedulerOutput) -> bool:

@@ -1,6 +1,7 @@
 """The model runner's data: what it keeps per request (``CachedRequestState``) and what one step is on its
 way through it: the flat batch on the host (``HostBatch``), its device inputs (``ModelInputs``) and the
-launched step (``StepHandle``, with greedy ids still on their way to the host: ``IdsToHost``)."""
+launched step (``StepHandle``, with greedy ids still on their way to the host: ``IdsToHost``, and its device time:
+``DeviceSpan``)."""
 
 from __future__ import annotations
 
@@ -88,6 +89,33 @@ class IdsToHost:
         return self.pinned[: len(self.ids)].tolist()
 
 
+class DeviceSpan:
+    """A step's time on the device: from when the device reaches its first work (or the host queues it, if
+    later) to its last. Its sampled ids reach the host after the end, so ``seconds`` never waits.
+
+    This is what the step costs the requests in it: the time the device spends waiting for the step's
+    own host work (an eager prefill launching kernel by kernel) is in, the previous step's is not. The
+    host's clock cannot tell them apart with async scheduling, where step n + 1 is launched before step
+    n's result is taken."""
+
+    def __init__(self) -> None:
+        self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.start.record()
+
+    @classmethod
+    def begin(cls, device: torch.device) -> DeviceSpan | None:
+        """A span started now on ``device``'s current stream; None off CUDA (the host's clock is the device's)."""
+        return cls() if device.type == "cuda" else None
+
+    def stop(self) -> None:
+        self.end.record()
+
+    def seconds(self) -> float:
+        """Waits for the end (a step that sampled nothing may still be running)."""
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1000
+
+
 @dataclass(eq=False)
 class StepHandle:
     """A launched step: its result, or the greedy ids it waits for (``ModelRunner.finish``)."""
@@ -96,6 +124,7 @@ class StepHandle:
     sample_req_ids: list[str]
     output: ModelRunnerOutput | None = None  # set once the tokens are on the host
     ids: IdsToHost | None = None  # greedy ids still on their way
+    span: DeviceSpan | None = None  # its device time, read when it is finished
 
 
 @dataclass(frozen=True)

@@ -224,3 +224,41 @@ def test_async_scheduling_gives_the_same_tokens_with_cuda_graphs(record):
     same = sum(a == b for a, b in zip(sync, pipelined))
     record["async scheduling vs sync, qwen3-0.6b graphs"] = {"same_prompts": same, "of": len(sync)}
     assert same == len(sync)
+
+
+def test_every_step_reports_its_device_time():
+    """Each step's ``device_seconds`` (what the SLO controller fits its step model to): measured for every
+    non-empty step, async or not, including prompt chunks that sample nothing; the steps run one after another
+    on one stream, so their spans add up to no more than the wall time."""
+    import time
+
+    from bench.random_models import make_random_model
+    from pagoda.engine.llm_engine import LLMEngine
+    from pagoda.engine.loader import load_hf_config
+    from pagoda.engine.sampling_params import SamplingParams
+
+    path = make_random_model("qwen3-0.6b", MODEL_DIR / "qwen3-0.6b")
+    prompts = _prompts(load_hf_config(path).vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    for async_scheduling in (True, False):
+        engine = LLMEngine.from_kwargs(model=str(path), dtype="bfloat16", device="cuda", max_model_len=512,
+                                       max_num_batched_tokens=64, max_num_seqs=8, gpu_memory_utilization=0.5,
+                                       async_scheduling=async_scheduling)  # 64: the 200-token prompt is chunked
+        seen = []
+        step_done = engine.scheduler.step_done
+        engine.scheduler.step_done = lambda out, s, dev: (seen.append((out.total_num_scheduled_tokens, s, dev)),
+                                                          step_done(out, s, dev))
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), {"prompt_token_ids": p}, params)
+        started = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        wall = time.perf_counter() - started
+        engine.shutdown()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        steps = [(n, s, dev) for n, s, dev in seen if n]
+        assert steps and all(dev is not None and 0 < dev < 1 for _, _, dev in steps), steps
+        assert any(n > 8 for n, _, _ in steps), "no step carried a prompt chunk"
+        assert sum(dev for _, _, dev in steps) <= wall, (async_scheduling, wall, steps)

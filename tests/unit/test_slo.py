@@ -241,6 +241,23 @@ def test_model_recovers_the_step_cost_and_survives_one_shape():
     assert model.b > 0 and model.c > 0
 
 
+def test_the_model_is_fitted_to_device_time_and_the_feedback_reads_the_host_clock():
+    """With async scheduling the host's clock charges a step's launch to the step before it; the device's does not.
+    The fit takes device time; the TPOT signal (and the slack) the host's intervals, which requests see."""
+    ctl, rng, cost = controller(0.05), random.Random(1), Cost(noise=0.0)
+    device_only = controller(0.05)
+    for i in range(300):
+        d, p = rng.randint(0, MAX_SEQS), rng.randint(0, MAX_TOKENS) * rng.randint(0, 1)
+        device = cost.step(d, p, 0, rng)
+        late = 0.01 * (i % 2)  # every other step ends 10 ms later on the host's clock
+        ctl.observe(device + late, d, p, device)
+        device_only.observe(device, d, p)
+    model = ctl.step_time_model
+    assert (model.a, model.b, model.c) == pytest.approx((cost.a, cost.b, cost.c), rel=0.05)
+    assert model == device_only.step_time_model
+    assert ctl.tpot_signal() > device_only.tpot_signal() + 0.004  # PERIOD-step means 5 ms longer
+
+
 def test_before_any_observation_the_configured_maxima():
     ctl = SloController(0.02, 1.0, 16, 512)
     assert ctl.limits(0.0) == ctl.limits(100.0) == StepLimits(16, 512)
