@@ -400,6 +400,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--client-procs", type=int, default=4)
+    p.add_argument("--api-servers", type=int, nargs="+", default=[1],
+                   help="api.num_servers of the server (processes on the same ports); several: one run each")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the server's local Ray cluster")
     p.add_argument("--stream-timeout-s", type=float, default=300.0, help="a stream with no end by then is hung")
     p.add_argument("--queue-run", action="store_true",
@@ -418,11 +420,14 @@ def main(argv=None) -> None:
     from transformers import AutoConfig
 
     work = Workload(args.prompt_len, args.max_tokens, AutoConfig.from_pretrained(model).vocab_size)
-    runs = [run_server(args, "defaults", app_config(args, model, {}), args.concurrency, work)]
-    if args.queue_run:
-        small = {"engine.max_num_seqs": 4, "engine.max_waiting": 8, "api.max_queued_requests": 8}
-        runs.append(run_server(args, "small-queue", app_config(args, model, small), [args.queue_run_concurrency], work,
-                               probe_holders=2 * (4 + 8 + 8)))
+    runs = []
+    for servers in args.api_servers:
+        tag, api = ("", {}) if servers == 1 else (f"-api{servers}", {"api.num_servers": servers})
+        runs.append(run_server(args, "defaults" + tag, app_config(args, model, api), args.concurrency, work))
+        if args.queue_run:
+            small = {"engine.max_num_seqs": 4, "engine.max_waiting": 8, "api.max_queued_requests": 8, **api}
+            runs.append(run_server(args, "small-queue" + tag, app_config(args, model, small),
+                                   [args.queue_run_concurrency], work, probe_holders=2 * (4 + 8 + 8)))
     result = {"env": environment(), "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}
     table = "\n\n".join(f"**{run['label']}** ({json.dumps(run['config'])})\n\n" + markdown_table(run["rows"], COLUMNS)
                         + (f"\n\nRefusals one at a time, every queue full: {json.dumps(run['refusal_probe'])}"

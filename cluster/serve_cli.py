@@ -7,7 +7,7 @@
     pagoda serve --config glm4v.yaml --image-resize-max-pixels 5000000 --limit-images-per-prompt 1   # Open-AutoGLM
 
 The config is the application YAML (``pagoda.cluster.config``) plus an optional ``api:`` section of
-``ApiConfig`` fields (where the servers listen, the key, ``max_concurrent_requests``, TLS) — the same
+``ApiConfig`` fields (where the servers listen, the key, ``max_concurrent_requests``, ``num_servers``, TLS) — the same
 file the KubeRay ingress reads; the API flags override that section. It is validated before Ray
 starts, so a bad file fails in a second with the field named.
 """
@@ -38,6 +38,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="the model name(s) clients use; responses report the one a request used "
                         "(default: the application's name)")
+    p.add_argument("--api-servers", type=int, default=None, dest="num_servers",
+                   help="processes serving the APIs on the same ports (default: 1; like vLLM's --api-server-count)")
     p.add_argument("--tls-cert", default=None, help="gRPC TLS certificate chain (PEM)")
     p.add_argument("--tls-key", default=None, help="gRPC TLS private key (PEM)")
     p.add_argument("--tls-client-ca", default=None, help="gRPC mTLS: CA that client certificates must chain to")
@@ -86,6 +88,7 @@ def with_image_overrides(config, overrides: dict):
 def api_overrides(args: argparse.Namespace) -> dict:
     """The ApiConfig fields the API flags set (a port of -1 turns that server off)."""
     fields = {"host": args.host, "api_key": args.api_key, "served_model_name": args.served_model_name,
+              "num_servers": getattr(args, "num_servers", None),
               "tls_cert_file": args.tls_cert, "tls_key_file": args.tls_key, "tls_client_ca_file": args.tls_client_ca}
     overrides = {k: v for k, v in fields.items() if v is not None}
     for name in ("http_port", "grpc_port"):
@@ -126,6 +129,7 @@ def serve_main(args: argparse.Namespace) -> int:
         print("error: `pagoda serve` needs Ray Serve: pip install 'pagoda[cluster]'", file=sys.stderr)
         return 2
     from pagoda.cluster.api.server import ApiServers
+    from pagoda.cluster.api.server_pool import start_more_servers, stop_servers
     from pagoda.cluster.app import deploy, deployment_name
     from pagoda.cluster.serve_state import remove_state, write_state
 
@@ -134,12 +138,13 @@ def serve_main(args: argparse.Namespace) -> int:
                            log_to_driver=False)
     else:
         ray_ctx = ray.init(address=args.address, log_to_driver=False)
-    servers = None
+    servers, more = None, []
     try:
         serve.start(proxy_location="Disabled")
         handle = deploy(config)  # Ctrl-C here raises KeyboardInterrupt
         if api.http_port is not None or api.grpc_port is not None:
             servers = ApiServers.start(handle, config, api)
+            more = start_more_servers(handle, config, servers)  # api.num_servers - 1 more processes, same ports
         stop = _stop_on_signals()  # from now on Ctrl-C / SIGTERM end the wait below
         if args.address is None:  # our own cluster: `pagoda status` finds it here, not another on the host
             write_state(config.deployment.name, ray_ctx.address_info["gcs_address"])
@@ -153,6 +158,7 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
+        stop_servers(more)
         if servers is not None:
             servers.stop()
         if args.address is None:
@@ -183,11 +189,12 @@ def _print_endpoints(config, deployment: str, ray_ctx, servers=None) -> None:
         f"  ray cluster:  {gcs}   (connect: {'RAY_AUTH_MODE=token, ' if token else ''}ray.init(address={gcs!r}))",
         f"  handle:       serve.get_app_handle({d.name!r})  ->  cluster.client.PagodaClient(handle)",
     ]
+    processes = f", {servers.api.num_servers} processes" if servers is not None and servers.api.num_servers > 1 else ""
     if servers is not None and servers.http_port is not None:
-        lines.append(f"  openai http:  {servers.http_url}/v1   (model {servers.frontend.info.name!r})")
+        lines.append(f"  openai http:  {servers.http_url}/v1   (model {servers.frontend.info.name!r}{processes})")
     if servers is not None and servers.grpc_port is not None:
         tls = " (TLS)" if servers.api.tls_cert_file else ""
-        lines.append(f"  grpc:         {servers.grpc_target}{tls}   (pagoda.v1.Pagoda, health, reflection)")
+        lines.append(f"  grpc:         {servers.grpc_target}{tls}   (pagoda.v1.Pagoda, health, reflection{processes})")
     if ray_ctx.dashboard_url:
         lines.append(f"  dashboard:    http://{ray_ctx.dashboard_url}")
     lines.append("  Ctrl-C to stop")

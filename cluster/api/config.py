@@ -28,6 +28,13 @@ class ApiConfig:
     # PNG, 1.33x that as a base64 data URL, and Open-AutoGLM sends one per step with the history. 32 MiB
     # lets one image at MultiModalConfig.max_image_bytes (20 MiB) through as a data URL (27 MiB).
     max_message_bytes: int = 32 * 1024 * 1024
+    # Processes serving both APIs on the same ports (SO_REUSEPORT: the kernel spreads connections over them),
+    # like vLLM's --api-server-count. One Python process tops out near a few thousand small requests or
+    # stream events a second; a burst's refusals and a large batch's token streams then queue behind each
+    # other. Each process admits its share (1/num_servers) of the capacity above. The first runs where the
+    # handle is (`pagoda serve`'s process, an ingress replica); the others are Ray actors (replicas) on the
+    # same node.
+    num_servers: int = 1
     tls_cert_file: str | None = None  # gRPC TLS: the server's PEM certificate chain
     tls_key_file: str | None = None  # gRPC TLS: its PEM private key
     tls_client_ca_file: str | None = None  # gRPC mTLS: clients must present a certificate signed by this CA
@@ -67,6 +74,8 @@ class ApiConfig:
             raise ValueError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
         if self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if not 1 <= self.num_servers <= 256:
+            raise ValueError(f"num_servers must be in [1, 256], got {self.num_servers}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

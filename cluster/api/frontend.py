@@ -101,9 +101,11 @@ class Frontend:
             supports_images=mm_processor is not None,
         )
         self._in_flight = 0
-        # Admission: the cap, else what the replicas hold (running + their engines' queues) plus the queue here.
-        self.max_in_flight = (api.max_concurrent_requests if api.max_concurrent_requests is not None
-                              else app.max_replicas * app.max_ongoing_requests + api.max_queued_requests)
+        # Admission: the cap, else what the replicas hold (running + their engines' queues) plus the queue here;
+        # this process's share of it when several serve the same ports (api.num_servers).
+        total = (api.max_concurrent_requests if api.max_concurrent_requests is not None
+                 else app.max_replicas * app.max_ongoing_requests + api.max_queued_requests)
+        self.max_in_flight = -(-total // api.num_servers)
 
     # ---- checks ---------------------------------------------------------------------------------
 
@@ -280,6 +282,8 @@ class Frontend:
             why = (f"max_concurrent_requests={cap}" if cap is not None else
                    "every replica's queue is full and so is the API's (api.max_queued_requests="
                    f"{self.api.max_queued_requests})")
+            if self.api.num_servers > 1:
+                why += f"; this is one of {self.api.num_servers} API processes, each admits its share"
             raise errors.exhausted(f"too many requests in flight ({self._in_flight}: {why}); retry later")
 
     @contextlib.contextmanager

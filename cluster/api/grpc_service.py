@@ -127,7 +127,7 @@ async def start_grpc_server(frontend: Frontend, api: ApiConfig) -> tuple[grpc.ai
     """Serve pagoda.v1, health and reflection on ``api.host:api.grpc_port`` (TLS when configured)."""
     options = [("grpc.max_receive_message_length", api.max_message_bytes),
                ("grpc.max_send_message_length", api.max_message_bytes),
-               ("grpc.so_reuseport", 0),
+               ("grpc.so_reuseport", int(api.num_servers > 1)),  # else a taken port is an error, not a share
                # Calls that arrived but that the asyncio server has not picked up yet. gRPC core's defaults
                # (1,000 soft, 3,000 hard) cancel the excess of a burst: 3,000 streams at once on a bare
                # grpc.aio server (grpcio 1.85) lost 500-650 as CANCELLED. Admission is decided by

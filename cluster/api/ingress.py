@@ -9,7 +9,8 @@ The engine application is the same as ``pagoda.cluster.app:build_app``; in front
 replica runs ``ApiServers`` over a handle to the engine deployment, so requests still go through
 the KV-aware router and ``PagodaClient`` — what ``pagoda serve`` runs in its own process. The
 replica is pinned to the Ray head node: its ports are fixed, and on Kubernetes the head pod's
-service is the one that carries them (deploy/k8s). As with ``pagoda serve``, a missing
+service is the one that carries them (deploy/k8s). With ``api.num_servers`` > 1 there are that many
+ingress replicas, all on the head node, sharing the ports (SO_REUSEPORT; ``server_pool.py``). As with ``pagoda serve``, a missing
 ``api.api_key`` falls back to ``$PAGODA_API_KEY`` (of the replica's process: the head pod's env).
 """
 
@@ -60,7 +61,9 @@ def build_app(args: dict | None = None):
     args = dict(args or {})
     api = ApiConfig.from_dict(args.pop("api", None))
     config = AppConfig.from_dict(args)
+    if api.num_servers > 1 and 0 in (api.http_port, api.grpc_port):
+        raise ValueError("api.num_servers > 1 needs fixed ports (the ingress replicas share them), not 0")
     ingress = serve.deployment(ApiIngress).options(
-        name=config.deployment.name + INGRESS_SUFFIX, num_replicas=1,
+        name=config.deployment.name + INGRESS_SUFFIX, num_replicas=api.num_servers,
         ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}})
     return ingress.bind(application(config), config.to_dict(), dataclasses.asdict(api))

@@ -90,6 +90,8 @@ class ApiServers:
         # the client delays that ACK by up to 40 ms: +43 ms TTFT on every reused keep-alive connection.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.api.num_servers > 1:  # every API process binds the port; the kernel spreads connections
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((self.api.host, self.api.http_port))
         self.http_port = sock.getsockname()[1]
         config = uvicorn.Config(create_app(self.frontend), log_level="warning", lifespan="off",

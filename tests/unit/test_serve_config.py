@@ -23,7 +23,8 @@ def test_api_section_is_read_and_flags_override_it(tmp_path, monkeypatch):
     assert config.engine.scheduler.max_num_seqs == 8
     assert (api.http_port, api.grpc_port, api.max_concurrent_requests) == (9001, 9002, 7)
     _, api = load_serve_config(str(cfg), _args("--http-port", "9100", "--grpc-port", "-1"))
-    assert (api.http_port, api.grpc_port) == (9100, None)
+    assert (api.http_port, api.grpc_port, api.num_servers) == (9100, None, 1)
+    assert load_serve_config(str(cfg), _args("--api-servers", "4"))[1].num_servers == 4
 
 
 def test_defaults_without_a_file(monkeypatch):
@@ -38,6 +39,7 @@ def test_defaults_without_a_file(monkeypatch):
     ("api: {port: 1}\n", r"api\.port: unknown field"),
     ("api: {http_port: 70000}\n", r"api\.http_port must be in \[0, 65535\]"),
     ("api: {max_concurrent_requests: 0}\n", r"api\.max_concurrent_requests must be >= 1"),
+    ("api: {num_servers: 0}\n", r"api\.num_servers must be in \[1, 256\]"),
     ("api: [1]\n", r"api must be a mapping"),
     ("[1, 2]\n", r"config must be a mapping"),
 ])
@@ -58,3 +60,8 @@ def test_admission_follows_the_deployment_unless_capped():
     assert frontend.max_in_flight == 3 * (8 + 24) + 5  # every replica's run + queue, then the API's own queue
     capped = Frontend(None, [0] * 10, app, ApiConfig(max_concurrent_requests=7), max_model_len=64)
     assert capped.max_in_flight == 7
+    # several API processes on the same ports: each admits its share, rounded up (the sum covers the whole)
+    shared = Frontend(None, [0] * 10, app, ApiConfig(max_queued_requests=5, num_servers=4), max_model_len=64)
+    assert shared.max_in_flight == 26
+    assert Frontend(None, [0] * 10, app, ApiConfig(max_concurrent_requests=7, num_servers=2),
+                    max_model_len=64).max_in_flight == 4
