@@ -46,7 +46,7 @@ from pathlib import Path
 
 from bench.chaos_cluster import IngressServer, RetryLog, attach, detach, settled_state
 from bench.chaos_killer import TARGETS, Killer
-from bench.load import MODEL_NAME, Outcome, _raise_fd_limit, grpc_once, http_once
+from bench.load_client import MODEL_NAME, Outcome, grpc_once, http_once, raise_fd_limit
 from bench.report import environment, markdown_table, write_report
 from bench.serving_load import Workload, percentiles
 
@@ -307,7 +307,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    _raise_fd_limit()
+    raise_fd_limit()
     from transformers import AutoConfig
 
     from bench.random_models import make_random_model

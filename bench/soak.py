@@ -32,7 +32,8 @@ import time
 import zlib
 from pathlib import Path
 
-from bench.load import MODEL_NAME, Outcome, _raise_fd_limit, attach_to, detach, grpc_once, http_once, settled_state
+from bench.load import attach_to, detach, settled_state
+from bench.load_client import MODEL_NAME, Outcome, grpc_once, http_once, raise_fd_limit
 from bench.report import environment, markdown_table, write_report
 from bench.serving import Variant
 from bench.serving_load import Workload, percentiles
@@ -207,7 +208,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--no-plot", action="store_true", help="JSON and markdown only (the tests: no matplotlib)")
     args = p.parse_args(argv)
-    _raise_fd_limit()
+    raise_fd_limit()
 
     from transformers import AutoConfig
 

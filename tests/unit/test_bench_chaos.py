@@ -17,7 +17,7 @@ from ray.exceptions import ActorDiedError
 from bench.chaos import classify, kill_rows, recovery_s
 from bench.chaos_cluster import RetryLog
 from bench.chaos_killer import Kill, Killer
-from bench.load import Outcome
+from bench.load_client import Outcome
 from pagoda.cluster.client import RETRY_LOG, PagodaClient
 from pagoda.cluster.protocol import ReplicaUnavailableError
 
