@@ -241,9 +241,9 @@ def test_every_step_reports_its_device_time():
     prompts = _prompts(load_hf_config(path).vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     for async_scheduling in (True, False):
-        engine = LLMEngine.from_kwargs(model=str(path), dtype="bfloat16", device="cuda", max_model_len=512,
+        engine = LLMEngine.from_kwargs(model=str(path), dtype="bfloat16", device="cuda", max_model_len=1024,
                                        max_num_batched_tokens=64, max_num_seqs=8, gpu_memory_utilization=0.5,
-                                       async_scheduling=async_scheduling)  # 64: the 200-token prompt is chunked
+                                       async_scheduling=async_scheduling)  # 64: the long prompts are chunked
         seen = []
         step_done = engine.scheduler.step_done
         engine.scheduler.step_done = lambda out, s, dev: (seen.append((out.total_num_scheduled_tokens, s, dev)),
