@@ -7,7 +7,8 @@ already cached plus this step's tokens up to itself. Query head ``h`` reads KV h
 ``h // (Hq // Hkv)`` (GQA, HF's ``repeat_kv`` order).
 
 Three paths, picked on host-side metadata only (no device sync):
-- decode-only batch: one batched gather of every block table, one masked SDPA;
+- decode-only batch: rows grouped by length (on CPU), per group one gather of whole blocks and one
+  masked SDPA;
 - a sequence with no cached context: attends to its fresh k/v, no gather;
 - any other (chunked prefill, prefix hits, mixed batches): per-sequence gather + masked SDPA.
 An empty ``kv_cache`` (dummy/profile run) skips the cache and attends to fresh k/v only.
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagoda.engine.attention_metadata import AttentionMetadata
+from pagoda.engine.attention_metadata import AttentionMetadata, DecodeGroup
 from pagoda.kernels import attention as triton_attention
 from pagoda.kernels import reshape_and_cache as triton_cache
 from pagoda.kernels._triton import HAS_TRITON
@@ -42,12 +43,20 @@ def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: in
     Returns k, v of shape (B, num_tokens, Hkv, D); positions past a sequence's length hold whatever
     its padding blocks contain and must be masked by the caller.
     """
-    block_size = kv_cache.shape[2]
-    num_blocks = -(-num_tokens // block_size)
-    table = block_tables[:, :num_blocks].long()  # (B, nb)
-    k = kv_cache[0][table].flatten(1, 2)[:, :num_tokens]  # (B, nb*bs, Hkv, D) -> (B, L, Hkv, D)
-    v = kv_cache[1][table].flatten(1, 2)[:, :num_tokens]
-    return k, v
+    num_blocks = -(-num_tokens // kv_cache.shape[2])
+    k, v = gather_blocks(kv_cache, block_tables[:, :num_blocks].reshape(-1).long(), block_tables.shape[0])
+    return k[:, :num_tokens], v[:, :num_tokens]  # (B, nb*bs, Hkv, D) -> (B, L, Hkv, D)
+
+
+def gather_blocks(kv_cache: torch.Tensor, blocks: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of ``blocks`` (num_rows * nb,) int64, row after row -> k, v (num_rows, nb * block_size, Hkv, D).
+
+    One ``index_select`` of whole blocks per tensor: on CPU it copies each block as one run, where
+    advanced indexing walks it element by element (2-3x slower, most of a decode step's attention)."""
+    _, total_blocks, _, num_kv_heads, head_dim = kv_cache.shape
+    k = kv_cache[0].view(total_blocks, -1).index_select(0, blocks)  # (num_rows * nb, bs * Hkv * D)
+    v = kv_cache[1].view(total_blocks, -1).index_select(0, blocks)
+    return k.view(num_rows, -1, num_kv_heads, head_dim), v.view(num_rows, -1, num_kv_heads, head_dim)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
@@ -65,17 +74,28 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask:
 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One query token per sequence. q (B, Hq, D) -> (B, Hq, D)."""
+    """One query token per sequence. q (B, Hq, D) -> (B, Hq, D).
+
+    Rows go in groups of similar length (``attn.decode_groups``: one group off the CPU), each
+    gathered and attended up to its own longest sequence, so a short row does not pay for a long one."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[3]
-    k, v = gather_kv(kv_cache, attn.block_tables, attn.max_seq_len)  # (B, L, Hkv, D)
     # Fold the query heads of a KV group into the "query length" axis so K/V are never repeated.
     q = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (B, Hkv, G, D)
-    valid = torch.arange(attn.max_seq_len, device=q.device)[None, :] < attn.seq_lens[:, None]  # (B, L)
-    out = F.scaled_dot_product_attention(
-        q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=valid[:, None, None, :], scale=scale
-    )  # (B, Hkv, G, D)
-    return out.reshape(num_seqs, num_heads, head_dim)
+    groups = attn.decode_groups
+    if groups[0].rows is None:  # one group: every row, in order
+        return _attend_group(q, kv_cache, groups[0], scale).reshape(num_seqs, num_heads, head_dim)
+    out = torch.empty_like(q)
+    for group in groups:
+        out.index_copy_(0, group.rows, _attend_group(q.index_select(0, group.rows), kv_cache, group, scale))
+    return out.view(num_seqs, num_heads, head_dim)
+
+
+def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, group: DecodeGroup, scale: float) -> torch.Tensor:
+    """q (n, Hkv, G, D) of the group's rows -> (n, Hkv, G, D)."""
+    k, v = gather_blocks(kv_cache, group.blocks, q.shape[0])  # (n, L, Hkv, D), L = num_blocks * block_size
+    mask = group.additive_mask(q.dtype)  # (n, 1, 1, L)
+    return F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
 
 
 def varlen_attention(

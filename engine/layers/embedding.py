@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.engine.distributed import SINGLE_RANK, TPGroup
+from pagoda.engine.layers.cpu_gemm import pack_weight, packed_linear
 from pagoda.engine.layers.linear import _copy_checked
 
 
@@ -71,10 +72,23 @@ class ParallelLMHead(VocabParallelEmbedding):
             raise ValueError(f"vocabulary size ({num_embeddings}) must be < 2**24 for the tensor-parallel greedy head")
         if tie_to is not None:
             self.weight = tie_to.weight  # one Parameter: loading the embedding fills the head
+        self.packed_weight: torch.Tensor | None = None  # oneDNN's copy, once packed (CPU)
+
+    def pack_cpu_weight(self) -> bool:
+        """Pack the loaded weight for oneDNN (``cpu_gemm.py``). The plain one stays: a tied embedding
+        looks its rows up."""
+        self.packed_weight = pack_weight(self.weight)
+        return self.packed_weight is not None
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, rows_per_rank) in the weight's dtype."""
+        if self.packed_weight is not None:
+            return packed_linear(hidden, self.packed_weight, None)
+        return F.linear(hidden, self.weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """(N, hidden) -> (N, vocab) on rank 0; None on the other ranks."""
-        logits = F.linear(hidden, self.weight)  # (N, rows_per_rank)
+        logits = self._logits(hidden)  # (N, rows_per_rank)
         if self.tp_size == 1:
             return logits
         if logits.shape[0] == 0:  # every rank has the same N, so every rank skips the collective
@@ -88,7 +102,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         Ties go to the lowest id, as ``torch.argmax`` over the gathered logits would: each rank
         keeps its first maximum, and across ranks the first rank holding the maximum wins.
         """
-        logits = F.linear(hidden, self.weight).float()  # (N, rows_per_rank), as compute_logits sees them
+        logits = self._logits(hidden).float()  # (N, rows_per_rank), as compute_logits sees them
         if self.tp_size == 1:
             return logits.argmax(dim=-1)
         valid = self.vocab_end - self.vocab_start

@@ -12,6 +12,8 @@ Invariants:
   built with ``reduce_results=False``, returns this rank's partial sum for the caller to reduce
   (the decoders fuse that all-reduce into the next RMSNorm).
 - ``tp`` is the layer's ``TPGroup``; None means a single rank (every collective a no-op).
+- On CPU the worker packs every weight for oneDNN once loaded (``pack_cpu_weight``, ``cpu_gemm.py``);
+  the plain weight is then dropped and ``forward`` reads the packed copy.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.engine.distributed import SINGLE_RANK, TPGroup
+from pagoda.engine.layers.cpu_gemm import pack_weight, packed_linear
 
 
 def divide(total: int, parts: int, what: str) -> int:
@@ -63,6 +66,7 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed_weight: torch.Tensor | None = None  # oneDNN's copy of the weight, once packed (CPU)
 
     def _shard(self, loaded: torch.Tensor, dim: int | None) -> torch.Tensor:
         """This rank's equal slice of a full checkpoint tensor along ``dim``."""
@@ -76,8 +80,24 @@ class LinearBase(nn.Module):
             raise ValueError(f"{type(self).__name__} has no shards, got shard_id={shard_id!r}")
         _copy_checked(param.data, self._shard(loaded_weight, self.tp_dim))
 
+    def pack_cpu_weight(self) -> bool:
+        """Pack the loaded weight for oneDNN and drop the plain one (no reload afterwards); False
+        where it cannot be packed (then nothing changes)."""
+        packed = pack_weight(self.weight)
+        if packed is None:
+            return False
+        self.packed_weight = packed
+        self.weight.data = self.weight.data.new_empty(0)  # keeps dtype and device for whoever asks the parameters
+        return True
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W.T + bias`` on this rank's weight, packed or plain."""
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight, bias)
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.linear(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -123,10 +143,10 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
+            return self.linear(x, self.bias)
         if not self.reduce_results:  # (T, out): this rank's partial product; the sum adds the bias once
-            return F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        y = self.tp.all_reduce(F.linear(x, self.weight))  # (T, out): sum of the ranks' partial products
+            return self.linear(x, self.bias if self.tp_rank == 0 else None)
+        y = self.tp.all_reduce(self.linear(x, None))  # (T, out): sum of the ranks' partial products
         return y if self.bias is None else y + self.bias
 
 

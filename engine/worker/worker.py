@@ -20,6 +20,7 @@ import torch
 from pagoda.engine.attention_metadata import AttentionMetadata
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.distributed import SINGLE_RANK, TPGroup
+from pagoda.engine.layers.cpu_gemm import pack_model
 from pagoda.engine.loader import ResolvedModel, load_model
 from pagoda.engine.models.base import SupportsImages
 from pagoda.engine.models.registry import kv_cache_spec
@@ -68,6 +69,8 @@ class Worker:
     def load_model(self) -> None:
         torch.manual_seed(self.config.model.seed)
         self.model = load_model(self.source.path, self.source.hf_config, self.dtype, self.device, self.tp)
+        if self.device.type == "cpu":
+            pack_model(self.model)  # oneDNN-packed weights for the linear layers and the LM head
 
     def bytes_per_block(self) -> int:
         s = self.spec

@@ -8,11 +8,15 @@ import math
 import pytest
 import torch
 
+from pagoda.engine.attention_metadata import group_by_length
 from pagoda.engine.layers.activation import SiluAndMul
+from pagoda.engine.layers.cpu_gemm import pack_model, pack_weight
 from pagoda.engine.layers.attention import PagedAttention, write_kv_cache
 from pagoda.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagoda.engine.layers.layernorm import RMSNorm
-from pagoda.engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagoda.engine.layers.linear import (
+    ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+)
 from pagoda.engine.layers.rotary import RotaryEmbedding, llama3_inv_freq
 from tests.unit.paged_helpers import PagedKV, make_metadata
 
@@ -143,6 +147,30 @@ def test_qkv_and_merged_loaders_fuse_hf_tensors():
         qkv.weight.weight_loader(qkv.weight, q, "x")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_cpu_weights_compute_the_same_linear(dtype):
+    torch.manual_seed(0)
+    if pack_weight(torch.randn(4, 4, dtype=dtype)) is None:
+        pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU")
+    column, row = ColumnParallelLinear(16, 24, bias=True), RowParallelLinear(24, 16, bias=True)
+    emb = VocabParallelEmbedding(40, 16)
+    head = ParallelLMHead(40, 16, tie_to=emb)
+    model = torch.nn.ModuleList([column, row, emb, head]).to(dtype)
+    for p in model.parameters():
+        p.data.normal_()
+    x = torch.randn(5, 16, dtype=dtype)
+    expected = [column(x), row(column(x)), head(x), head.greedy(x)]
+    assert pack_model(model) == 3  # the two linears and the head; the embedding itself has no packed form
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    for got, want in zip([column(x), row(column(x)), head(x)], expected):
+        torch.testing.assert_close(got, want, **tol)
+    assert head.greedy(x).tolist() == expected[3].tolist()
+    assert column.weight.numel() == 0 and column.weight.dtype == dtype  # the plain copy is dropped
+    assert emb.weight.shape == (40, 16)  # ... but a tied head's stays: the embedding looks rows up
+    torch.testing.assert_close(emb(torch.tensor([3])), emb.weight[3:4])
+    assert column(torch.randn(2, 3, 16, dtype=dtype)).shape == (2, 3, 24)  # any leading dims
+
+
 def test_tied_lm_head_shares_the_embedding():
     emb = VocabParallelEmbedding(10, 4)
     head = ParallelLMHead(10, 4, tie_to=emb)
@@ -214,6 +242,22 @@ def test_prefill_ragged_fresh(heads):
 def test_decode_batch_across_block_boundaries(heads, drop_context_lens):
     seqs = [(0, 1), (3, 1), (4, 1), (15, 1), (16, 1), (31, 1)]
     _run_case(seqs, *heads, block_size=4, drop_context_lens=drop_context_lens)
+
+
+def test_group_by_length_pads_no_row_past_the_ratio():
+    lens = [5, 100, 61, 59, 1000, 30, 700]
+    groups = group_by_length(lens, ratio=0.6, max_groups=4)
+    assert sorted(r for g in groups for r in g) == list(range(len(lens)))
+    assert groups == [[4, 6], [1, 2], [3], [5, 0]]  # longest first; 59 < 0.6 * 100 opens a group; 4 at most
+    assert group_by_length(lens, ratio=0.6, max_groups=2) == [[4, 6], [1, 2, 3, 5, 0]]  # the last takes the rest
+    assert group_by_length([7], 0.6, 4) == [[0]]
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (6, 1)], ids=["gqa", "mqa"])
+def test_decode_batch_of_very_different_lengths(heads):
+    # lengths 1..61: the rows go in four length groups, each gathered up to its own longest
+    seqs = [(30, 1), (0, 1), (60, 1), (6, 1), (31, 1), (2, 1), (45, 1)]
+    _run_case(seqs, *heads, block_size=4)
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
