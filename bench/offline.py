@@ -1,5 +1,5 @@
-"""Offline throughput on a GPU: pagoda vs transformers `generate` (static batches) and
-`generate_batch` (its continuous batching), same random weights, same run.
+"""Offline throughput on a GPU: pagoda (bf16, and FP8 with ``--quantizations none fp8``) vs transformers
+`generate` (static batches) and `generate_batch` (its continuous batching), same random weights, same run.
 
 Workloads:
 - ``fixed``: N requests of exactly ``--input-len`` prompt tokens and ``--output-len`` output tokens.
@@ -11,6 +11,7 @@ in this run: the larger of (all FLOPs of prefill + decode) / matmul TFLOP/s and 
 per decode step, with every request in one batch) / copy bandwidth.
 
     python -m bench.offline --shape llama-3.1-8b --workload fixed --num-requests 128
+    python -m bench.offline --quantizations none fp8 --hf-batch-size 0 --hf-batch-requests 32
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ def make_workload(kind: str, n: int, input_len: int, output_len: int, vocab: int
     return [([rng.randrange(10, vocab) for _ in range(i)], o) for i, o in lens]
 
 
-def run_pagoda(path: Path, workload, max_num_seqs: int, max_model_len: int) -> dict:
+def run_pagoda(path: Path, workload, max_num_seqs: int, max_model_len: int, quantization: str | None = None) -> dict:
     from pagoda import LLM, SamplingParams
 
     llm = LLM(model=str(path), dtype="bfloat16", device="cuda", max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=8192, max_model_len=max_model_len)
+              max_num_batched_tokens=8192, max_model_len=max_model_len, quantization=quantization)
     prompts = [{"prompt_token_ids": p} for p, _ in workload]
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in workload]
     llm.generate(prompts[:4], [SamplingParams(max_tokens=8, ignore_eos=True)] * 4, use_tqdm=False)  # warm-up
@@ -53,7 +54,7 @@ def run_pagoda(path: Path, workload, max_num_seqs: int, max_model_len: int) -> d
     stats = llm.engine.stats()
     del llm
     _free()
-    return {"engine": "pagoda", "requests": len(workload), "seconds": elapsed, "output_tokens": tokens,
+    return {"engine": f"pagoda {quantization}" if quantization else "pagoda", "requests": len(workload), "seconds": elapsed, "output_tokens": tokens,
             "preemptions": stats.num_preemptions, "kv_blocks": stats.num_blocks}
 
 
@@ -128,7 +129,7 @@ def plot(result: dict, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 3))
     ax.barh([r["engine"] for r in rows], [r["output_tok_per_s"] for r in rows])
     ax.set_xlabel("output tokens / s")
-    ax.set_title(f"{result['shape']} bf16, {result['workload']['workload']} workload, {result['environment'].get('gpu', 'cpu')}")
+    ax.set_title(f"{result['shape']}, {result['workload']['workload']} workload, {result['environment'].get('gpu', 'cpu')}")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 
@@ -141,6 +142,8 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--quantizations", nargs="+", choices=["none", "fp8"], default=["none"],
+                    help="one pagoda row each; the first is the baseline of vs_pagoda")
     ap.add_argument("--hf-batch-size", type=int, default=64, help="static batch for generate; 0 skips it")
     ap.add_argument("--hf-batch-requests", type=int, default=None, help="requests given to generate_batch (default all; 0 skips)")
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/pagoda-models"))
@@ -157,7 +160,8 @@ def main() -> None:
     _warm_up_gpu()
     ceilings = measure_ceilings()
     max_len = max(len(p) + o for p, o in workload) + 16
-    rows = [run_pagoda(path, workload, args.max_num_seqs, max_len)]
+    rows = [run_pagoda(path, workload, args.max_num_seqs, max_len, None if q == "none" else q)
+            for q in args.quantizations]
     if args.hf_batch_size:
         rows.append(run_hf_generate(path, workload, args.hf_batch_size))
     subset = workload if args.hf_batch_requests is None else workload[: args.hf_batch_requests]

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pagoda.engine import cli_inputs, plugins
-from pagoda.engine.config import EMBEDDED_MODEL
+from pagoda.engine.config import EMBEDDED_MODEL, QUANTIZATIONS
 from pagoda.engine.graph_prompt import DEFAULT_ENCODING, ENCODINGS
 from pagoda.engine.request_fields import RequestField, plain_fields
 from pagoda.engine.sampling_params import SamplingParams
@@ -44,6 +44,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=EMBEDDED_MODEL, help="HF folder, .gguf file, Hub id, or the embedded default (default: %(default)s)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="weights and activations dtype")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    g.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
+                   help="quantize the weights at load (fp8: E4M3, CUDA compute capability >= 8.9); "
+                        "FP8 checkpoints load as FP8 without it")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=128, help="running requests per step")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")

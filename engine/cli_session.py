@@ -28,7 +28,8 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.from_kwargs(
-        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+        max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, cpu_kv_cache_gib=args.kv_cache_gib,
         enable_prefix_caching=not args.no_prefix_caching,

@@ -19,6 +19,7 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 _EXECUTOR_BACKENDS = ("mp", "ray")
+QUANTIZATIONS = ("fp8",)
 
 
 def require(ok: bool, message: str) -> None:
@@ -38,11 +39,17 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's limit (see resolve_max_model_len)
     seed: int = 0  # seeds torch's global generator for unseeded sampling
     enforce_eager: bool = False  # CUDA: no decode graphs (debugging, or to save capture time)
+    # "fp8": the decoder's linear layers quantized to FP8 at load (E4M3 weights with per-channel scales,
+    # activations per token; CUDA needs compute capability >= 8.9 and bfloat16). None: as the checkpoint
+    # is; an FP8 checkpoint (compressed-tensors, fp8) runs in FP8 either way (engine/quantization.py).
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         require(bool(self.model), "model must be a non-empty string")
         require(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         require(self.device in _DEVICES, f"device must be one of {_DEVICES}, got {self.device!r}")
+        require(self.quantization is None or self.quantization in QUANTIZATIONS,
+                f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
         require(
             self.max_model_len is None or self.max_model_len >= 1,
             f"max_model_len must be >= 1, got {self.max_model_len}",

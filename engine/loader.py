@@ -20,7 +20,9 @@ from torch import nn
 from pagoda.engine.config import EMBEDDED_MODEL, ModelConfig, text_config
 from pagoda.engine.distributed import SINGLE_RANK, TPGroup
 from pagoda.engine.gguf_convert import convert_gguf
+from pagoda.engine.layers.fp8 import check_fp8_support
 from pagoda.engine.models.registry import build_model
+from pagoda.engine.quantization import checkpoint_fp8, expect_fp8_checkpoint, quantize_model_fp8
 from pagoda.engine.tokenizer import eos_token_ids, load_tokenizer
 
 if TYPE_CHECKING:
@@ -108,6 +110,7 @@ def open_model(
     here and nowhere else, its EOS ids) and its tokenizer (``tokenizer`` when the caller has one)."""
     path = resolve_model(config.model)
     hf_config = load_hf_config(path)
+    checkpoint_fp8(hf_config)  # a quantized checkpoint pagoda cannot read fails here, before any rank starts
     if tokenizer is None:  # the model folder's tokenizer, or one of its own (ModelConfig.tokenizer)
         tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else load_tokenizer(path, hf_config=hf_config)
     return ResolvedModel(path, hf_config, eos_token_ids(tokenizer, path)), tokenizer
@@ -124,6 +127,17 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+def checkpoint_names(path: str | Path) -> list[str]:
+    """The tensor names of an HF folder's safetensors checkpoint (read from the file headers only)."""
+    from safetensors import safe_open
+
+    names = []
+    for file in _safetensors_files(Path(path)):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            names.extend(f.keys())
+    return names
+
+
 def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every (name, tensor) of an HF folder's safetensors checkpoint, on CPU, one at a time."""
     from safetensors import safe_open
@@ -135,10 +149,23 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(
-    path: str | Path, hf_config, dtype: torch.dtype, device: torch.device | str, tp: TPGroup = SINGLE_RANK
+    path: str | Path,
+    hf_config,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    tp: TPGroup = SINGLE_RANK,
+    quantization: str | None = None,
 ) -> nn.Module:
     """Build the model ``hf_config`` describes (this rank's part of it), load its weights from the HF
-    folder ``path``, and put it in eval mode."""
+    folder ``path``, and put it in eval mode. An FP8 checkpoint loads as FP8; ``quantization="fp8"``
+    quantizes a float checkpoint's decoder linears once loaded (``quantization.py``)."""
     model = build_model(hf_config, dtype, device, tp)
+    fp8_checkpoint = checkpoint_fp8(hf_config)
+    if fp8_checkpoint is not None or quantization == "fp8":
+        check_fp8_support(torch.device(device), dtype)
+    if fp8_checkpoint is not None:
+        expect_fp8_checkpoint(model, checkpoint_names(path), fp8_checkpoint)
     model.load_weights(iter_safetensors(path))
+    if fp8_checkpoint is None and quantization == "fp8":
+        quantize_model_fp8(model)
     return model.eval()

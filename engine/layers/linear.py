@@ -14,6 +14,10 @@ Invariants:
 - ``tp`` is the layer's ``TPGroup``; None means a single rank (every collective a no-op).
 - On CPU the worker packs every weight for oneDNN once loaded (``pack_cpu_weight``, ``cpu_gemm.py``);
   the plain weight is then dropped and ``forward`` reads the packed copy.
+- FP8 (``fp8.py``): a layer whose ``weight_scale`` is set holds a float8_e4m3fn weight with one float32
+  scale per local output row, and maybe a static ``input_scale``; it gets there by ``quantize_fp8``
+  (a loaded float weight) or ``expect_fp8_checkpoint`` (before loading an FP8 checkpoint, whose scales
+  load through the same sharding as a bias).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 
 from pagoda.engine.distributed import SINGLE_RANK, TPGroup
 from pagoda.engine.layers.cpu_gemm import pack_weight, packed_linear
+from pagoda.engine.layers.fp8 import FP8_DTYPE, fp8_linear, quantize_rows
 
 
 def divide(total: int, parts: int, what: str) -> int:
@@ -67,6 +72,8 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.packed_weight: torch.Tensor | None = None  # oneDNN's copy of the weight, once packed (CPU)
+        self.register_parameter("weight_scale", None)  # (local_out,) float32 once the weight is FP8
+        self.register_parameter("input_scale", None)  # () float32: a checkpoint's static activation scale
 
     def _shard(self, loaded: torch.Tensor, dim: int | None) -> torch.Tensor:
         """This rank's equal slice of a full checkpoint tensor along ``dim``."""
@@ -90,8 +97,59 @@ class LinearBase(nn.Module):
         self.weight.data = self.weight.data.new_empty(0)  # keeps dtype and device for whoever asks the parameters
         return True
 
+    def quantize_fp8(self) -> None:
+        """Quantize the loaded weight to FP8 with one scale per output row, in place."""
+        weight, scale = quantize_rows(self.weight.data)
+        self.weight.data = weight
+        self.weight_scale = self._frozen(scale, self.weight_scale_loader)
+
+    def expect_fp8_checkpoint(self, static_input_scale: bool) -> None:
+        """Ready the parameters for an FP8 checkpoint: a float8 weight, its ``weight_scale`` (per row or
+        per tensor in the file) and, with ``static_input_scale``, the activations' ``input_scale``."""
+        weight = self.weight.data
+        self.weight.data = torch.empty(weight.shape, dtype=FP8_DTYPE, device=weight.device)
+        self.weight_scale = self._frozen(
+            torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device), self.weight_scale_loader
+        )
+        if static_input_scale:  # loaded as the largest of the parts' scales
+            self.input_scale = self._frozen(torch.zeros((), device=weight.device), self.input_scale_loader)
+
+    @staticmethod
+    def _frozen(data: torch.Tensor, loader) -> nn.Parameter:
+        param = nn.Parameter(data, requires_grad=False)
+        param.weight_loader = loader
+        return param
+
+    def checkpoint_rows(self, shard_id=None) -> int:
+        """Output rows of the checkpoint tensor ``shard_id`` names (all ranks' rows)."""
+        if shard_id is not None:
+            raise ValueError(f"{type(self).__name__} has no shards, got shard_id={shard_id!r}")
+        return self.output_size
+
+    def weight_scale_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        """A checkpoint's weight scale, one per tensor or one per output row; split like a bias."""
+        rows = self.checkpoint_rows(shard_id)
+        scale = loaded_weight.float().reshape(-1)
+        if scale.numel() == 1:
+            scale = scale.expand(rows)
+        elif scale.numel() != rows:
+            raise ValueError(
+                f"weight_scale has {scale.numel()} values, expected 1 (per tensor) or {rows} (per output row); "
+                f"block-wise scales are not supported"
+            )
+        self.weight_loader(param, scale, shard_id)
+
+    def input_scale_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        """A checkpoint's static activation scale (one per tensor); a fused layer keeps its parts' largest."""
+        self.checkpoint_rows(shard_id)  # a shard this layer has
+        if loaded_weight.numel() != 1:
+            raise ValueError(f"input_scale must be one value per tensor, got shape {tuple(loaded_weight.shape)}")
+        param.data = torch.maximum(param.data, loaded_weight.float().reshape(()).to(param.device))
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x @ W.T + bias`` on this rank's weight, packed or plain."""
+        """``x @ W.T + bias`` on this rank's weight: FP8, packed or plain."""
+        if self.weight_scale is not None:
+            return fp8_linear(x, self.weight, self.weight_scale, bias, self.input_scale)
         if self.packed_weight is not None:
             return packed_linear(x, self.packed_weight, bias)
         return F.linear(x, self.weight, bias)
@@ -168,6 +226,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def shard_ids(self) -> tuple:
         """Shards a checkpoint may fill one by one; all must be loaded."""
         return tuple(range(len(self.output_sizes)))
+
+    def checkpoint_rows(self, shard_id=None) -> int:
+        if shard_id is None:
+            return self.output_size
+        if shard_id not in self.shard_ids:
+            raise ValueError(f"{type(self).__name__} shard_id must be one of {self.shard_ids}, got {shard_id!r}")
+        return self.output_sizes[self.shard_ids.index(shard_id)]
 
     def _local_sizes(self, tp: TPGroup) -> list[int]:
         """Sizes of the parts inside this rank's fused parameter."""

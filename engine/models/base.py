@@ -29,6 +29,9 @@ class CausalLM(nn.Module, abc.ABC):
     # True: forward also takes positions (3, T), one row per M-RoPE section (temporal, height, width);
     # (T,) positions mean all three rows equal (text-only prompts, decode steps).
     uses_mrope: ClassVar[bool] = False
+    # submodules whose linear layers stay in the model's dtype under quantization (a vision tower);
+    # the LM head and the embedding are not linear layers and always do
+    unquantized_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, spec: ModelSpec, tp: TPGroup) -> None:
         super().__init__()
@@ -85,6 +88,11 @@ class CausalLM(nn.Module, abc.ABC):
     @abc.abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill every parameter (this rank's shard) from HF-named tensors; raise on unknown or missing names."""
+
+    @abc.abstractmethod
+    def parameter_for(self, checkpoint_name: str) -> tuple[str, object]:
+        """An HF checkpoint tensor name -> (the parameter that loads it, its shard id or None), as
+        ``load_weights`` routes it (FP8 checkpoints are read ahead with it)."""
 
 
 class SupportsImages(abc.ABC):

@@ -18,7 +18,7 @@ Checkpoints: transformers 5 names the parts ``model.language_model.*``, ``model.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -27,7 +27,6 @@ from pagoda.engine.distributed import SINGLE_RANK, TPGroup
 from pagoda.engine.models.base import SupportsImages
 from pagoda.engine.models.glm4 import GlmForCausalLM
 from pagoda.engine.models.glm4v_vision import Glm4vVisionModel
-from pagoda.engine.models.llama import load_weights
 from pagoda.engine.models.spec import ModelSpec
 
 
@@ -43,6 +42,7 @@ def parameter_name(checkpoint_name: str) -> str:
 
 class Glm4vForConditionalGeneration(GlmForCausalLM, SupportsImages):
     uses_mrope: ClassVar[bool] = True
+    unquantized_modules: ClassVar[tuple[str, ...]] = ("visual",)  # the vision tower stays in the model's dtype
 
     def __init__(self, spec: ModelSpec, tp: TPGroup = SINGLE_RANK):
         if spec.vision is None or spec.image_token_id is None or spec.mrope_section is None:
@@ -66,6 +66,6 @@ class Glm4vForConditionalGeneration(GlmForCausalLM, SupportsImages):
         patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
         return torch.zeros(grid[1] * grid[2], patch, dtype=param.dtype, device=param.device), grid
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Fill every parameter from HF-named tensors (either layout); raise on unknown or missing names."""
-        load_weights(self, weights, rename=parameter_name)
+    def parameter_for(self, checkpoint_name: str) -> tuple[str, object]:
+        """See ``CausalLM.parameter_for``: either checkpoint layout (``parameter_name``), then GLM's routes."""
+        return super().parameter_for(parameter_name(checkpoint_name))

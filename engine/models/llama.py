@@ -16,7 +16,7 @@ input_layernorm, the model's final norm) reduces it. The embedding is reduced on
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -226,6 +226,10 @@ class LlamaForCausalLM(CausalLM):
         """Fill every parameter from HF-named tensors; raise on unknown or missing names."""
         load_weights(self, weights)
 
+    def parameter_for(self, checkpoint_name: str) -> tuple[str, object]:
+        """See ``CausalLM.parameter_for``: HF names through ``packed_modules_mapping``."""
+        return _route(self, checkpoint_name)
+
 
 def _route(model: nn.Module, name: str) -> tuple[str, object]:
     """HF checkpoint name -> (our parameter name, shard id or None)."""
@@ -237,21 +241,17 @@ def _route(model: nn.Module, name: str) -> tuple[str, object]:
     return name, None
 
 
-def load_weights(
-    model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], rename: Callable[[str], str] | None = None
-) -> None:
-    """Shared loader for every decoder here: routes HF names (after ``rename``, for checkpoint layouts
-    that nest the decoder differently) through ``packed_modules_mapping`` to each parameter's
-    ``weight_loader`` and checks that every parameter (every shard) was filled."""
+def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Shared loader for every decoder here: routes HF names (``model.parameter_for``) to each
+    parameter's ``weight_loader`` and checks that every parameter (every shard) was filled."""
     params = dict(model.named_parameters())  # a tied lm_head shares the embedding's Parameter: listed once
     tied = model.spec.tie_word_embeddings
     required = {name: set(getattr(_layer_of(p), "shard_ids", (None,))) for name, p in params.items()}
     loaded: dict[str, set] = {name: set() for name in params}
     for ckpt_name, tensor in weights:
-        our_name = rename(ckpt_name) if rename else ckpt_name
-        if our_name.endswith(model.ignored_suffixes) or (tied and our_name == "lm_head.weight"):
+        name, shard_id = model.parameter_for(ckpt_name)
+        if name.endswith(model.ignored_suffixes) or (tied and name == "lm_head.weight"):
             continue
-        name, shard_id = _route(model, our_name)
         if name not in params:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has no parameter in {type(model).__name__}")
         params[name].weight_loader(params[name], tensor, shard_id)

@@ -68,7 +68,9 @@ class Worker:
 
     def load_model(self) -> None:
         torch.manual_seed(self.config.model.seed)
-        self.model = load_model(self.source.path, self.source.hf_config, self.dtype, self.device, self.tp)
+        self.model = load_model(
+            self.source.path, self.source.hf_config, self.dtype, self.device, self.tp, self.config.model.quantization
+        )
         if self.device.type == "cpu":
             pack_model(self.model)  # oneDNN-packed weights for the linear layers and the LM head
 

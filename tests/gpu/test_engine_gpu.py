@@ -45,29 +45,9 @@ def _hf_reference(path: Path, prompts, dtype=torch.bfloat16):
     return tokens, logits
 
 
-def _our_logits(llm, prompt: list[int]) -> torch.Tensor:
-    """Full-prompt logits from our model in one prefill through the real paged path (Triton kernels,
-    the engine's KV cache; run after generation, when every block is free)."""
-    from pagoda.engine.attention_metadata import AttentionMetadata
-
-    worker = llm.engine.executor.worker
-    n, bs = len(prompt), llm.engine.config.cache.block_size
-    dev = torch.device("cuda")
-    i32 = dict(dtype=torch.int32, device=dev)
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(n, device=dev), query_start_loc=torch.tensor([0, n], **i32),
-        seq_lens=torch.tensor([n], **i32), context_lens=torch.tensor([0], **i32),
-        block_tables=torch.arange(-(-n // bs), **i32)[None], query_lens_cpu=[n], seq_lens_cpu=[n],
-        max_query_len=n, max_seq_len=n, block_size=bs,
-    )
-    ids = torch.tensor(prompt, device=dev)
-    with torch.inference_mode():
-        hidden = worker.model(ids, torch.arange(n, device=dev), worker.runner.kv_caches, meta)
-        return worker.model.compute_logits(hidden).float().cpu()  # (L, V)
-
-
 def _compare(shape: str, fp32_reference: bool = False, sharp: bool = False, **engine_kwargs) -> dict:
     """Greedy tokens and full-prompt logits of pagoda vs transformers (bf16), optionally both vs float32."""
+    from bench.prompt_logits import prompt_logits
     from bench.random_models import make_random_model
     from pagoda import LLM, SamplingParams
     from pagoda.engine.loader import load_hf_config
@@ -79,7 +59,7 @@ def _compare(shape: str, fp32_reference: bool = False, sharp: bool = False, **en
               **engine_kwargs)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
-    ours = [_our_logits(llm, p) for p in prompts]
+    ours = [prompt_logits(llm, p) for p in prompts]
     ours_tokens = [o.outputs[0].token_ids for o in outs]
     llm.engine.shutdown()
     del llm
