@@ -37,11 +37,15 @@ def make_workload(kind: str, n: int, input_len: int, output_len: int, vocab: int
     return [([rng.randrange(10, vocab) for _ in range(i)], o) for i, o in lens]
 
 
-def run_pagoda(path: Path, workload, max_num_seqs: int, max_model_len: int, quantization: str | None = None) -> dict:
+# --quantizations: what each pagoda row runs (weights, KV cache)
+VARIANTS = {"none": {}, "fp8": {"quantization": "fp8"}, "fp8+kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
+
+
+def run_pagoda(path: Path, workload, max_num_seqs: int, max_model_len: int, variant: str = "none") -> dict:
     from pagoda import LLM, SamplingParams
 
     llm = LLM(model=str(path), dtype="bfloat16", device="cuda", max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=8192, max_model_len=max_model_len, quantization=quantization)
+              max_num_batched_tokens=8192, max_model_len=max_model_len, **VARIANTS[variant])
     prompts = [{"prompt_token_ids": p} for p, _ in workload]
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in workload]
     llm.generate(prompts[:4], [SamplingParams(max_tokens=8, ignore_eos=True)] * 4, use_tqdm=False)  # warm-up
@@ -54,7 +58,7 @@ def run_pagoda(path: Path, workload, max_num_seqs: int, max_model_len: int, quan
     stats = llm.engine.stats()
     del llm
     _free()
-    return {"engine": f"pagoda {quantization}" if quantization else "pagoda", "requests": len(workload), "seconds": elapsed, "output_tokens": tokens,
+    return {"engine": "pagoda" if variant == "none" else f"pagoda {variant}", "requests": len(workload), "seconds": elapsed, "output_tokens": tokens,
             "preemptions": stats.num_preemptions, "kv_blocks": stats.num_blocks}
 
 
@@ -142,8 +146,8 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--quantizations", nargs="+", choices=["none", "fp8"], default=["none"],
-                    help="one pagoda row each; the first is the baseline of vs_pagoda")
+    ap.add_argument("--quantizations", nargs="+", choices=list(VARIANTS), default=["none"],
+                    help="one pagoda row each (fp8+kv: FP8 weights and KV cache); the first is vs_pagoda's baseline")
     ap.add_argument("--hf-batch-size", type=int, default=64, help="static batch for generate; 0 skips it")
     ap.add_argument("--hf-batch-requests", type=int, default=None, help="requests given to generate_batch (default all; 0 skips)")
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/pagoda-models"))
@@ -160,8 +164,7 @@ def main() -> None:
     _warm_up_gpu()
     ceilings = measure_ceilings()
     max_len = max(len(p) + o for p, o in workload) + 16
-    rows = [run_pagoda(path, workload, args.max_num_seqs, max_len, None if q == "none" else q)
-            for q in args.quantizations]
+    rows = [run_pagoda(path, workload, args.max_num_seqs, max_len, q) for q in args.quantizations]
     if args.hf_batch_size:
         rows.append(run_hf_generate(path, workload, args.hf_batch_size))
     subset = workload if args.hf_batch_requests is None else workload[: args.hf_batch_requests]

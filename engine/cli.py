@@ -52,6 +52,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size on CPU, GiB")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="fp8: keys and values in E4M3, twice the blocks (CUDA)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
 
 

@@ -20,6 +20,7 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 _EXECUTOR_BACKENDS = ("mp", "ray")
 QUANTIZATIONS = ("fp8",)
+_KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 def require(ok: bool, message: str) -> None:
@@ -65,9 +66,14 @@ class CacheConfig:
     cpu_kv_cache_gib: float = 1.0  # KV cache size on CPU
     num_blocks: int | None = None  # overrides the computed block count (tests use tiny pools)
     enable_prefix_caching: bool = True
+    # "fp8": keys and values stored as float8_e4m3fn (scale 1, saturated at +-448, as vLLM's uncalibrated
+    # fp8 cache), twice the blocks in the same memory; CUDA only. "auto": the model's dtype.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        require(self.kv_cache_dtype in _KV_CACHE_DTYPES,
+                f"kv_cache_dtype must be one of {_KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         require(
             0.0 < self.gpu_memory_utilization <= 1.0,
             f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}",

@@ -5,6 +5,8 @@ import torch
 from pagoda.kernels._triton import check_device
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# a KV cache may also hold FP8 (E4M3, scale 1): written rounded from the model's dtype, read back into it
+KV_CACHE_DTYPES = (*FLOAT_DTYPES, torch.float8_e4m3fn)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -43,8 +45,14 @@ def check_dim(name: str, tensor: torch.Tensor, dim: int, expected: int, what: st
 
 def check_kv_cache(name: str, kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
     """kv_cache is (2, num_blocks, block_size, num_kv_heads, head_dim); returns the last four."""
-    check_tensor(name, kv_cache, ndim=5, dtypes=FLOAT_DTYPES)
+    check_tensor(name, kv_cache, ndim=5, dtypes=KV_CACHE_DTYPES)
     if kv_cache.shape[0] != 2:
         raise ValueError(f"{name}.shape[0] must be 2 (keys, values), got {kv_cache.shape[0]}")
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     return num_blocks, block_size, num_kv_heads, head_dim
+
+
+def check_cache_input(name: str, tensor: torch.Tensor, kv_cache: torch.Tensor, ndim: int) -> None:
+    """``tensor`` (queries, keys or values) is in the cache's dtype, or in a float dtype for an FP8 cache."""
+    allowed = FLOAT_DTYPES if kv_cache.dtype == torch.float8_e4m3fn else (kv_cache.dtype,)
+    check_tensor(name, tensor, ndim=ndim, dtypes=allowed)

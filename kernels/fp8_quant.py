@@ -22,7 +22,7 @@ MAX_HIDDEN = 65536
 
 
 @triton.jit
-def _round_to_e4m3(v):
+def round_to_e4m3(v):
     """fp32 values in [-448, 448] -> the nearest E4M3 value (ties to even), still fp32; the sign of a
     value that rounds to zero is kept, as a cast keeps it."""
     bits = v.to(tl.int32, bitcast=True)
@@ -50,9 +50,10 @@ def _per_token_fp8_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    # divisions rounded as torch's are (Triton's default fp32 division on the GPU is approximate)
-    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), FP8_MAX), min_scale)
-    q = _round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX))
+    # the scale as torch computes it (times the float32 reciprocal); the division rounded as torch's is
+    # (Triton's default fp32 division on the GPU is approximate)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) * (1.0 / FP8_MAX), min_scale)
+    q = round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX))
     tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
 
@@ -78,5 +79,5 @@ def per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def per_token_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of ``per_token_fp8`` (also the CPU path): the same scales, the same rounding."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    scale = (xf.abs().amax(dim=-1, keepdim=True) * (1.0 / FP8_MAX)).clamp(min=MIN_SCALE)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale

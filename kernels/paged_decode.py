@@ -21,6 +21,7 @@ from pagoda.kernels._triton import cdiv, next_power_of_2, require_triton, tl, tr
 from pagoda.kernels._validate import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_cache_input,
     check_dim,
     check_kv_cache,
     check_same_device,
@@ -94,14 +95,14 @@ def _paged_decode_kernel(
         block = tl.load(block_tables_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
         token_off = block.to(tl.int64) * stride_c_blk + (pos % BLOCK_SIZE) * stride_c_off  # (TILE,)
         kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(kv_base + token_off[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (TILE, BLOCK_D)
+        k = tl.load(kv_base + token_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # (TILE, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_G, TILE)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(kv_base + stride_c_kv + token_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(kv_base + stride_c_kv + token_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -168,7 +169,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device
 
 def _check_decode_args(q, kv_cache, block_tables, seq_lens, out) -> None:
     _, _, num_kv_heads, head_dim = check_kv_cache("kv_cache", kv_cache)
-    check_tensor("q", q, ndim=3, dtypes=(kv_cache.dtype,))
+    check_cache_input("q", q, kv_cache, ndim=3)
     check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,))
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, last_dim_contiguous=True)
     check_same_device(q=q, kv_cache=kv_cache, block_tables=block_tables, seq_lens=seq_lens)

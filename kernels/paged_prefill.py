@@ -22,6 +22,7 @@ from pagoda.kernels._triton import next_power_of_2, require_triton, tl, triton
 from pagoda.kernels._validate import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_cache_input,
     check_dim,
     check_kv_cache,
     check_same_device,
@@ -60,7 +61,7 @@ def _attend_tiles(
         block = tl.load(bt_row + pos // BLOCK_SIZE, mask=in_seq, other=0)
         token_off = block.to(tl.int64) * stride_c_blk + (pos % BLOCK_SIZE) * stride_c_off  # (TILE,)
         kv_mask = in_seq[:, None] & d_mask[None, :]
-        k = tl.load(kv_base + token_off[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (TILE, BLOCK_D)
+        k = tl.load(kv_base + token_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # (TILE, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, TILE)
         if MASKED:
             s = tl.where((pos[None, :] <= q_pos[:, None]) & in_seq[None, :], s, float("-inf"))
@@ -68,7 +69,7 @@ def _attend_tiles(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(kv_base + stride_c_kv + token_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(kv_base + stride_c_kv + token_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return m_i, l_i, acc
@@ -153,7 +154,7 @@ def _paged_prefill_kernel(
 
 def _check_prefill_args(q, kv_cache, block_tables, query_start_loc, context_lens, out) -> None:
     _, _, num_kv_heads, head_dim = check_kv_cache("kv_cache", kv_cache)
-    check_tensor("q", q, ndim=3, dtypes=(kv_cache.dtype,))
+    check_cache_input("q", q, kv_cache, ndim=3)
     check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,))
     check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES)
     check_tensor("context_lens", context_lens, ndim=1, dtypes=INDEX_DTYPES)

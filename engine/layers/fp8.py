@@ -6,8 +6,10 @@ Invariants:
   scales become rows of equal scales (q, k and v keep their own).
 - Activations: per token at run time (``s_x = max|x_row| / 448``), or one static scale from the
   checkpoint (``input_scale``, the largest of a fused layer's parts).
-- The GEMM is ``torch._scaled_mm`` with row-wise scales (cuBLASLt on Hopper and Ada; torch's own
-  kernel on CPU, for tests), the output in the activations' dtype; a bias is added after it.
+- The GEMM is ``torch._scaled_mm`` with row-wise scales (CUTLASS / cuBLASLt on Hopper and Ada; torch's
+  own kernel on CPU, for tests), the output in the activations' dtype; a bias is added after it.
+  (``kernels/fp8_gemm.py``, a Triton GEMM for decode-sized M, is faster in isolation at M <= 16 on the
+  8B shape, ``bench/results/fp8_gemm_h100.md``; it is not used here until measured in the engine.)
 - The LM head, the embedding and a vision tower stay in the model's dtype.
 """
 

@@ -48,6 +48,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's element type: the model's dtype, or FP8 (CUDA's Triton kernels read and write it)."""
+    if name == "auto":
+        return dtype
+    if device.type != "cuda":
+        raise ValueError(f"kv_cache_dtype 'fp8' needs a CUDA device (the {device.type} attention path stores the model's dtype)")
+    return torch.float8_e4m3fn
+
+
 class Worker:
     def __init__(
         self,
@@ -62,6 +71,7 @@ class Worker:
         self.tp = tp
         self.device = device or resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, self.device)
         self.spec = kv_cache_spec(model.hf_config, tp.world_size)
         self.model = None
         self.runner: ModelRunner | None = None
@@ -76,7 +86,7 @@ class Worker:
 
     def bytes_per_block(self) -> int:
         s = self.spec
-        element = torch.empty((), dtype=self.dtype).element_size()
+        element = torch.empty((), dtype=self.kv_dtype).element_size()
         return 2 * s.num_layers * self.config.cache.block_size * s.num_kv_heads * s.head_dim * element
 
     def determine_num_blocks(self) -> int:
@@ -127,7 +137,7 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         s = self.spec
         shape = (2, num_blocks, self.config.cache.block_size, s.num_kv_heads, s.head_dim)
-        kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.num_layers)]
+        kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(s.num_layers)]
         graph_seqs = 0 if self.config.model.enforce_eager else self.config.scheduler.max_num_seqs
         args = (
             self.model, kv_caches, self.config.cache.block_size, self.source.text_config.vocab_size,

@@ -36,11 +36,11 @@ def test_scaled_gemm_matches_the_dequantized_product(tokens):
     torch.testing.assert_close(out.float(), exact, rtol=2e-2, atol=2e-2)  # bf16 output rounding only
 
 
-def _engine_run(path, quantization, enforce_eager):
+def _engine_run(path, quantization=None, enforce_eager=False, kv_cache_dtype="auto"):
     from pagoda import LLM, SamplingParams
 
     llm = LLM(model=str(path), dtype="bfloat16", device="cuda", max_model_len=1024, gpu_memory_utilization=0.5,
-              quantization=quantization, enforce_eager=enforce_eager)
+              quantization=quantization, enforce_eager=enforce_eager, kv_cache_dtype=kv_cache_dtype)
     prompts = [{"prompt_token_ids": list(range(10 + i, 10 + i + n))} for i, n in enumerate((5, 64, 300))]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     blocks = llm.engine.stats().num_blocks
@@ -51,14 +51,17 @@ def _engine_run(path, quantization, enforce_eager):
     return [o.outputs[0].token_ids for o in outs], blocks
 
 
-def test_fp8_engine_same_tokens_with_and_without_graphs_and_more_kv_blocks():
+def test_fp8_engine_graphs_eager_and_fp8_kv_cache():
     """On the sharpened 8B (decisive greedy tokens: a random model's flat logits flip with any change of
     GEMM kernel, and graphs run decode batches padded to their captured size)."""
     from bench.random_models import make_random_model
 
     path = make_random_model("llama-3.1-8b", MODEL_DIR / "llama-3.1-8b-sharp", sharp=True)
-    graphs, fp8_blocks = _engine_run(path, "fp8", enforce_eager=False)
+    graphs, fp8_blocks = _engine_run(path, "fp8")
     eager, _ = _engine_run(path, "fp8", enforce_eager=True)
-    _, bf16_blocks = _engine_run(path, None, enforce_eager=False)
+    bf16_tokens, bf16_blocks = _engine_run(path)
     assert graphs == eager  # decode graphs capture the FP8 GEMMs and the activation quantization
     assert fp8_blocks > bf16_blocks  # the weights take half the memory: more of it is KV cache
+    fp8_kv_tokens, fp8_kv_blocks = _engine_run(path, kv_cache_dtype="fp8")
+    assert fp8_kv_blocks >= 2 * bf16_blocks - 1  # an FP8 cache: two blocks in the bytes of one
+    assert fp8_kv_tokens == bf16_tokens  # decisive greedy tokens survive keys and values in E4M3

@@ -70,3 +70,15 @@ def test_rejects_bad_arguments_naming_them():
             paged_decode(**{**args, **override})
     with pytest.raises(ValueError, match="num_splits"):
         paged_decode(**args, num_splits=0)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float32, gpu_param(torch.bfloat16, id="gpu-bf16")])  # no bf16 dots in the interpreter
+def test_fp8_cache_reads_back_into_the_query_dtype(q_dtype):
+    batch = make_paged_batch([30, 7, 50], [1, 1, 1], 4, 2, 16, 8, seed=4)
+    cache = batch.kv_cache.to(torch.float8_e4m3fn)
+    q = batch.q.to(q_dtype)
+    out = paged_decode(q, cache, batch.block_tables, batch.seq_lens, num_splits=2)
+    assert out.dtype == q_dtype
+    expected = paged_decode_ref(q, cache, batch.block_tables, batch.seq_lens)  # the dequantized cache, in fp32
+    torch.testing.assert_close(out, expected, **({"atol": 1e-5, "rtol": 1e-5} if q_dtype == torch.float32 else
+                                                  {"atol": 2e-2, "rtol": 2e-2}))

@@ -89,3 +89,12 @@ def test_rejects_bad_arguments_naming_them():
     for name, override in bad:
         with pytest.raises(ValueError, match=rf"^{name}\b"):
             paged_prefill(**{**args, **override})
+
+
+def test_fp8_cache_chunked_prefill_reads_back_into_the_query_dtype():
+    batch = make_paged_batch([0, 17, 40], [9, 5, 16], 4, 2, 16, 8, seed=5)
+    cache = batch.kv_cache.to(torch.float8_e4m3fn)
+    args = (batch.q, cache, batch.block_tables, batch.query_start_loc, batch.context_lens)
+    out = paged_prefill(*args)
+    assert out.dtype == batch.q.dtype
+    torch.testing.assert_close(out, paged_prefill_ref(*args), atol=1e-5, rtol=1e-5)

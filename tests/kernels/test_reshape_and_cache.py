@@ -67,3 +67,18 @@ def test_rejects_bad_arguments_naming_them():
     for name, override in bad:
         with pytest.raises(ValueError, match=rf"^{name}\b"):
             reshape_and_cache(**{**args, **override})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_cache_stores_rounded_saturated_values(dtype):
+    gen = torch.Generator().manual_seed(3)
+    cache = torch.zeros(2, 4, 8, 2, 32).to(torch.float8_e4m3fn).to(DEVICE)
+    key = (torch.randn(9, 2, 32, generator=gen) * torch.logspace(-3, 3, 9)[:, None, None]).to(dtype).to(DEVICE)
+    value = (torch.randn(9, 2, 32, generator=gen) * 100).to(dtype).to(DEVICE)  # some beyond 448: saturate
+    key[0, 0, :4] = torch.tensor([31.6, -126.3, 1000.0, -1e-6], dtype=dtype)  # carries into the exponent, saturation
+    slots = _slots(9, 32, gen).to(DEVICE)
+    expected = cache.clone()
+    reshape_and_cache_ref(key, value, expected, slots)
+    reshape_and_cache(key, value, cache, slots)
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))
+    assert expected.float().abs().max().item() == 448.0 and not expected.float().isnan().any()

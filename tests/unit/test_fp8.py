@@ -228,3 +228,14 @@ def test_quantization_field_is_validated():
     assert ModelConfig(quantization="fp8").quantization == "fp8"
     with pytest.raises(ValueError, match="quantization must be one of \\('fp8',\\) or None, got 'int4'"):
         ModelConfig(quantization="int4")
+
+
+def test_kv_cache_dtype_is_validated_and_fp8_needs_cuda():
+    from pagoda.engine.config import CacheConfig
+    from pagoda.engine.worker.worker import resolve_kv_cache_dtype
+
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of \\('auto', 'fp8'\\), got 'int8'"):
+        CacheConfig(kv_cache_dtype="int8")
+    assert resolve_kv_cache_dtype("auto", torch.float32, torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype 'fp8' needs a CUDA device"):
+        resolve_kv_cache_dtype("fp8", torch.float32, torch.device("cpu"))
