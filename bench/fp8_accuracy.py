@@ -16,41 +16,15 @@ meaningful agreement figure.
 from __future__ import annotations
 
 import argparse
-import gc
-import random
 from pathlib import Path
 
 import torch
 
-from bench.prompt_logits import prompt_logits
+from bench.prompt_logits import NEW_TOKENS, greedy_and_logits, prompts
 from bench.random_models import make_random_model
 from bench.report import environment, markdown_table, write_report
 
-PROMPT_LENS = (7, 16, 33, 64, 100, 200, 333, 512)
-NEW_TOKENS = 32
 SHAPES = {"qwen3-0.6b": False, "llama-3.1-8b": True}  # shape -> sharpened
-
-
-def prompts(vocab: int) -> list[list[int]]:
-    rng = random.Random(0)
-    return [[rng.randrange(10, vocab) for _ in range(n)] for n in PROMPT_LENS]
-
-
-def run(path: Path, quantization: str | None, batch: list[list[int]]) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Greedy tokens and full-prompt logits of every prompt, then the engine's memory back."""
-    from pagoda import LLM, SamplingParams
-
-    llm = LLM(model=str(path), dtype="bfloat16", device="cuda", max_model_len=1024, gpu_memory_utilization=0.6,
-              quantization=quantization)
-    outs = llm.generate([{"prompt_token_ids": p} for p in batch],
-                        SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
-    logits = [prompt_logits(llm, p) for p in batch]
-    tokens = [o.outputs[0].token_ids for o in outs]
-    llm.engine.shutdown()
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
-    return tokens, logits
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
@@ -62,8 +36,8 @@ def compare(shape: str, sharp: bool, model_dir: Path) -> dict:
 
     path = make_random_model(shape, model_dir / (shape + ("-sharp" if sharp else "")), sharp=sharp)
     batch = prompts(load_hf_config(path).vocab_size)
-    bf16_tokens, bf16_logits = run(path, None, batch)
-    fp8_tokens, fp8_logits = run(path, "fp8", batch)
+    bf16_tokens, bf16_logits = greedy_and_logits(path, batch)
+    fp8_tokens, fp8_logits = greedy_and_logits(path, batch, quantization="fp8")
     diffs = torch.cat([(f - b).abs().flatten() for f, b in zip(fp8_logits, bf16_logits)])
     top1 = torch.cat([f.argmax(-1) == b.argmax(-1) for f, b in zip(fp8_logits, bf16_logits)])
     return {

@@ -9,24 +9,17 @@ from __future__ import annotations
 import gc
 import json
 import os
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench.prompt_logits import NEW_TOKENS
+from bench.prompt_logits import prompts as _prompts
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 MODEL_DIR = Path(os.environ.get("PAGODA_MODEL_DIR", "/tmp/pagoda-models"))
-NEW_TOKENS = 32
-PROMPT_LENS = (7, 16, 33, 64, 100, 200, 333, 512)
-
-
-def _prompts(vocab: int) -> list[list[int]]:
-    rng = random.Random(0)
-    return [[rng.randrange(10, vocab) for _ in range(n)] for n in PROMPT_LENS]
-
-
 def _hf_reference(path: Path, prompts, dtype=torch.bfloat16):
     """Greedy tokens from generate, and the full-prompt logits, then free the GPU."""
     from transformers import AutoModelForCausalLM
@@ -47,24 +40,14 @@ def _hf_reference(path: Path, prompts, dtype=torch.bfloat16):
 
 def _compare(shape: str, fp32_reference: bool = False, sharp: bool = False, **engine_kwargs) -> dict:
     """Greedy tokens and full-prompt logits of pagoda vs transformers (bf16), optionally both vs float32."""
-    from bench.prompt_logits import prompt_logits
+    from bench.prompt_logits import greedy_and_logits
     from bench.random_models import make_random_model
-    from pagoda import LLM, SamplingParams
     from pagoda.engine.loader import load_hf_config
 
     path = make_random_model(shape, MODEL_DIR / (shape + ("-sharp" if sharp else "")), sharp=sharp)
     prompts = _prompts(load_hf_config(path).vocab_size)
     want_tokens, want_logits = _hf_reference(path, prompts)
-    llm = LLM(model=str(path), dtype="bfloat16", device="cuda", max_model_len=1024, gpu_memory_utilization=0.6,
-              **engine_kwargs)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
-    ours = [prompt_logits(llm, p) for p in prompts]
-    ours_tokens = [o.outputs[0].token_ids for o in outs]
-    llm.engine.shutdown()
-    del llm
-    gc.collect()  # the engine's objects refer to each other: free its weights and KV cache before the next test
-    torch.cuda.empty_cache()
+    ours_tokens, ours = greedy_and_logits(path, prompts, **engine_kwargs)
     entry = {
         "same_greedy_prompts": sum(a == b for a, b in zip(ours_tokens, want_tokens)), "of": len(prompts),
         "first_token_same": sum(a[0] == b[0] for a, b in zip(ours_tokens, want_tokens)),
