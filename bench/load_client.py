@@ -8,11 +8,11 @@ import asyncio
 import json
 import multiprocessing
 import os
-import queue
 import resource
 import time
 from dataclasses import asdict, dataclass
 
+from bench.procs import take_results
 from bench.serving import MODEL_NAME
 from bench.serving_load import Workload
 
@@ -151,22 +151,9 @@ def burst(protocol: str, target: str, work: Workload, concurrency: int, procs: i
                            daemon=True) for s in shares]
     for w in workers:
         w.start()
-    _take(ready, len(workers), workers)  # every process has imported and connected
+    take_results(ready, len(workers), workers)  # every process has imported and connected
     go.set()
-    results: list[list[dict]] = _take(q, len(workers), workers)
+    results: list[list[dict]] = take_results(q, len(workers), workers)
     for w in workers:
         w.join()
     return [Outcome(**d) for batch in results for d in batch]
-
-
-def _take(q, n: int, workers) -> list:
-    """``n`` items from ``q``; raises if a load process exits with an error first."""
-    items = []
-    while len(items) < n:
-        try:
-            items.append(q.get(timeout=5))
-        except queue.Empty:
-            dead = [w for w in workers if w.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"a load process exited with {dead[0].exitcode}") from None
-    return items

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from bench.procs import take_results
 from bench.report import environment, markdown_table, write_report
 from bench.serving_load import (
     Sample,
@@ -190,14 +191,7 @@ def load_level(protocol: str, target: str, work: Workload, concurrency: int, req
                for s, r in zip(shares, per_req)]
     for w in workers:
         w.start()
-    results: list[list[dict]] = []
-    while len(results) < len(workers):
-        try:
-            results.append(q.get(timeout=5))
-        except queue.Empty:
-            dead = [w for w in workers if w.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"a load process exited with {dead[0].exitcode}") from None
+    results: list[list[dict]] = take_results(q, len(workers), workers)
     for w in workers:
         w.join()
     samples = [Sample(**d) for batch in results for d in batch]
