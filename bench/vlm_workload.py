@@ -5,6 +5,7 @@ grows by text while each step brings a new screenshot."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -86,3 +87,40 @@ def make_sessions(args, sp: Special) -> list[Session]:
                 [screenshot(*args.screenshot, 7_000_000 + 1000 * s + k) for k in range(args.session_steps)])
         for s in range(args.sessions)
     ]
+
+
+def make_work(args, cfg) -> dict:
+    sp = Special.of(cfg)
+    size = args.screenshot
+    work = {
+        "special": sp,
+        "warmup": agent_requests(1, args.text_len, size, sp, seed=1)[0],
+        "latency": agent_requests(args.latency_reps, args.text_len, size, sp, seed=2),
+        "throughput": agent_requests(args.num_requests, args.text_len, size, sp, seed=3),
+        "sessions": make_sessions(args, sp),
+    }
+    return work
+
+
+def image_tokens(path: Path, work: dict, args) -> dict:
+    """The screenshot size after GLM-4.1V's resize and its image tokens, from transformers' processor."""
+    from pagoda.engine.multimodal.glm4v import load_pil_image_processor
+
+    processor = load_pil_image_processor(path)
+    t, h, w = processor(images=[work["warmup"].image], return_tensors="pt")["image_grid_thw"][0].tolist()
+    patch, merge = processor.patch_size, processor.merge_size
+    out = {"screenshot": list(args.screenshot), "resized": [w * patch, h * patch], "patches": t * h * w,
+           "tokens": t * h * w // merge**2}
+    note = ""
+    if args.shape == "glm-4.1v-9b" and tuple(args.screenshot) == (1080, 2400):
+        note = " (expected 1092x2408 = 3,354: " + ("ok)" if (out["resized"], out["tokens"]) == ([1092, 2408], 3354) else "MISMATCH)")
+    print(f"screenshot {args.screenshot[0]}x{args.screenshot[1]} -> {out['resized'][0]}x{out['resized'][1]} = "
+          f"{out['tokens']} image tokens{note}", flush=True)
+    return out
+
+
+def max_model_len(args, tokens: int) -> int:
+    agent = args.text_len + 2 + tokens + args.output_len
+    turn = args.session_turn_len + 2 + args.session_output_len
+    session = args.session_system_len + args.session_steps * turn + 3 + tokens
+    return max(agent, session) + 16

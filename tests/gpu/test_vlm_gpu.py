@@ -29,7 +29,7 @@ def _hf_steps(path: Path, reqs, sp, dtype) -> list[tuple[list[int], list[torch.T
     """Per request: greedy ids and the log-softmax of each step's scores (V,), one request at a time."""
     from transformers import Glm4vForConditionalGeneration
 
-    from bench.vlm import hf_inputs
+    from bench.vlm_hf import hf_inputs
     from pagoda.engine.multimodal.glm4v import load_pil_image_processor
 
     model = Glm4vForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map="cuda").eval()

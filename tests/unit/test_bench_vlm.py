@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from bench import vlm
+from bench import vlm, vlm_hf
 from bench.random_models import make_random_glm4v
 from bench.vlm_workload import AgentRequest, Special, screenshot
 
@@ -52,12 +52,12 @@ def test_transformers_inputs_match_pagoda_and_padding(folder):
     reqs = [AgentRequest(list(range(10, 40)), [41, 42], screenshot(112, 224, 0)),
             AgentRequest(list(range(50, 60)), [61], screenshot(196, 84, 1))]
     ours = make_mm_processor(folder, load_hf_config(folder), MultiModalConfig())
-    batch, _ = vlm.hf_inputs(reqs, processor, sp, merge)
+    batch, _ = vlm_hf.hf_inputs(reqs, processor, sp, merge)
     assert batch["attention_mask"][1].tolist().count(0) > 0  # the second prompt is left-padded
     with torch.inference_mode():
         together = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=0)[:, -5:]
         for i, r in enumerate(reqs):
-            alone, _ = vlm.hf_inputs([r], processor, sp, merge)
+            alone, _ = vlm_hf.hf_inputs([r], processor, sp, merge)
             expanded, _ = ours.process(r.ids(sp), [r.image])
             assert alone["input_ids"][0].tolist() == expanded
             assert alone["mm_token_type_ids"][0].tolist() == [int(t == sp.image) for t in expanded]
