@@ -16,6 +16,14 @@ with that reference, and ``ray.get``s all replies under the step deadline; rank 
 step's output (the others return None). Replies from every rank let a rank's exception surface at
 once instead of as a collective timeout on its peers.
 
+With async scheduling (``submit``/``take_output``) each rank gets ``launch(step)`` instead, as the local
+ranks do (``pagoda.engine.worker.rank``): the rank queues the step behind the one it launched before
+and replies with that one's output, so step n + 1 is on its way to the ranks while the driver takes
+step n's result. The driver keeps the replies in submission order, each marked with whether it
+carries a step's output (a launch with nothing launched before it carries none, but is still waited
+for, so that its errors surface); when no reply in hand carries the oldest step's output, the ranks
+are asked to ``flush``.
+
 Failure detection, all surfacing as ``EngineDeadError`` naming the rank and the cause:
 - a rank actor dies (``ray.kill``, a crash, its node lost): ``RayActorError`` from its reply;
 - a rank raises: its traceback (``RayTaskError``); a peer's death seen through a broken collective
@@ -35,6 +43,7 @@ import contextlib
 import dataclasses
 import re
 import weakref
+from collections import deque
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
@@ -71,6 +80,10 @@ class RayExecutor(Executor):
         self.rank_infos: list[RankInfo] = []
         self._placement: list[RankPlacement] = []  # zero or one; emptied on teardown
         self._dead: str | None = None  # why the group is gone; None while it works
+        # async scheduling: every rank's reply refs in submission order, with whether they carry a step's
+        # output; and whether the ranks hold a launched step whose output no call has asked for yet
+        self._replies: deque[tuple[list, bool]] = deque()
+        self._launched = False
         self._finalizer = weakref.finalize(self, _teardown, self.actors, self._placement)
 
     # ------------------------------------------------------------------ life cycle
@@ -127,6 +140,26 @@ class RayExecutor(Executor):
         step = ray.put(scheduled)  # serialized once; each rank's call carries the reference
         return self._call_all("execute_model", (step,), self.timeouts.step_s)[0]
 
+    def submit(self, scheduled: SchedulerOutput) -> None:
+        """Send the step to every rank; each queues it behind its launched step and replies with that
+        one's output (see the module docstring)."""
+        step = ray.put(scheduled)
+        self._replies.append((self._send_all("launch", (step,)), self._launched))
+        self._launched = True
+
+    def take_output(self) -> ModelRunnerOutput:
+        """The oldest submitted step's output: from the reply of the launch after it, else from a flush."""
+        while True:
+            if not self._replies:
+                if not self._launched:
+                    raise RuntimeError("take_output without a submitted step")
+                self._replies.append((self._send_all("flush", ()), True))
+                self._launched = False
+            refs, carries_output = self._replies.popleft()
+            replies = self._gather(refs, self.timeouts.step_s, "execute_model")
+            if carries_output:
+                return replies[0]
+
     def check_health(self) -> None:
         self._call_all("ping", (), _HEALTH_TIMEOUT_S)
 
@@ -137,9 +170,13 @@ class RayExecutor(Executor):
     # ------------------------------------------------------------------ plumbing
     def _call_all(self, method: str, args: tuple, timeout_s: float) -> list:
         """Run ``method(*args)`` on every rank; the ranks' results in rank order."""
+        return self._gather(self._send_all(method, args), timeout_s, method)
+
+    def _send_all(self, method: str, args: tuple) -> list:
+        """Start ``method(*args)`` on every rank; the replies' refs in rank order."""
         if self._dead is not None:
             raise EngineDeadError(f"tensor-parallel group is down: {self._dead}")
-        return self._gather([actor.call.remote(method, *args) for actor in self.actors], timeout_s, method)
+        return [actor.call.remote(method, *args) for actor in self.actors]
 
     def _gather(self, refs: list, timeout_s: float, what: str) -> list:
         """Every reply (``refs[i]`` is rank i's); raises EngineDeadError on death, error or deadline."""

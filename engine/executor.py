@@ -14,8 +14,8 @@ is registered here; the engine never imports ``cluster/``, whose Ray executor th
 Async scheduling uses ``submit(step)`` then ``take_output()``, which returns the results in
 submission order. The engine keeps at most two steps submitted: it submits step n+1 before
 taking step n, so step n+1 is queued on the device while the host handles step n. The base
-class runs each submitted step to completion (no overlap); the in-process and local multi-process
-executors queue it instead (``ModelRunner.launch``/``finish``).
+class runs each submitted step to completion (no overlap); the in-process, local multi-process and
+Ray executors queue it instead (``ModelRunner.launch``/``finish``).
 """
 
 from __future__ import annotations

@@ -157,6 +157,26 @@ def test_ray_tp2_matches_tp1_and_multiproc_tp2(local_ray, llama, prompts, expect
     llm.engine.shutdown()  # safe twice
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_ray_tp2_steps_through_launch_with_async_scheduling(local_ray, llama, prompts, expected, async_scheduling):
+    """Async scheduling sends each step as a launch (the ranks reply with the step before it; a flush
+    only where the engine drains), synchronous scheduling as execute_model: the same tokens either way."""
+    llm = _llm(llama, 2, "ray", async_scheduling=async_scheduling)
+    executor, sent = llm.engine.executor, []
+    send_all = executor._send_all
+    executor._send_all = lambda method, args: sent.append(method) or send_all(method, args)
+    try:
+        assert _greedy(llm, prompts) == expected
+        assert llm.engine.kv.usage() == 0
+    finally:
+        llm.engine.shutdown()
+    launches, flushes = sent.count("launch"), sent.count("flush")
+    if async_scheduling:
+        assert launches >= MAX_NEW and "execute_model" not in sent and 1 <= flushes < launches / 4
+    else:
+        assert sent.count("execute_model") >= MAX_NEW and launches == flushes == 0
+
+
 # ---------------------------------------------------------------- failures
 
 
