@@ -239,3 +239,26 @@ def test_kv_cache_dtype_is_validated_and_fp8_needs_cuda():
     assert resolve_kv_cache_dtype("auto", torch.float32, torch.device("cpu")) == torch.float32
     with pytest.raises(ValueError, match="kv_cache_dtype 'fp8' needs a CUDA device"):
         resolve_kv_cache_dtype("fp8", torch.float32, torch.device("cpu"))
+
+
+def test_glm4v_quantizes_its_decoder_and_keeps_the_vision_tower(tmp_path):
+    """AutoGLM-Phone-9B's architecture: the GLM decoder's linears (q/k/v biased) go to FP8, the vision
+    tower's stay in the model's dtype, and an image still encodes."""
+    from transformers import Glm4vForConditionalGeneration
+
+    from tests.tiny_models import tiny_glm4v_config
+
+    torch.manual_seed(0)
+    hf = Glm4vForConditionalGeneration(tiny_glm4v_config(512)).eval()
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path, hf.config, torch.float32, "cpu", quantization="fp8")
+    names = [name for name, _ in quantizable_linears(model)]
+    assert names and not any(name.startswith("visual.") for name in names)
+    assert all(layer.weight.dtype == torch.float8_e4m3fn for _, layer in quantizable_linears(model))
+    assert all(p.dtype == torch.float32 for name, p in model.named_parameters() if name.startswith("visual."))
+    assert model.model.layers[0].self_attn.qkv_proj.bias is not None  # the bias is added after the scaled GEMM
+    pixels, grid = model.dummy_image(4)
+    (rows,) = model.encode_images(pixels, [grid])
+    assert rows.shape[-1] == model.spec.hidden_size and torch.isfinite(rows).all()
+    float_logits = _logits(load_model(tmp_path, hf.config, torch.float32, "cpu"), IDS)
+    assert 0 < _relative_error(_logits(model, IDS), float_logits) < 0.2  # a text prompt through the FP8 decoder
