@@ -56,6 +56,11 @@ def _float8(args: dict | None, where: str) -> dict:
 
 def _compressed_tensors(quant: dict) -> Fp8Checkpoint:
     """``quant_method: compressed-tensors`` with FP8 weights and activations in every config group."""
+    if quant.get("kv_cache_scheme"):
+        raise ValueError(
+            "quantization_config.kv_cache_scheme: calibrated KV-cache scales are not supported "
+            "(kv_cache_dtype='fp8' stores keys and values with scale 1)"
+        )
     groups = quant.get("config_groups") or {}
     if not groups:
         raise ValueError("quantization_config.config_groups is empty: nothing says how the weights are stored")

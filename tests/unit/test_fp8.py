@@ -216,6 +216,8 @@ class _Config:
         "weights": {"num_bits": 8, "type": "float", "strategy": "block"},
         "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}},
      "weights.strategy must be 'channel' or 'tensor'"),
+    ({"quant_method": "compressed-tensors", "kv_cache_scheme": {"num_bits": 8, "type": "float"}, "config_groups": {}},
+     "kv_cache_scheme: calibrated KV-cache scales are not supported"),
 ])
 def test_unsupported_quantized_checkpoints_are_named(quant, message):
     with pytest.raises(ValueError, match=message):
