@@ -45,11 +45,13 @@ def test_rotary_matches_pairwise_rotation(neox, rotary_dim):
     positions = torch.tensor([0, 1, 7, 100, 511, 3])
     q, k = torch.randn(6, 4, head_dim), torch.randn(6, 2, head_dim)
     q_out, k_out = rope(positions, q, k)
+    # float32 angles (as HF computes them) against float64: at position 511 an angle is off by up to
+    # ~511 * 1.2e-7 rad, times |x| up to ~4: 2.5e-4 (1e-4 failed 2 runs in 8)
     torch.testing.assert_close(
-        q_out.double(), _rotary_reference(q, positions, rotary_dim, base, neox), atol=1e-4, rtol=0
+        q_out.double(), _rotary_reference(q, positions, rotary_dim, base, neox), atol=5e-4, rtol=0
     )
     torch.testing.assert_close(
-        k_out.double(), _rotary_reference(k, positions, rotary_dim, base, neox), atol=1e-4, rtol=0
+        k_out.double(), _rotary_reference(k, positions, rotary_dim, base, neox), atol=5e-4, rtol=0
     )
     assert torch.equal(q_out[..., rotary_dim:], q[..., rotary_dim:])  # partial rotary: the rest passes through
 
