@@ -245,6 +245,8 @@ def main(argv=None) -> None:
     p.add_argument("--client-procs", type=int, default=4)
     p.add_argument("--api-servers", type=int, nargs="+", default=[1],
                    help="api.num_servers of the server (processes on the same ports); several: one run each")
+    p.add_argument("--event-loops", nargs="+", choices=("auto", "uvloop", "asyncio"), default=["auto"],
+                   help="api.event_loop of the server; several: one run each")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the server's local Ray cluster")
     p.add_argument("--stream-timeout-s", type=float, default=300.0, help="a stream with no end by then is hung")
     p.add_argument("--queue-run", action="store_true",
@@ -264,8 +266,10 @@ def main(argv=None) -> None:
 
     work = Workload(args.prompt_len, args.max_tokens, AutoConfig.from_pretrained(model).vocab_size)
     runs = []
-    for servers in args.api_servers:
+    for servers, loop in [(s, loop) for s in args.api_servers for loop in args.event_loops]:
         tag, api = ("", {}) if servers == 1 else (f"-api{servers}", {"api.num_servers": servers})
+        if loop != "auto":
+            tag, api = f"{tag}-{loop}", {**api, "api.event_loop": loop}
         runs.append(run_server(args, "defaults" + tag, app_config(args, model, api), args.concurrency, work))
         if args.queue_run:
             small = {"engine.max_num_seqs": 4, "engine.max_waiting": 8, "api.max_queued_requests": 8, **api}

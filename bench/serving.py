@@ -13,7 +13,8 @@ Systems, each in its own process so none shares a GIL with another:
 - ``engine``: ``AsyncLLMEngine`` in the load generator's process, the same closed loop as the servers, once per
   ``--engine-cores`` (variant ``thread``: the engine on a thread of that process; ``process``: in its own);
 - ``http`` / ``grpc``: a ``pagoda serve`` subprocess (one application per variant and replica count),
-  streamed by ``--client-procs`` load processes so the client is not the ceiling.
+  streamed by ``--client-procs`` load processes so the client is not the ceiling (over gRPC each takes
+  ``--grpc-channels`` connections in turn: with several API processes one connection reaches one of them).
 
 Per system and concurrency: TTFT, inter-token latency (ITL: gaps between chunks), time per output
 token, end-to-end latency (p50/p90/p99), output tokens/s and chunks per request. A variant is a label
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -154,8 +156,9 @@ def run_engine_phase(spec: dict) -> dict:
 
 
 def _client_proc(protocol: str, target: str, model: str, work: dict, concurrency: int, requests: int, start_at: float,
-                 q) -> None:
-    """One load process: ``concurrency`` closed-loop streams; puts its samples (as dicts) on ``q``."""
+                 channels: int, q) -> None:
+    """One load process: ``concurrency`` closed-loop streams; puts its samples (as dicts) on ``q``. gRPC streams
+    take ``channels`` channels in turn (HTTP opens a connection per stream in flight)."""
 
     async def go():
         work_ = Workload(**work)
@@ -171,15 +174,19 @@ def _client_proc(protocol: str, target: str, model: str, work: dict, concurrency
 
         from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
 
-        async with grpc.aio.insecure_channel(target) as channel:
-            return await closed_loop(grpc_sender(pb_grpc.PagodaStub(channel), model, work_), concurrency, requests)
+        async with contextlib.AsyncExitStack() as stack:  # a pool of channels, one connection each (channels to
+            # one target share a connection unless each keeps its own subchannel pool)
+            opened = [await stack.enter_async_context(grpc.aio.insecure_channel(
+                target, options=[("grpc.use_local_subchannel_pool", 1)])) for _ in range(channels)]
+            stubs = [pb_grpc.PagodaStub(channel) for channel in opened]
+            return await closed_loop(grpc_sender(stubs, model, work_), concurrency, requests)
 
     samples, _ = asyncio.run(go())
     q.put([asdict(s) for s in samples])
 
 
 def load_level(protocol: str, target: str, work: Workload, concurrency: int, requests: int, procs: int,
-               model: str = MODEL_NAME) -> dict:
+               model: str = MODEL_NAME, grpc_channels: int = 1) -> dict:
     """Closed-loop load split over ``procs`` processes started together; one summary row."""
     procs = max(1, min(procs, concurrency))
     ctx = multiprocessing.get_context("spawn")
@@ -187,7 +194,8 @@ def load_level(protocol: str, target: str, work: Workload, concurrency: int, req
     start_at = time.perf_counter() + 3.0  # every process has imported and connected by then
     shares = [concurrency // procs + (k < concurrency % procs) for k in range(procs)]
     per_req = [requests * s // concurrency for s in shares]
-    workers = [ctx.Process(target=_client_proc, args=(protocol, target, model, asdict(work), s, r, start_at, q))
+    workers = [ctx.Process(target=_client_proc, args=(protocol, target, model, asdict(work), s, r, start_at,
+                                                        min(grpc_channels, s), q))
                for s, r in zip(shares, per_req)]
     for w in workers:
         w.start()
@@ -212,7 +220,8 @@ def served_rows(args, engine: dict, work: Workload, variant: Variant, replicas: 
             for c in args.concurrency:
                 tag = f"{variant.label or 'serve'}_{protocol}_c{c}"
                 spy = profile(server, args.out / "serving_profiles", args.py_spy, tag) if args.py_spy and c > 1 else []
-                row = load_level(protocol, target, work, c, requests_for(args, c), args.client_procs if c > 1 else 1)
+                row = load_level(protocol, target, work, c, requests_for(args, c), args.client_procs if c > 1 else 1,
+                                 grpc_channels=args.grpc_channels)
                 for proc in spy:
                     proc.wait()
                 row.update(variant=variant.label, replicas=replicas)
@@ -300,6 +309,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the server's local Ray cluster")
     p.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4)),
                    help="load processes above concurrency 1")
+    p.add_argument("--grpc-channels", type=int, default=1, help="gRPC channels (connections) per load process, "
+                                                                 "taken in turn by its streams")
     p.add_argument("--py-spy", type=int, default=0, help="seconds of py-spy profile of the server and replica "
                                                           "processes at each level above concurrency 1")
     p.add_argument("--http", default=None, help="a running server's OpenAI base URL instead of starting one")
@@ -322,7 +333,7 @@ def main(argv=None) -> None:
             if target:
                 for c in args.concurrency:
                     rows.append(load_level(protocol, target, work, c, requests_for(args, c), args.client_procs,
-                                           args.model))
+                                           args.model, args.grpc_channels))
         engine = {}
     else:
         engine, vocab = model_and_engine(args)
@@ -338,7 +349,8 @@ def main(argv=None) -> None:
     name = args.name or ("serving_" + (args.shape or "cpu"))
     result = {"benchmark": name, "environment": environment(), "rows": rows,
               "config": {"model": args.shape or args.engine_model, "engine": engine, "prompt_len": args.prompt_len,
-                         "max_tokens": args.max_tokens, "variants": args.variant, "client_procs": args.client_procs}}
+                         "max_tokens": args.max_tokens, "variants": args.variant, "client_procs": args.client_procs,
+                         "grpc_channels": args.grpc_channels}}
     table = (f"Served path vs engine ({result['config']['model']}, {args.prompt_len}-token prompts, "
              f"{args.max_tokens} output tokens)\n\n" + markdown_table(rows, COLUMNS))
     write_report(args.out, name, result, table, lambda png: plot(result, png))

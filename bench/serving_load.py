@@ -80,10 +80,12 @@ def http_sender(session, url: str, model: str, work: Workload):
     return send
 
 
-def grpc_sender(stub, model: str, work: Workload):
+def grpc_sender(stubs, model: str, work: Workload):
+    """``stubs``: one per channel; request i goes through ``stubs[i % len(stubs)]``."""
     from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2 as pb
 
     async def send(i: int) -> Sample:
+        stub = stubs[i % len(stubs)]
         request = pb.GenerateRequest(model=model, token_ids=pb.TokenIds(ids=work.prompt(i)), sampling=pb.SamplingParams(
             max_tokens=work.max_tokens, temperature=0.0, ignore_eos=True))
         s = Sample(True, time.perf_counter())

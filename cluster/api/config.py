@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
 
 @dataclass(frozen=True)
 class ApiConfig:
@@ -35,6 +37,9 @@ class ApiConfig:
     # handle is (`pagoda serve`'s process, an ingress replica); the others are Ray actors (replicas) on the
     # same node.
     num_servers: int = 1
+    # The loop both servers (and the Serve handle's calls) run on: "asyncio" (the standard library's),
+    # "uvloop" (libuv: uvicorn's fast configuration), or "auto": uvloop where it is installed.
+    event_loop: str = "asyncio"
     tls_cert_file: str | None = None  # gRPC TLS: the server's PEM certificate chain
     tls_key_file: str | None = None  # gRPC TLS: its PEM private key
     tls_client_ca_file: str | None = None  # gRPC mTLS: clients must present a certificate signed by this CA
@@ -76,6 +81,8 @@ class ApiConfig:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if not 1 <= self.num_servers <= 256:
             raise ValueError(f"num_servers must be in [1, 256], got {self.num_servers}")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

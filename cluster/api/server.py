@@ -21,13 +21,26 @@ from pagoda.cluster.client import PagodaClient
 from pagoda.cluster.config import AppConfig
 
 
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """A loop of ``kind`` (``ApiConfig.event_loop``)."""
+    if kind == "asyncio":
+        return asyncio.new_event_loop()
+    try:
+        import uvloop
+    except ImportError:
+        if kind == "uvloop":
+            raise ValueError("api.event_loop 'uvloop' needs the uvloop package (pip install uvloop)") from None
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class ApiServers:
     def __init__(self, frontend: Frontend, api: ApiConfig) -> None:
         self.frontend = frontend
         self.api = api
         self.http_port: int | None = None
         self.grpc_port: int | None = None
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop(api.event_loop)
         self._thread = threading.Thread(target=self._loop.run_forever, name="pagoda-api", daemon=True)
         self._uvicorn = None
         self._grpc = None

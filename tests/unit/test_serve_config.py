@@ -40,6 +40,7 @@ def test_defaults_without_a_file(monkeypatch):
     ("api: {http_port: 70000}\n", r"api\.http_port must be in \[0, 65535\]"),
     ("api: {max_concurrent_requests: 0}\n", r"api\.max_concurrent_requests must be >= 1"),
     ("api: {num_servers: 0}\n", r"api\.num_servers must be in \[1, 256\]"),
+    ("api: {event_loop: trio}\n", r"api\.event_loop must be one of auto, uvloop, asyncio, got 'trio'"),
     ("api: [1]\n", r"api must be a mapping"),
     ("[1, 2]\n", r"config must be a mapping"),
 ])
@@ -65,3 +66,15 @@ def test_admission_follows_the_deployment_unless_capped():
     assert shared.max_in_flight == 26
     assert Frontend(None, [0] * 10, app, ApiConfig(max_concurrent_requests=7, num_servers=2),
                     max_model_len=64).max_in_flight == 4
+
+
+def test_event_loop_kinds():
+    from pagoda.cluster.api.server import new_event_loop
+
+    uvloop = pytest.importorskip("uvloop")  # ray[serve] installs it (uvicorn[standard])
+    for kind, is_uvloop in (("auto", True), ("uvloop", True), ("asyncio", False)):
+        loop = new_event_loop(kind)
+        try:
+            assert isinstance(loop, uvloop.Loop) == is_uvloop, kind
+        finally:
+            loop.close()
