@@ -4,8 +4,15 @@ Two layouts of the rotated pairs inside a head's first ``rotary_dim`` features:
 - NeoX style (``is_neox_style=True``, Llama/Qwen in HF): feature ``i`` pairs with ``i + rotary_dim/2``.
 - Interleaved / GPT-J style (GLM): feature ``2i`` pairs with ``2i + 1``.
 Pair ``i`` turns by ``position * inv_freq[i]``. Features past ``rotary_dim`` pass through
-(partial rotary). The cos/sin cache is float32, ``(max_position, rotary_dim / 2)``, built as
-``position * inv_freq`` in float32 like HF so the angles match it bit for bit.
+(partial rotary). The cos/sin cache is float32, ``(max_position, rotary_dim)`` (cos of every pair, then
+sin), built as ``position * inv_freq`` in float32 like HF so the angles match it bit for bit.
+
+Off CUDA a layer rotates q and k with a handful of whole-tensor ops: one lookup in a table of each
+position's (cos, -sin, sin) in the model's dtype, then per tensor ``x * cos + swap(x) * (-sin, sin)``.
+Elementwise these are the products and sums of HF's ``rotate_half`` formula (negation is exact), so the
+numbers are identical, at about a third of the ops: on the embedded model (2 CPU cores, bfloat16) a
+layer's rotation of 12 decode tokens takes ~50 us instead of ~95, of a 2048-token prefill chunk ~1.5 ms
+instead of ~5.
 
 M-RoPE (``MRotaryEmbedding``, GLM-4.1V and Qwen2-VL): each token has three positions (temporal,
 height, width) and the rotary_dim / 2 frequencies are split into consecutive sections, one per
@@ -74,29 +81,45 @@ class RotaryEmbedding(nn.Module):
         elif rope_type != "default":
             raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
         freqs = positions[:, None] * inv_freq[None, :]  # (max_position, rotary_dim/2)
-        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
-        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
-        # the Triton kernel's layout: (max_position, rotary_dim) = cat(cos, sin), float32
+        # (max_position, rotary_dim) = cat(cos, sin), float32: the Triton kernel's layout, read by both paths
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+        # the pair axis of a head's rotary features: NeoX pairs are the two halves, GLM's are neighbours
+        self.pair_dim = -2 if is_neox_style else -1
+        self.pair_shape = (2, rotary_dim // 2) if is_neox_style else (rotary_dim // 2, 2)
+        self._pair_tables: dict[torch.dtype, torch.Tensor] = {}  # the torch path's pair_table(cos_sin_cache)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: (T, H, D); cos, sin: (T, 1, rotary_dim/2) in x's dtype
-        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        if self.is_neox_style:
-            x1, x2 = rot.chunk(2, dim=-1)
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        else:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+    def pair_table(self, cos_sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """cos_sin (N, rotary_dim) float32 -> (N, 1, 3, rd/2) NeoX or (N, 1, rd/2, 3) GLM, in ``dtype``: each
+        pair's cos, -sin, sin along the pair axis, ready to broadcast over heads."""
+        cos, sin = cos_sin.to(dtype).chunk(2, dim=-1)  # (N, rd/2) each
+        return torch.stack((cos, -sin, sin), dim=self.pair_dim).unsqueeze(1)
+
+    def _positions_table(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``pair_table`` rows of ``positions`` (T,), from a whole table made once per dtype."""
+        table = self._pair_tables.get(dtype)
+        if table is None or table.device != self.cos_sin_cache.device:
+            table = self._pair_tables[dtype] = self.pair_table(self.cos_sin_cache, dtype)
+        return table.index_select(0, positions)
+
+    def _rotate_qk(self, q: torch.Tensor, k: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (T, Hq, D), k (T, Hkv, D); table: ``pair_table`` rows (T, ...) in q's dtype."""
+        cos, signed_sin = table.split([1, 2], dim=self.pair_dim)  # (T, 1, 1, rd/2), (T, 1, 2, rd/2) for NeoX
+        return self._rotate(q, cos, signed_sin), self._rotate(k, cos, signed_sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """Pair (a, b) of x (T, H, D) becomes (a cos - b sin, b cos + a sin): ``x * cos + swap(x) * (-sin, sin)``."""
+        partial = self.rotary_dim < self.head_dim
+        pairs = (x[..., : self.rotary_dim] if partial else x).unflatten(-1, self.pair_shape)  # (T, H, 2, rd/2) NeoX
+        out = pairs * cos
+        out += pairs.flip(self.pair_dim).mul_(signed_sin)
+        out = out.flatten(-2)  # (T, H, rotary_dim)
+        return torch.cat((out, x[..., self.rotary_dim :]), dim=-1) if partial else out
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,); q (T, Hq, D); k (T, Hkv, D) -> rotated q, k of the same shapes."""
         if q.is_cuda and HAS_TRITON:  # rotates in place, one launch for q and k
             return triton_rotary.apply_rotary(q, k, positions, self.cos_sin_cache, self.is_neox_style)
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # (T, 1, rotary_dim/2)
-        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        return self._rotate_qk(q, k, self._positions_table(positions, q.dtype))
 
 
 class MRotaryEmbedding(RotaryEmbedding):
@@ -137,8 +160,7 @@ class MRotaryEmbedding(RotaryEmbedding):
         if q.is_cuda and HAS_TRITON:  # the kernel reads row positions[t] of its cache: here row t of the table
             token_rows = torch.arange(table.shape[0], device=q.device)
             return triton_rotary.apply_rotary(q, k, token_rows, table, self.is_neox_style)
-        cos, sin = table.unsqueeze(1).to(q.dtype).chunk(2, dim=-1)  # (T, 1, rotary_dim/2) each
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        return self._rotate_qk(q, k, self.pair_table(table, q.dtype))
 
 
 def get_rope(params: dict, head_dim: int, max_position: int, is_neox_style: bool = True) -> RotaryEmbedding:

@@ -75,6 +75,30 @@ def test_rotary_matches_hf_glm_and_llama_layouts():
         torch.testing.assert_close(k_out, hf_k[0].transpose(0, 1), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_of_qkv_views_is_hf_bit_for_bit(dtype):
+    """q and k as the models pass them (views split from one qkv projection) rotate to exactly HF's
+    numbers in the model's dtype (HF casts cos and sin to it first), and the projection is left as it was."""
+    from transformers.models.glm4.modeling_glm4 import apply_rotary_pos_emb as glm_apply
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply
+
+    torch.manual_seed(0)
+    positions = torch.tensor([3, 0, 63, 17, 8])
+    qkv = torch.randn(5, (4 + 2 + 2) * 16, dtype=dtype)
+    q, k, _ = qkv.split([64, 32, 32], dim=-1)
+    q, k = q.view(5, 4, 16), k.view(5, 2, 16)
+    before = qkv.clone()
+    for rotary_dim, neox, apply in [(16, True, llama_apply), (8, False, glm_apply)]:
+        rope = RotaryEmbedding(16, rotary_dim, 64, 10000.0, is_neox_style=neox)
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+        emb = (positions[:, None].float() * inv_freq).repeat(1, 2)[None]  # (1, T, rotary_dim)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        hf_q, hf_k = apply(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+        q_out, k_out = rope(positions, q, k)
+        assert torch.equal(q_out, hf_q[0].transpose(0, 1)) and torch.equal(k_out, hf_k[0].transpose(0, 1))
+    assert torch.equal(qkv, before)
+
+
 def test_llama3_scaling_matches_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
