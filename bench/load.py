@@ -41,6 +41,7 @@ from bench.report import environment, markdown_table, write_report
 from bench.serving import MODEL_NAME, Variant
 from bench.serving_load import Workload, percentiles
 from bench.serving_server import Server
+from pagoda.cluster.api.config import EVENT_LOOPS
 
 SEED_TABLE = {100: (99.8, 12), 1000: (98.7, 45), 5000: (95.2, 120)}  # concurrency -> (success %, latency ms)
 SERVER_FAULTS = ("500", "503", "INTERNAL", "UNAVAILABLE", "UNKNOWN")
@@ -245,8 +246,8 @@ def main(argv=None) -> None:
     p.add_argument("--client-procs", type=int, default=4)
     p.add_argument("--api-servers", type=int, nargs="+", default=[1],
                    help="api.num_servers of the server (processes on the same ports); several: one run each")
-    p.add_argument("--event-loops", nargs="+", choices=("auto", "uvloop", "asyncio"), default=["auto"],
-                   help="api.event_loop of the server; several: one run each")
+    p.add_argument("--event-loops", nargs="+", choices=EVENT_LOOPS, default=[None],
+                   help="api.event_loop of the server (default: the config's default); several: one run each")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the server's local Ray cluster")
     p.add_argument("--stream-timeout-s", type=float, default=300.0, help="a stream with no end by then is hung")
     p.add_argument("--queue-run", action="store_true",
@@ -268,7 +269,7 @@ def main(argv=None) -> None:
     runs = []
     for servers, loop in [(s, loop) for s in args.api_servers for loop in args.event_loops]:
         tag, api = ("", {}) if servers == 1 else (f"-api{servers}", {"api.num_servers": servers})
-        if loop != "auto":
+        if loop is not None:
             tag, api = f"{tag}-{loop}", {**api, "api.event_loop": loop}
         runs.append(run_server(args, "defaults" + tag, app_config(args, model, api), args.concurrency, work))
         if args.queue_run:
