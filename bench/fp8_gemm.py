@@ -3,8 +3,8 @@ step goes, against bf16 in the same run.
 
 Per (M, layer): bf16 ``F.linear``; the per-token activation quantization alone; ``torch._scaled_mm``
 with row-wise scales (cuBLASLt / CUTLASS); pagoda's Triton ``fp8_gemm`` at its best of a few tile
-configs (M <= 64). Times are medians (``triton.testing.do_bench``); GB/s counts the weight bytes,
-the floor of a decode GEMM.
+configs (M <= 64; split-K among them) and at its default config. Times are medians
+(``triton.testing.do_bench``); GB/s counts the weight bytes, the floor of a decode GEMM.
 
     python -m bench.fp8_gemm
 """
@@ -21,7 +21,10 @@ from bench.report import environment, markdown_table, write_report
 
 LAYERS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
 CONFIGS = [(16, 16, 256, 4, 4), (16, 32, 256, 4, 4), (16, 32, 128, 4, 6), (16, 64, 256, 4, 4),
-           (16, 64, 128, 4, 4), (16, 32, 512, 4, 3), (16, 128, 128, 8, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 4)]
+           (16, 64, 128, 4, 4), (16, 32, 512, 4, 3), (16, 128, 128, 8, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 4),
+           # split K: (..., split_k)
+           (16, 32, 256, 4, 4, 2), (16, 32, 256, 4, 4, 4), (16, 32, 256, 4, 4, 8), (16, 64, 256, 4, 4, 2),
+           (16, 64, 256, 4, 4, 4), (16, 32, 128, 4, 4, 4), (16, 16, 256, 4, 4, 2), (16, 32, 512, 4, 3, 2)]
 
 
 def _us(fn) -> float:
@@ -48,7 +51,8 @@ def measure(m: int, layer: str) -> dict:
     if m <= 64:
         timed = {c: _us(lambda c=c: fp8_gemm(qx, q, x_scale, scale, config=c)) for c in CONFIGS if c[0] >= min(m, 16)}
         best = min(timed, key=timed.get)
-        row |= {"triton_us": timed[best], "triton_config": list(best)}
+        row |= {"triton_us": timed[best], "triton_config": list(best),
+                "triton_default_us": _us(lambda: fp8_gemm(qx, q, x_scale, scale))}
     row["fp8_GBps"] = n * k / min(row["scaled_mm_us"], row.get("triton_us", float("inf"))) / 1e3
     row["bf16_GBps"] = 2 * n * k / row["bf16_us"] / 1e3
     return row
@@ -82,6 +86,7 @@ def main() -> None:
     rows = [measure(m, layer) for m in args.m for layer in LAYERS]
     result = {"benchmark": args.name, "environment": environment(), "rows": rows}
     table = markdown_table(rows, ["M", "layer", "bf16_us", "quant_us", "scaled_mm_us", "triton_us", "triton_config",
+                                  "triton_default_us",
                                   "fp8_GBps", "bf16_GBps"])
     write_report(args.out, args.name, result, table, lambda png: plot(rows, png))
 

@@ -119,7 +119,19 @@ def quantize_model_fp8(model: nn.Module) -> int:
     layers = list(quantizable_linears(model))
     for _, layer in layers:
         layer.quantize_fp8()
+    fuse_norm_quantization(model)
     return len(layers)
+
+
+def fuse_norm_quantization(model: nn.Module) -> int:
+    """Let each norm whose one reader is an FP8 layer with per-token scales quantize its output itself
+    (``RMSNorm.fp8_output``); returns how many."""
+    fused = 0
+    for norm, linear in model.norm_fed_linears():
+        if linear.weight_scale is not None and linear.input_scale is None:
+            norm.fp8_output = True
+            fused += 1
+    return fused
 
 
 def expect_fp8_checkpoint(model: nn.Module, checkpoint_names: Iterable[str], fmt: Fp8Checkpoint) -> int:
@@ -139,4 +151,5 @@ def expect_fp8_checkpoint(model: nn.Module, checkpoint_names: Iterable[str], fmt
         raise ValueError(f"the checkpoint's config says {fmt.method} FP8, but no tensor in it is a weight_scale")
     for layer in layers.values():
         layer.expect_fp8_checkpoint(fmt.static_activations)
+    fuse_norm_quantization(model)
     return len(layers)

@@ -3,12 +3,17 @@
 Numerics follow HF transformers (LlamaRMSNorm): the residual sum is rounded to the input dtype,
 normalised in float32, rounded back to the input dtype, then multiplied by the weight. One
 program per row; the whole hidden dim is one tile.
+
+``rms_norm_fp8`` / ``fused_add_rms_norm_fp8`` hand the normed rows on as FP8 for an FP8 linear layer:
+the output as above (in the input dtype), quantized per token in the same program, bit for bit what
+``pagoda.kernels.fp8_quant.per_token_fp8`` makes of it, without a second launch and a second read.
 """
 
 import torch
 
 from pagoda.kernels._triton import next_power_of_2, require_triton, tl, triton
 from pagoda.kernels._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from pagoda.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, MIN_SCALE, round_to_e4m3
 
 MAX_HIDDEN = 65536
 
@@ -20,13 +25,17 @@ def _rms_norm_kernel(
     weight_ptr,  # (H,)
     out_ptr,  # (N, H)
     residual_out_ptr,  # (N, H), x + residual, written when HAS_RESIDUAL
+    scale_ptr,  # (N,) float32 per-token scales, written when FP8_OUT (out_ptr is then float8_e4m3fn)
     stride_x,
     stride_r,
     stride_o,
     stride_ro,
     hidden,
     eps,
+    min_scale,
     HAS_RESIDUAL: tl.constexpr,
+    FP8_OUT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -41,7 +50,15 @@ def _rms_norm_kernel(
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
     normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    y = (normed * w).to(x_ptr.dtype.element_ty)
+    if FP8_OUT:  # per_token_fp8's arithmetic on y (padding lanes are 0: no effect on the max)
+        yf = y.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(yf), axis=0) * (1.0 / FP8_MAX), min_scale)
+        q = round_to_e4m3(tl.clamp(tl.math.div_rn(yf, scale), -FP8_MAX, FP8_MAX))
+        tl.store(out_ptr + row * stride_o + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + row, scale)
+    else:
+        tl.store(out_ptr + row * stride_o + cols, y, mask=mask)
 
 
 def _as_rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -68,7 +85,8 @@ def check_norm_params(weight: torch.Tensor, eps: float, dtype: torch.dtype, hidd
         raise ValueError(f"eps must be > 0, got {eps}")
 
 
-def _launch(x, residual, weight, eps):
+def _launch(x, residual, weight, eps, fp8_out=False):
+    """(out, residual', scale); out in x's dtype, or float8_e4m3fn with float32 scales (N, 1) when ``fp8_out``."""
     require_triton()
     rows = _as_rows("x", x)
     hidden = rows.shape[1]
@@ -82,17 +100,18 @@ def _launch(x, residual, weight, eps):
             raise ValueError(
                 f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
             )
-    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    res_out = torch.empty_like(out) if residual is not None else out
+    out = torch.empty(rows.shape, dtype=FP8_DTYPE if fp8_out else x.dtype, device=x.device)
+    res_out = torch.empty(rows.shape, dtype=x.dtype, device=x.device) if residual is not None else out
+    scale = torch.empty((rows.shape[0], 1), dtype=torch.float32, device=x.device) if fp8_out else out
     block_n = next_power_of_2(hidden)
     if rows.shape[0] > 0:
         _rms_norm_kernel[(rows.shape[0],)](
-            rows, res_rows, weight, out, res_out,
+            rows, res_rows, weight, out, res_out, scale,
             rows.stride(0), res_rows.stride(0), out.stride(0), res_out.stride(0),
-            hidden, eps, HAS_RESIDUAL=residual is not None, BLOCK_N=block_n,
-            num_warps=min(16, max(1, block_n // 512)),
+            hidden, eps, MIN_SCALE, HAS_RESIDUAL=residual is not None, FP8_OUT=fp8_out, FP8_MAX=FP8_MAX,
+            BLOCK_N=block_n, num_warps=min(16, max(1, block_n // 512)),
         )  # fmt: skip
-    return out.view(x.shape), res_out.view(x.shape)
+    return out.view(x.shape), res_out.view(x.shape), scale
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -104,7 +123,28 @@ def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """residual' = x + residual; returns (rms_norm(residual'), residual'), both new tensors."""
-    return _launch(x, residual, weight, eps)
+    return _launch(x, residual, weight, eps)[:2]
+
+
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, H) -> ``per_token_fp8(rms_norm(x))``: (float8_e4m3fn (N, H), float32 scales (N, 1))."""
+    out, _, scale = _launch(_rows_only(x), None, weight, eps, fp8_out=True)
+    return out, scale
+
+
+def fused_add_rms_norm_fp8(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, residual (N, H) -> (q, scales, residual') with (q, scales) = ``per_token_fp8(norm)`` of
+    ``(norm, residual') = fused_add_rms_norm(x, residual)``."""
+    out, res_out, scale = _launch(_rows_only(x), residual, weight, eps, fp8_out=True)
+    return out, scale, res_out
+
+
+def _rows_only(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"x must be (tokens, hidden) for an FP8 output, got shape {tuple(x.shape)}")
+    return x
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

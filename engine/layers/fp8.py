@@ -7,19 +7,40 @@ Invariants:
 - Activations: per token at run time (``s_x = max|x_row| / 448``), or one static scale from the
   checkpoint (``input_scale``, the largest of a fused layer's parts).
 - The GEMM is ``torch._scaled_mm`` with row-wise scales (CUTLASS / cuBLASLt on Hopper and Ada; torch's
-  own kernel on CPU, for tests), the output in the activations' dtype; a bias is added after it.
-  (``kernels/fp8_gemm.py``, a Triton GEMM for decode-sized M, is faster in isolation at M <= 16 on the
-  8B shape, ``bench/results/fp8_gemm_h100.md``; it is not used here until measured in the engine.)
+  own kernel on CPU, for tests), the output in the activations' dtype; a bias is added after it. A
+  decode-sized batch on the GPU (at most ``SMALL_M`` rows) takes ``kernels/fp8_gemm.py`` instead, a
+  Triton GEMM that splits long K over more programs (``bench/results/fp8_gemm_h100.md``: faster than
+  ``_scaled_mm`` there on every 8B layer). Both take the same FP8 operands and scales.
 - The LM head, the embedding and a vision tower stay in the model's dtype.
+- An RMSNorm whose only reader is an FP8 layer with per-token scales hands it ``Fp8Rows``, quantized
+  in the norm's own kernel (``RMSNorm.fp8_output``): the same codes and scales, one launch fewer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from pagoda.kernels.fp8_gemm import fp8_gemm
 from pagoda.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, MIN_SCALE, per_token_fp8, per_token_fp8_ref
 
 MIN_CAPABILITY = (8, 9)  # Ada and Hopper have FP8 tensor cores
+SMALL_M = 16  # rows up to which the Triton GEMM reads the weight faster than _scaled_mm
+
+
+@dataclass(frozen=True)
+class Fp8Rows:
+    """Activations already quantized for an FP8 layer: codes (T, K) float8_e4m3fn, scales (T, 1) float32
+    (per token), and ``dtype``, the activations' own dtype, which the layer's output takes."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
 
 
 def check_fp8_support(device: torch.device, dtype: torch.dtype) -> None:
@@ -53,20 +74,28 @@ def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None) -> t
 
 
 def fp8_linear(
-    x: torch.Tensor,
+    x: torch.Tensor | Fp8Rows,
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x (..., in) -> (..., out) in x's dtype, through an FP8 weight (out, in) with row scales (out,)."""
-    rows = x.reshape(-1, x.shape[-1])
-    q, x_scale = quantize_activations(rows, input_scale)
-    # weight.t() is (in, out) column-major: the layout _scaled_mm wants for its second operand
-    out = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=x.dtype)
+    """x (..., in) -> (..., out) in x's dtype, through an FP8 weight (out, in) with row scales (out,).
+    ``x`` may come quantized already (``Fp8Rows``, per-token scales; not with a static ``input_scale``)."""
+    if isinstance(x, Fp8Rows):
+        if input_scale is not None:
+            raise ValueError("a layer with a static input_scale takes float activations, not per-token Fp8Rows")
+        q, x_scale, dtype, lead = x.q, x.scale, x.dtype, x.q.shape[:-1]
+    else:
+        q, x_scale = quantize_activations(x.reshape(-1, x.shape[-1]), input_scale)
+        dtype, lead = x.dtype, x.shape[:-1]
+    if q.is_cuda and q.shape[0] <= SMALL_M:
+        out = fp8_gemm(q, weight, x_scale, weight_scale, out_dtype=dtype)
+    else:  # weight.t() is (in, out) column-major: the layout _scaled_mm wants for its second operand
+        out = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=dtype)
     if bias is not None:
         out = out + bias
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return out.view(*lead, out.shape[-1])
 
 
 def dequantize(weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

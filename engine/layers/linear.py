@@ -30,7 +30,7 @@ from torch import nn
 
 from pagoda.engine.distributed import SINGLE_RANK, TPGroup
 from pagoda.engine.layers.cpu_gemm import pack_weight, packed_linear
-from pagoda.engine.layers.fp8 import FP8_DTYPE, fp8_linear, quantize_rows
+from pagoda.engine.layers.fp8 import FP8_DTYPE, Fp8Rows, fp8_linear, quantize_rows
 
 
 def divide(total: int, parts: int, what: str) -> int:
@@ -150,6 +150,9 @@ class LinearBase(nn.Module):
         """``x @ W.T + bias`` on this rank's weight: FP8, packed or plain."""
         if self.weight_scale is not None:
             return fp8_linear(x, self.weight, self.weight_scale, bias, self.input_scale)
+        if isinstance(x, Fp8Rows):
+            raise TypeError("FP8 activations reached a layer with a float weight (an RMSNorm's fp8_output "
+                            "set for a reader that is not an FP8 layer)")
         if self.packed_weight is not None:
             return packed_linear(x, self.packed_weight, bias)
         return F.linear(x, self.weight, bias)

@@ -94,6 +94,12 @@ class CausalLM(nn.Module, abc.ABC):
         """An HF checkpoint tensor name -> (the parameter that loads it, its shard id or None), as
         ``load_weights`` routes it (FP8 checkpoints are read ahead with it)."""
 
+    def norm_fed_linears(self) -> Iterable[tuple[nn.Module, nn.Module]]:
+        """(RMSNorm, linear layer) pairs in which the linear layer is the only reader of the norm's
+        output: under FP8 such a norm can hand its reader quantized rows (``RMSNorm.fp8_output``).
+        None unless a model names them."""
+        return ()
+
 
 class SupportsImages(abc.ABC):
     """A ``CausalLM`` whose prompts may hold images: each image is ``num_tokens`` copies of

@@ -230,6 +230,12 @@ class LlamaForCausalLM(CausalLM):
         """See ``CausalLM.parameter_for``: HF names through ``packed_modules_mapping``."""
         return _route(self, checkpoint_name)
 
+    def norm_fed_linears(self) -> Iterable[tuple[nn.Module, nn.Module]]:
+        """See ``CausalLM.norm_fed_linears``: each layer's two pre-norms (GLM's layers too)."""
+        for layer in self.model.layers:
+            yield layer.input_layernorm, layer.self_attn.qkv_proj
+            yield layer.post_attention_layernorm, layer.mlp.gate_up_proj
+
 
 def _route(model: nn.Module, name: str) -> tuple[str, object]:
     """HF checkpoint name -> (our parameter name, shard id or None)."""

@@ -13,8 +13,11 @@ CASES = [  # (M, N, K, config); the CPU interpreter runs small tiles
     pytest.param(1, 48, 64, (16, 32, 64, 4, 1), id="decode-row-partial-tile"),
     pytest.param(5, 100, 300, (16, 32, 128, 4, 1), id="ragged-k"),
     pytest.param(17, 64, 256, (16, 16, 128, 4, 1), id="two-row-tiles"),
+    pytest.param(3, 32, 400, (16, 32, 64, 4, 1, 3), id="split-k-ragged"),  # 7 blocks of K in slices of 3, 3, 1
+    pytest.param(2, 16, 64, (16, 16, 64, 4, 1, 4), id="split-k-more-slices-than-blocks"),
     gpu_param(1, 6144, 4096, None, id="gpu-qkv-batch1"),
     gpu_param(16, 28672, 4096, None, id="gpu-gate-up-batch16"),
+    gpu_param(1, 4096, 14336, None, id="gpu-down-batch1-split-k"),
     gpu_param(64, 4096, 14336, None, id="gpu-down-batch64"),
 ]
 
@@ -43,4 +46,5 @@ def test_rejects_mismatched_operands():
     with pytest.raises(ValueError, match="a has dtype torch.bfloat16"):
         fp8_gemm(torch.ones(2, 64, dtype=torch.bfloat16, device=DEVICE), b.to(DEVICE), a_scale.to(DEVICE),
                  torch.ones(32, device=DEVICE))
-    assert default_config(1)[0] == 16 and default_config(64)[0] == 32
+    assert default_config(1, 4096, 4096)[0] == 16 and default_config(64, 4096, 4096)[0] == 32
+    assert default_config(1, 4096, 14336)[-1] > 1 == default_config(1, 6144, 4096)[-1]  # down splits K

@@ -68,3 +68,40 @@ def test_rejects_bad_arguments_naming_them():
         fused_add_rms_norm(x, residual[:2], weight)
     with pytest.raises(ValueError, match=r"^eps\b"):
         rms_norm(x, weight, eps=0.0)
+
+
+FP8_CASES = [
+    pytest.param((5, 64), torch.float32, id="fp32"),
+    pytest.param((3, 96), torch.bfloat16, id="bf16-hidden96"),
+    gpu_param((16, 4096), torch.bfloat16, id="gpu-llama8b"),
+]
+
+
+@pytest.mark.parametrize("shape, dtype", FP8_CASES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fp8_output_is_the_per_token_quantization_of_the_norm(shape, dtype, with_residual):
+    """Bit for bit: the codes and scales per_token_fp8 makes of the plain kernel's output."""
+    from pagoda.kernels.fp8_quant import per_token_fp8_ref
+    from pagoda.kernels.rmsnorm import fused_add_rms_norm_fp8, rms_norm_fp8
+
+    x, residual, weight = _inputs(shape, dtype, seed=3)
+    x[0] *= 40  # rows of very different ranges get their own scales
+    if with_residual:
+        q, scale, new_residual = fused_add_rms_norm_fp8(x, residual, weight)
+        normed, expected_residual = fused_add_rms_norm(x, residual, weight)
+        assert torch.equal(new_residual, expected_residual)
+    else:
+        q, scale = rms_norm_fp8(x, weight)
+        normed = rms_norm(x, weight)
+    expected_q, expected_scale = per_token_fp8_ref(normed)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (shape[0], 1)
+    assert torch.equal(scale, expected_scale)
+    assert torch.equal(q.view(torch.uint8), expected_q.view(torch.uint8))
+
+
+def test_fp8_output_needs_token_rows():
+    from pagoda.kernels.rmsnorm import rms_norm_fp8
+
+    x, _, weight = _inputs((2, 3, 16), torch.float32)
+    with pytest.raises(ValueError, match="x must be \\(tokens, hidden\\)"):
+        rms_norm_fp8(x, weight)

@@ -169,6 +169,19 @@ def test_quantization_fp8_quantizes_every_decoder_linear(float_checkpoint):
     assert 0 < _relative_error(logits, reference) < 0.2
 
 
+def test_pre_norms_quantize_for_their_fp8_reader_with_the_same_logits(float_checkpoint):
+    """Each layer's two pre-norms hand their FP8 reader quantized rows; turned off, the layers quantize
+    the same rows themselves: identical logits."""
+    path, config = float_checkpoint
+    model = load_model(path, config, torch.float32, "cpu", quantization="fp8")
+    norms = [norm for norm, _ in model.norm_fed_linears()]
+    assert len(norms) == 2 * 2 and all(norm.fp8_output for norm in norms)
+    fused = _logits(model, IDS)
+    for norm in norms:
+        norm.fp8_output = False
+    assert torch.equal(fused, _logits(model, IDS))
+
+
 def test_per_channel_checkpoint_loads_the_weights_online_quantization_makes(float_checkpoint, tmp_path):
     path, config = float_checkpoint
     fp8_path = _write_fp8_checkpoint(path, tmp_path / "fp8", "compressed-tensors", static=False)
@@ -181,6 +194,7 @@ def test_per_channel_checkpoint_loads_the_weights_online_quantization_makes(floa
     for (name, a), (_, b) in zip(quantizable_linears(loaded), quantizable_linears(online), strict=True):
         assert torch.equal(a.weight.view(torch.uint8), b.weight.view(torch.uint8)), name
         assert torch.equal(a.weight_scale, b.weight_scale), name
+    assert all(norm.fp8_output for norm, _ in loaded.norm_fed_linears())
     assert torch.equal(_logits(loaded, IDS), _logits(online, IDS))
 
 
@@ -193,6 +207,7 @@ def test_static_activation_checkpoint_runs_with_its_input_scales(float_checkpoin
     model = load_model(fp8_path, AutoConfig.from_pretrained(fp8_path), torch.float32, "cpu")
     layer = model.model.layers[0].self_attn.qkv_proj
     assert layer.input_scale.item() == pytest.approx(0.05)
+    assert not any(norm.fp8_output for norm, _ in model.norm_fed_linears())  # static scales: the layers quantize
     if method == "fp8":  # per-tensor scales: q, k and v rows each carry their own tensor's scale
         assert len(set(layer.weight_scale.tolist())) == 3
     reference = _logits(load_model(path, config, torch.float32, "cpu"), IDS)
