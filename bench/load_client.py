@@ -29,6 +29,9 @@ class Outcome:
     code: str = ""  # HTTP status or gRPC code of a refusal or failure
     error: str = ""
     retry_after: str | None = None  # a refusal's Retry-After
+    # HTTP, in a session from ``http_session``: seconds from start until the request's headers were written to
+    # the connection (the load process's own queueing and connecting before the server could see it)
+    sent_s: float | None = None
 
 
 # ---- senders --------------------------------------------------------------------------------------------
@@ -41,12 +44,12 @@ async def http_once(session, url: str, work: Workload, i: int, timeout_s: float)
     out = Outcome("failed", start)
     try:
         async with asyncio.timeout(timeout_s):
-            async with session.post(url + "/v1/completions", json=body) as r:
+            async with session.post(url + "/v1/completions", json=body, trace_request_ctx=out) as r:
                 if r.status != 200:
                     text = (await r.text())[:2000]
                     kind = "refused" if r.status == REFUSED_HTTP else "failed"
                     return Outcome(kind, start, None, time.perf_counter() - start, str(r.status), text,
-                                   r.headers.get("Retry-After"))
+                                   r.headers.get("Retry-After"), out.sent_s)
                 tokens, done = 0, False
                 async for line in r.content:
                     if line.startswith(b"data: [DONE]"):
@@ -98,6 +101,21 @@ async def grpc_once(stub, pb, work: Workload, i: int, timeout_s: float) -> Outco
     return out
 
 
+async def _headers_sent(session, trace, params) -> None:
+    out = trace.trace_request_ctx
+    if isinstance(out, Outcome) and out.sent_s is None:
+        out.sent_s = time.perf_counter() - out.start
+
+
+def http_session(**kwargs):
+    """An aiohttp session whose ``http_once`` outcomes carry ``sent_s``."""
+    import aiohttp
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(_headers_sent)
+    return aiohttp.ClientSession(trace_configs=[trace], **kwargs)
+
+
 def _client_proc(protocol: str, target: str, work: dict, indices: list[int], ready, go, timeout_s: float,
                  q) -> None:
     """One load process: says so on ``ready`` once it has imported and connected, then starts all of
@@ -113,8 +131,8 @@ def _client_proc(protocol: str, target: str, work: dict, indices: list[int], rea
         if protocol == "http":
             import aiohttp
 
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                             timeout=aiohttp.ClientTimeout(total=None)) as session:
+            async with http_session(connector=aiohttp.TCPConnector(limit=0),
+                                    timeout=aiohttp.ClientTimeout(total=None)) as session:
                 if not await go_when_all_are_ready():
                     return []
                 return await asyncio.gather(*(http_once(session, target, work_, i, timeout_s) for i in indices))
