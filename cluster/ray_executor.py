@@ -140,6 +140,10 @@ class RayExecutor(Executor):
         step = ray.put(scheduled)  # serialized once; each rank's call carries the reference
         return self._call_all("execute_model", (step,), self.timeouts.step_s)[0]
 
+    @property
+    def overlaps_host(self) -> bool:
+        return True  # the ranks compute in their own actors
+
     def submit(self, scheduled: SchedulerOutput) -> None:
         """Send the step to every rank; each queues it behind its launched step and replies with that
         one's output (see the module docstring)."""

@@ -113,7 +113,11 @@ class SchedulerConfig:
     # the next step's inputs) overlaps the device's; a decode takes its pending token on the device.
     # A request that stops at step n has also run in step n+1 (that token is dropped). On 2 x H100
     # (random Llama-3.1-8B, bench/results/tp_*): batch-1 decode 5-9% faster at TP 1 and 2.
-    async_scheduling: bool = True
+    # None: on where a submitted step runs apart from the engine's thread (a CUDA device's queue, TP ranks
+    # in processes or actors of their own: ``Executor.overlaps_host``), off for a single CPU rank, whose
+    # forward runs when it is submitted: there step n's tokens would wait for step n+1's whole forward
+    # (embedded model, one 256-token prompt: first token 112 ms without, 158 ms with; throughput alike).
+    async_scheduling: bool | None = None
     # Streams (delta and cumulative outputs) get an output every this many steps per request; the first
     # token and the end always go at once. 1 streams every token (a stream that falls behind still gets
     # what queued in one item: async_engine.py); k > 1 sends about 1/k of the messages, each chunk then

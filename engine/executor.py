@@ -49,6 +49,12 @@ class Executor(abc.ABC):
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every rank; rank 0's sampled tokens come back."""
 
+    @property
+    def overlaps_host(self) -> bool:
+        """Whether a submitted step runs while the engine's thread goes on (what async scheduling needs to
+        gain anything). Here: no, ``submit`` runs the step."""
+        return False
+
     def submit(self, scheduled: SchedulerOutput) -> None:
         """Start a step; its result comes from a later ``take_output``. Here: run it now."""
         self._done.append(self.execute_model(scheduled))
@@ -82,6 +88,10 @@ class UniProcExecutor(Executor):
 
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduled)
+
+    @property
+    def overlaps_host(self) -> bool:
+        return self.worker.device.type == "cuda"  # a CPU forward runs when it is launched
 
     def submit(self, scheduled: SchedulerOutput) -> None:
         self._launched.append(self.worker.launch(scheduled))  # queued on the device, not waited for

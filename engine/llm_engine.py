@@ -10,7 +10,9 @@ way: a request added without an output kind never shows up in ``step``'s outputs
 
 With ``async_scheduling`` a step keeps one step in flight: it schedules and submits step n+1,
 then takes step n's result (which the ranks send once step n+1 is queued behind it on the
-device), so everything the host does between two forwards overlaps the device's work.
+device), so everything the host does between two forwards overlaps the device's work. Left at
+None it is on where the executor's steps run apart from the engine's thread (``overlaps_host``):
+a CUDA device or TP ranks, not a single CPU rank.
 
 The engine is synchronous and single-threaded; ``AsyncLLMEngine`` drives it from one thread and
 ``LLM`` drives it in a loop. Values resolved at start-up (context length, KV block count) live in
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from pagoda.engine.config import EngineConfig, resolve_max_model_len
 from pagoda.engine.core_output import CoreOutput
 from pagoda.engine.errors import EngineDeadError, QueueFullError
-from pagoda.engine.executor import make_executor
+from pagoda.engine.executor import Executor, make_executor
 from pagoda.engine.input_processor import InputProcessor, PreparedRequest, PromptType
 from pagoda.engine.kv_cache.manager import KVCacheManager
 from pagoda.engine.loader import ResolvedModel, open_model
@@ -62,6 +64,7 @@ class LLMEngine:
         self.max_model_len = self.config.model.max_model_len
         self.eos_token_id = self.model.eos_token_ids[0] if self.model.eos_token_ids else None
         self.executor = make_executor(self.config, self.model)
+        self.config = _resolve_async_scheduling(self.config, self.executor)
         self._dead: EngineDeadError | None = None  # set when the executor failed; every later step re-raises it
         try:
             self.num_blocks = self.executor.initialize()
@@ -231,6 +234,14 @@ def make_input_processor(config: EngineConfig, model: ResolvedModel, tokenizer) 
 def resolve_config(config: EngineConfig, hf_config) -> EngineConfig:
     resolved = dataclasses.replace(config.model, max_model_len=resolve_max_model_len(config.model, hf_config))
     return dataclasses.replace(config, model=resolved)
+
+
+def _resolve_async_scheduling(config: EngineConfig, executor: Executor) -> EngineConfig:
+    """``async_scheduling=None`` decided: on where the executor's steps run apart from this thread."""
+    if config.scheduler.async_scheduling is not None:
+        return config
+    scheduler = dataclasses.replace(config.scheduler, async_scheduling=executor.overlaps_host)
+    return dataclasses.replace(config, scheduler=scheduler)
 
 
 def _check_capacity(config: EngineConfig, num_blocks: int) -> None:

@@ -134,6 +134,10 @@ class MultiprocExecutor(Executor):
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         return self._call_all("execute_model", (scheduled,), self.step_timeout_s)[0]
 
+    @property
+    def overlaps_host(self) -> bool:
+        return True  # the ranks compute in their own processes
+
     def submit(self, scheduled: SchedulerOutput) -> None:
         """Send the step; each rank queues it behind its previous step, then replies with that one's output."""
         self._send_all("launch", (scheduled,))

@@ -4,7 +4,8 @@ exactly the tokens of synchronous steps, and leaks nothing.
 Mixed batches on purpose: plain greedy requests (whose ids stay on the device between steps),
 sampled ones with a seed, penalties and logprobs (which make the runner finish the previous step
 first), n > 1, stop strings, EOS, chunked prefill, preemption, aborts. TP=1 runs the embedded
-model in-process; TP=2 runs a tiny Llama on two gloo ranks.
+model in-process; TP=2 runs a tiny Llama on two gloo ranks. Left at its default, async scheduling is on
+only where steps run apart from the engine's thread (TP ranks, a CUDA device), not on one CPU rank.
 """
 
 from __future__ import annotations
@@ -84,6 +85,18 @@ def test_async_step_returns_tokens_one_step_late_and_aborts_cleanly(embedded_pat
     _check_clean(engine)
 
 
+def test_default_is_synchronous_on_one_cpu_rank(embedded_path):
+    """A CPU forward runs when it is submitted, so async scheduling would only hold each step's tokens back
+    by one forward: left at None it is off on one CPU rank, and the prefill's own step hands on the first token."""
+    engine = LLMEngine.from_kwargs(model=str(embedded_path))
+    assert engine.config.scheduler.async_scheduling is False and not engine.executor.overlaps_host
+    engine.add_request("a", {"prompt_token_ids": [100, 200, 300]}, SamplingParams(temperature=0.0, max_tokens=5))
+    assert [(o.request_id, len(o.new_token_ids)) for o in engine.step_core()] == [("a", 1)]
+    while engine.has_unfinished_requests():
+        engine.step_core()
+    _check_clean(engine)
+
+
 def test_tp2_async_scheduling_matches_sync(tiny_models):
     from transformers import AutoConfig
 
@@ -92,8 +105,9 @@ def test_tp2_async_scheduling_matches_sync(tiny_models):
     kwargs = dict(model=str(path), device="cpu", dtype="float32", max_num_seqs=4, num_blocks=14, block_size=8,
                   max_num_batched_tokens=32, max_model_len=104)
     reference = _generate(LLM(**kwargs), prompts)
-    llm = LLM(tensor_parallel_size=2, async_scheduling=True, **kwargs)
+    llm = LLM(tensor_parallel_size=2, **kwargs)  # the ranks compute in their own processes: async by default
     try:
+        assert llm.engine.config.scheduler.async_scheduling is True
         assert _generate(llm, prompts) == reference
         assert llm.engine.scheduler.num_preemptions > 0
         _check_clean(llm.engine)
