@@ -35,6 +35,15 @@ def round_to_e4m3(v):
 
 
 @triton.jit
+def quantize_row(x, min_scale, FP8_MAX: tl.constexpr):
+    """One row x (fp32, padding lanes 0) -> (codes on the E4M3 grid, still fp32; its scale). The scale as
+    torch computes it (times the float32 reciprocal); the division rounded as torch's is (Triton's default
+    fp32 division on the GPU is approximate)."""
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) * (1.0 / FP8_MAX), min_scale)
+    return round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)), scale
+
+
+@triton.jit
 def _per_token_fp8_kernel(
     x_ptr,  # (N, K)
     q_ptr,  # (N, K) float8_e4m3fn
@@ -50,10 +59,7 @@ def _per_token_fp8_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    # the scale as torch computes it (times the float32 reciprocal); the division rounded as torch's is
-    # (Triton's default fp32 division on the GPU is approximate)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) * (1.0 / FP8_MAX), min_scale)
-    q = round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX))
+    q, scale = quantize_row(x, min_scale, FP8_MAX)
     tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
 

@@ -13,7 +13,7 @@ import torch
 
 from pagoda.kernels._triton import next_power_of_2, require_triton, tl, triton
 from pagoda.kernels._validate import FLOAT_DTYPES, check_same_device, check_tensor
-from pagoda.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, MIN_SCALE, round_to_e4m3
+from pagoda.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, MIN_SCALE, quantize_row
 
 MAX_HIDDEN = 65536
 
@@ -52,9 +52,7 @@ def _rms_norm_kernel(
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = (normed * w).to(x_ptr.dtype.element_ty)
     if FP8_OUT:  # per_token_fp8's arithmetic on y (padding lanes are 0: no effect on the max)
-        yf = y.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(yf), axis=0) * (1.0 / FP8_MAX), min_scale)
-        q = round_to_e4m3(tl.clamp(tl.math.div_rn(yf, scale), -FP8_MAX, FP8_MAX))
+        q, scale = quantize_row(y.to(tl.float32), min_scale, FP8_MAX)
         tl.store(out_ptr + row * stride_o + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
     else:

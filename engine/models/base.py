@@ -97,7 +97,7 @@ class CausalLM(nn.Module, abc.ABC):
     def norm_fed_linears(self) -> Iterable[tuple[nn.Module, nn.Module]]:
         """(RMSNorm, linear layer) pairs in which the linear layer is the only reader of the norm's
         output: under FP8 such a norm can hand its reader quantized rows (``RMSNorm.fp8_output``).
-        None unless a model names them."""
+        Empty unless a model names them."""
         return ()
 
 
