@@ -49,7 +49,7 @@ class ApiServers:
     def start(cls, handle, app: AppConfig, api: ApiConfig | None = None, tokenizer=None) -> ApiServers:
         """Build the frontend over ``handle`` and start the servers; returns once both listen."""
         api = api or ApiConfig()
-        frontend = build_frontend(PagodaClient(handle, tokenizer), app, api, tokenizer)
+        frontend = build_frontend(PagodaClient(handle, tokenizer, transport=api.replica_transport), app, api, tokenizer)
         frontend.client.tokenizer = frontend.tokenizer  # tokenize locally, never on a replica
         return cls.from_frontend(frontend, api)
 

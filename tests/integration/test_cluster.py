@@ -101,13 +101,42 @@ def test_64_concurrent_streams_match_offline_greedy(cluster, embedded_llm):
     print(f"64 streams in {elapsed:.1f}s, per replica {dict(per_replica)}")
 
 
-def test_leaving_a_stream_aborts_it_on_the_replica(cluster):
-    _, handle, client = cluster
+@pytest.mark.parametrize("transport", ["grpc", "ray"])
+def test_both_transports_stream_the_same_greedy_tokens_and_errors(cluster, embedded_llm, transport):
+    """Serve's gRPC transport (the default) and a Ray actor task carry the same stream: tokens, the
+    prompt ids of the first chunk, and the engine's ValueError for a bad request."""
+    _, handle, default = cluster
+    client = PagodaClient(handle, default.tokenizer, transport=transport)
+    prompt = "The three primary colours are"
+    want = embedded_llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+
+    async def main():
+        chunks = [c async for c in client.generate(prompt, GREEDY, request_id=f"transport-{transport}")]
+        with pytest.raises(ValueError, match="max_tokens"):
+            await client.complete([1, 2, 3], SamplingParams(max_tokens=10_000))
+        return chunks
+
+    chunks = run(main())
+    assert [t for c in chunks for t in c.output.outputs[0].token_ids] == want.token_ids
+    assert chunks[0].output.prompt_token_ids == default.tokenizer(prompt).input_ids
+    assert chunks[-1].output.finished
+
+
+def test_transport_must_be_known():
+    with pytest.raises(ValueError, match="transport must be one of grpc, ray"):
+        PagodaClient(None, transport="http")
+
+
+@pytest.mark.parametrize("transport", ["grpc", "ray"])
+def test_leaving_a_stream_aborts_it_on_the_replica(cluster, transport):
+    _, handle, default = cluster
+    client = PagodaClient(handle, default.tokenizer, transport=transport)
     params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
 
     async def main():
         seen, replica = 0, None
-        async for chunk in client.generate("Write a very long essay about the sea.", params, request_id="walk-away"):
+        async for chunk in client.generate("Write a very long essay about the sea.", params,
+                                           request_id=f"walk-away-{transport}"):
             seen, replica = seen + 1, chunk.replica
             if seen == 3:
                 break

@@ -19,3 +19,10 @@ def test_served_model_name_is_normalised_to_a_tuple(given, kept):
 def test_bad_served_model_names_name_the_field(bad):
     with pytest.raises(ValueError, match="served_model_name"):
         ApiConfig(served_model_name=bad)
+
+
+def test_replica_transport_defaults_to_grpc_and_rejects_others_by_name():
+    assert ApiConfig().replica_transport == "grpc"
+    assert ApiConfig(replica_transport="ray").replica_transport == "ray"
+    with pytest.raises(ValueError, match="api.replica_transport must be one of grpc, ray, got 'tcp'"):
+        ApiConfig.from_dict({"replica_transport": "tcp"})
