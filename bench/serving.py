@@ -127,7 +127,8 @@ def run_engine_phase(spec: dict) -> dict:
         n = spec["requests"][max(spec["concurrency"])]
         prompts = [{"prompt_token_ids": work.prompt(i)} for i in range(n)]
         params = SamplingParams(max_tokens=work.max_tokens, temperature=0.0, ignore_eos=True)
-        llm.generate(prompts[: min(8, n)], params, use_tqdm=False)  # warm-up (graphs, allocator)
+        warm = [{"prompt_token_ids": work.prompt(n + i)} for i in range(min(8, n))]  # not the timed prompts
+        llm.generate(warm, params, use_tqdm=False)  # warm-up (graphs, allocator)
         start = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
@@ -143,10 +144,12 @@ def run_engine_phase(spec: dict) -> dict:
         engine = AsyncLLMEngine(EngineConfig.from_kwargs(**spec["engine"]), core=spec["core"])
 
         async def levels():
-            send = engine_sender(engine, work)
-            await closed_loop(send, 1, 2)
+            await closed_loop(engine_sender(engine, work), 1, 2)  # warm-up: prompts 0 and 1
+            first = 2
             for c in spec["concurrency"]:
-                samples, wall = await closed_loop(send, c, spec["requests"][c])
+                n = spec["requests"][c]
+                samples, wall = await closed_loop(engine_sender(engine, work.starting_at(first)), c, n)
+                first += n
                 rows.append({**summarize("engine", c, samples, wall), "variant": spec["core"]})
                 print(json.dumps(_short(rows[-1])), flush=True)
 
@@ -185,18 +188,25 @@ def _client_proc(protocol: str, target: str, model: str, work: dict, concurrency
     q.put([asdict(s) for s in samples])
 
 
+def process_shares(concurrency: int, requests: int, procs: int, first: int) -> list[tuple[int, int, int]]:
+    """(streams, requests, first prompt) of each of ``procs`` load processes (at most one per stream): the
+    streams and requests split evenly, the prompts in consecutive ranges from ``first``."""
+    procs = max(1, min(procs, concurrency))
+    streams = [concurrency // procs + (k < concurrency % procs) for k in range(procs)]
+    sent = [requests * s // concurrency for s in streams]
+    return [(s, r, first + sum(sent[:k])) for k, (s, r) in enumerate(zip(streams, sent))]
+
+
 def load_level(protocol: str, target: str, work: Workload, concurrency: int, requests: int, procs: int,
                model: str = MODEL_NAME, grpc_channels: int = 1) -> dict:
-    """Closed-loop load split over ``procs`` processes started together; one summary row."""
-    procs = max(1, min(procs, concurrency))
+    """Closed-loop load split over ``procs`` processes started together; one summary row. The processes send
+    prompts ``work.first`` onwards, each its own range (``requests`` prompts in all)."""
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     start_at = time.perf_counter() + 3.0  # every process has imported and connected by then
-    shares = [concurrency // procs + (k < concurrency % procs) for k in range(procs)]
-    per_req = [requests * s // concurrency for s in shares]
-    workers = [ctx.Process(target=_client_proc, args=(protocol, target, model, asdict(work), s, r, start_at,
-                                                        min(grpc_channels, s), q))
-               for s, r in zip(shares, per_req)]
+    workers = [ctx.Process(target=_client_proc, args=(protocol, target, model, asdict(work.starting_at(f)), s, r,
+                                                        start_at, min(grpc_channels, s), q))
+               for s, r, f in process_shares(concurrency, requests, procs, work.first)]
     for w in workers:
         w.start()
     results: list[list[dict]] = take_results(q, len(workers), workers)
@@ -214,14 +224,17 @@ def served_rows(args, engine: dict, work: Workload, variant: Variant, replicas: 
     rows = []
     try:
         server.wait_ready()
+        first = 0  # every request to this server gets a prompt of its own (none is a prefix-cache hit)
         for protocol in [p for p in ("http", "grpc") if p in args.systems]:
             target = server.http_url if protocol == "http" else server.grpc_target
-            load_level(protocol, target, work, 1, 2, 1)  # warm the path
+            load_level(protocol, target, work.starting_at(first), 1, 2, 1)  # warm the path
+            first += 2
             for c in args.concurrency:
                 tag = f"{variant.label or 'serve'}_{protocol}_c{c}"
                 spy = profile(server, args.out / "serving_profiles", args.py_spy, tag) if args.py_spy and c > 1 else []
-                row = load_level(protocol, target, work, c, requests_for(args, c), args.client_procs if c > 1 else 1,
-                                 grpc_channels=args.grpc_channels)
+                row = load_level(protocol, target, work.starting_at(first), c, requests_for(args, c),
+                                 args.client_procs if c > 1 else 1, grpc_channels=args.grpc_channels)
+                first += requests_for(args, c)
                 for proc in spy:
                     proc.wait()
                 row.update(variant=variant.label, replicas=replicas)
@@ -329,11 +342,13 @@ def main(argv=None) -> None:
     rows: list[dict] = []
     if args.http or args.grpc:  # someone else's server: the served systems only
         work = Workload(args.prompt_len, args.max_tokens, args.vocab_size)
+        first = 0
         for protocol, target in (("http", args.http), ("grpc", args.grpc)):
             if target:
                 for c in args.concurrency:
-                    rows.append(load_level(protocol, target, work, c, requests_for(args, c), args.client_procs,
-                                           args.model, args.grpc_channels))
+                    rows.append(load_level(protocol, target, work.starting_at(first), c, requests_for(args, c),
+                                           args.client_procs, args.model, args.grpc_channels))
+                    first += requests_for(args, c)
         engine = {}
     else:
         engine, vocab = model_and_engine(args)

@@ -8,6 +8,7 @@ for every system measured), so no tokenizer or chat template sits between the sy
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import time
@@ -41,15 +42,24 @@ class Sample:
 
 @dataclass(frozen=True)
 class Workload:
+    """Random-id prompts of one length. Request i of a sender is prompt ``first + i``: whoever sends to one
+    engine (load processes, levels, protocols, warm-ups) takes its own range of ``first``, so no prompt
+    reaches an engine twice and none is served from the prefix cache of an earlier one (an HTTP level
+    followed by a gRPC level on the same prompts measured gRPC with every prompt but its last block cached)."""
+
     prompt_len: int
     max_tokens: int
     vocab_size: int
     seed: int = 0
+    first: int = 0
 
     def prompt(self, i: int) -> list[int]:
-        """Request i's prompt: random ids (no shared prefix beyond chance), the same in every system."""
-        rng = random.Random(self.seed * 1_000_003 + i)
+        """Request i's prompt: random ids (no shared prefix beyond chance)."""
+        rng = random.Random(self.seed * 1_000_003 + self.first + i)
         return [rng.randrange(10, self.vocab_size) for _ in range(self.prompt_len)]
+
+    def starting_at(self, first: int) -> Workload:
+        return dataclasses.replace(self, first=first)
 
 
 # ---- senders ------------------------------------------------------------------------------------------
@@ -112,7 +122,7 @@ def engine_sender(engine, work: Workload):
 
     async def send(i: int) -> Sample:
         s = Sample(True, time.perf_counter())
-        rid = f"bench-{i}-{next(counter)}"
+        rid = f"bench-{work.first + i}-{next(counter)}"
         async for out in engine.generate({"prompt_token_ids": work.prompt(i)}, params, rid, 0, OutputKind.DELTA):
             n = len(out.outputs[0].token_ids)
             if n:

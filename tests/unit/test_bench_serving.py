@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.serving import Variant, app_yaml, compare
+from bench.serving import Variant, app_yaml, compare, process_shares
 from bench.serving_load import Sample, Workload, summarize
 
 
@@ -22,11 +22,19 @@ def test_variant_config_lands_in_its_section_of_the_app_yaml():
     assert app["deployment"]["num_replicas"] == 2 and app["deployment"]["cpus_per_replica"] == 2.0
 
 
-def test_every_system_gets_the_same_prompt_ids():
+def test_prompts_are_reproducible_and_each_sender_takes_its_own_range():
     work = Workload(prompt_len=16, max_tokens=4, vocab_size=100)
-    assert work.prompt(3) == Workload(16, 4, 100).prompt(3)
-    assert work.prompt(3) != work.prompt(4)
-    assert len(work.prompt(0)) == 16 and all(10 <= t < 100 for t in work.prompt(0))
+    assert work.prompt(3) == Workload(16, 4, 100).prompt(3)  # the same ids in every run
+    later = work.starting_at(10)
+    assert later.prompt(0) == work.prompt(10) and later.prompt(0) != work.prompt(0)
+
+
+def test_load_processes_split_streams_and_requests_over_disjoint_prompt_ranges():
+    shares = process_shares(concurrency=10, requests=20, procs=4, first=100)
+    assert [s for s, _, _ in shares] == [3, 3, 2, 2] and sum(r for _, r, _ in shares) == 20
+    ranges = [set(range(f, f + r)) for _, r, f in shares]
+    assert set().union(*ranges) == set(range(100, 120)) and sum(map(len, ranges)) == 20  # disjoint, consecutive
+    assert process_shares(concurrency=1, requests=5, procs=4, first=0) == [(1, 5, 0)]  # one process per stream at most
 
 
 def test_summary_counts_tokens_over_the_wall_and_gaps_between_chunks():
