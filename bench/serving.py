@@ -47,6 +47,7 @@ from bench.serving_load import (
     engine_sender,
     grpc_sender,
     http_sender,
+    process_shares,
     summarize,
 )
 from bench.serving_server import Server, profile
@@ -186,15 +187,6 @@ def _client_proc(protocol: str, target: str, model: str, work: dict, concurrency
 
     samples, _ = asyncio.run(go())
     q.put([asdict(s) for s in samples])
-
-
-def process_shares(concurrency: int, requests: int, procs: int, first: int) -> list[tuple[int, int, int]]:
-    """(streams, requests, first prompt) of each of ``procs`` load processes (at most one per stream): the
-    streams and requests split evenly, the prompts in consecutive ranges from ``first``."""
-    procs = max(1, min(procs, concurrency))
-    streams = [concurrency // procs + (k < concurrency % procs) for k in range(procs)]
-    sent = [requests * s // concurrency for s in streams]
-    return [(s, r, first + sum(sent[:k])) for k, (s, r) in enumerate(zip(streams, sent))]
 
 
 def load_level(protocol: str, target: str, work: Workload, concurrency: int, requests: int, procs: int,

@@ -62,6 +62,16 @@ class Workload:
         return dataclasses.replace(self, first=first)
 
 
+def process_shares(concurrency: int, requests: int, procs: int, first: int) -> list[tuple[int, int, int]]:
+    """(streams, requests, first prompt) of each of ``procs`` load processes (at most one per stream): the
+    streams and requests split evenly, the prompts in consecutive ranges from ``first``."""
+    procs = max(1, min(procs, concurrency))
+    streams = [concurrency // procs + (k < concurrency % procs) for k in range(procs)]
+    sent = [requests * s // concurrency for s in streams]
+    return [(s, r, first + sum(sent[:k])) for k, (s, r) in enumerate(zip(streams, sent))]
+
+
+
 # ---- senders ------------------------------------------------------------------------------------------
 
 

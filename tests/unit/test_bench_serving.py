@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.serving import Variant, app_yaml, compare, process_shares
-from bench.serving_load import Sample, Workload, summarize
+from bench.serving import Variant, app_yaml, compare
+from bench.serving_load import Sample, Workload, process_shares, summarize
 
 
 def test_a_variant_splits_environment_config_and_checkout():
