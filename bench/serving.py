@@ -1,5 +1,6 @@
 """Served path against the engine: `pagoda serve` (OpenAI HTTP and gRPC) vs the offline engine and the
-in-process ``AsyncLLMEngine``, on the same model and the same token-id requests, in one run.
+in-process ``AsyncLLMEngine``, on the same model and requests of the same shape (random token ids), in one run.
+No prompt reaches an engine twice (``Workload.starting_at``): a repeat would be a prefix-cache hit.
 
     python -m bench.serving                                       # CPU: embedded model, concurrency 1 16 64
     python -m bench.serving --shape qwen3-0.6b --concurrency 1 64 256 --prompt-len 256 --max-tokens 128   # GPU
