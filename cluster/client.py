@@ -12,7 +12,9 @@ What it adds to ``handle.options(stream=True).generate.remote(...)``:
   task: every streamed chunk then arrives as a message on one HTTP/2 stream instead of an object the
   replica reports to the caller's core worker (``transport="ray"``, Serve's default). On 2 CPU cores
   the two hops of a lone request took 5.1 ms as a Ray task and 3.0 ms over gRPC in a bare Serve
-  deployment, and pagoda's first token came 1.5-2 ms sooner (``bench/results/serving_cpu_transport.*``);
+  deployment, and pagoda's first token came 1.5-2 ms sooner (``bench/results/serving_cpu_transport.*``).
+  A request with images goes as a Ray task (the replica's gRPC server takes messages up to 4 MiB), and
+  any other that the replica refuses as too large is re-sent that way;
 - cancels the Serve stream as soon as its consumer stops (``break``, task cancellation, an
   exception), which aborts the request in the engine — a Serve stream that is merely dropped keeps
   generating on the replica;
@@ -27,12 +29,14 @@ session's logs, sees them from outside — the counter alone dies with an ingres
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+import grpc
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from pagoda.cluster.protocol import GenerateChunk, GenerateRequest, ReplicaUnavailableError
@@ -96,8 +100,12 @@ class PagodaClient:
             request_id or uuid.uuid4().hex, await self.token_ids(prompt), params or SamplingParams(), priority,
             prompt if isinstance(prompt, str) else None, tuple(images), tenant=tenant,
         )
-        for attempt in range(self.max_retries + 1):
-            stream = self.handle.options(stream=True, _by_reference=self.transport == "ray").generate.remote(request)
+        # Images (megabytes each) go as a Ray task: the replica's gRPC server takes messages up to 4 MiB
+        # (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH); any other request over it is re-sent that way.
+        by_reference = self.transport == "ray" or bool(request.images)
+        attempt = 0
+        while True:
+            stream = self.handle.options(stream=True, _by_reference=by_reference).generate.remote(request)
             sent = finished = False
             try:
                 async for chunk in stream:
@@ -112,13 +120,19 @@ class PagodaClient:
                         f"({'after' if sent else 'before'} its first token; {attempt + 1} attempt(s)): "
                         f"{type(exc).__name__}", tokens_sent=sent,
                     ) from exc
+                attempt += 1
                 self.retries += 1
                 logger.warning("%s request %r: its replica died before the first token (%s); re-sent to another "
                                "replica (attempt %d of %d)", RETRY_LOG, request.request_id, type(exc).__name__,
-                               attempt + 2, self.max_retries + 1)
+                               attempt + 1, self.max_retries + 1)
+            except grpc.aio.AioRpcError as exc:
+                if sent or by_reference or exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                by_reference = True  # refused before the replica saw it: too large for the gRPC transport
             finally:
-                if not finished:
-                    stream.cancel()  # consumer left early or the replica failed: abort it there
+                if not finished:  # consumer left early or the request failed: abort it on the replica
+                    with contextlib.suppress(Exception):  # a request that never reached one re-raises its error here
+                        stream.cancel()
 
     async def complete(
         self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None,

@@ -122,6 +122,17 @@ def test_both_transports_stream_the_same_greedy_tokens_and_errors(cluster, embed
     assert chunks[-1].output.finished
 
 
+def test_a_request_over_the_grpc_transports_limit_goes_as_a_ray_task(cluster):
+    """1.5M token ids pickle to ~4.5 MB, over the replica's 4 MiB gRPC message limit: the client re-sends the
+    request as a Ray task, and the caller gets the engine's own answer (a ValueError), not a transport error."""
+    _, _, client = cluster
+    ids = [1000 + i % 1000 for i in range(1_500_000)]
+    assert len(cloudpickle.dumps(ids)) > 4 * 2**20
+
+    with pytest.raises(ValueError, match="max_model_len"):
+        run(client.complete(ids, SamplingParams(max_tokens=1)))
+
+
 def test_transport_must_be_known():
     with pytest.raises(ValueError, match="transport must be one of grpc, ray"):
         PagodaClient(None, transport="http")
