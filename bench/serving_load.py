@@ -71,7 +71,6 @@ def process_shares(concurrency: int, requests: int, procs: int, first: int) -> l
     return [(s, r, first + sum(sent[:k])) for k, (s, r) in enumerate(zip(streams, sent))]
 
 
-
 # ---- senders ------------------------------------------------------------------------------------------
 
 

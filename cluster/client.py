@@ -39,12 +39,11 @@ from dataclasses import dataclass
 import grpc
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from pagoda.cluster.protocol import GenerateChunk, GenerateRequest, ReplicaUnavailableError
+from pagoda.cluster.protocol import TRANSPORTS, GenerateChunk, GenerateRequest, ReplicaUnavailableError
 from pagoda.engine.sampling_params import SamplingParams
 
 _REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
 RETRY_LOG = "pagoda retry:"  # every retry's log line starts with it (bench/chaos.py counts them)
-TRANSPORTS = ("grpc", "ray")  # how a request and its stream travel between this process and a replica
 
 logger = logging.getLogger("pagoda.client")
 

@@ -24,6 +24,9 @@ from pagoda.engine.request import RequestOutput
 from pagoda.engine.sampling_params import SamplingParams
 
 GENERATE_METHOD = "generate"  # the replica method the router scores by prefix and load
+# How a generate request and its stream travel between a caller and a replica (PagodaClient, api.replica_transport):
+# "grpc", Serve's inter-deployment gRPC; "ray", a Ray actor task (Serve's default).
+TRANSPORTS = ("grpc", "ray")
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from pagoda.cluster.protocol import TRANSPORTS
+
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
-REPLICA_TRANSPORTS = ("grpc", "ray")  # pagoda.cluster.client.TRANSPORTS
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,8 @@ class ApiConfig:
             raise ValueError(f"num_servers must be in [1, 256], got {self.num_servers}")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
-        if self.replica_transport not in REPLICA_TRANSPORTS:
-            raise ValueError(f"replica_transport must be one of {', '.join(REPLICA_TRANSPORTS)}, "
+        if self.replica_transport not in TRANSPORTS:
+            raise ValueError(f"replica_transport must be one of {', '.join(TRANSPORTS)}, "
                              f"got {self.replica_transport!r}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
