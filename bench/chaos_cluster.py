@@ -65,9 +65,12 @@ class IngressServer(Server):
 
 def attach(cluster: dict) -> None:
     """Connect this process to the chaos driver's cluster (before anything here imports Ray: Ray reads
-    ``RAY_AUTH_MODE`` at import)."""
+    ``RAY_AUTH_MODE`` and ``RAY_ENABLE_AUTO_CONNECT`` at import). Auto-connect is off: after ``detach`` a
+    Serve thread still polling the old cluster's controller would otherwise start a new local cluster in this
+    process (a ``.remote()`` without Ray calls ``ray.init()``), and the next ``attach`` would then fail."""
     if cluster["auth_mode"]:
         os.environ["RAY_AUTH_MODE"] = cluster["auth_mode"]
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     import ray
 
     ray.init(address=cluster["gcs_address"], log_to_driver=False, logging_level="ERROR")
