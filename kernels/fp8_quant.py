@@ -24,14 +24,16 @@ MAX_HIDDEN = 65536
 @triton.jit
 def round_to_e4m3(v):
     """fp32 values in [-448, 448] -> the nearest E4M3 value (ties to even), still fp32; the sign of a
-    value that rounds to zero is kept, as a cast keeps it."""
+    value that rounds to zero is kept, as a cast keeps it (set as a bit: on the GPU a float select between
+    ``-r`` and ``r`` came out +0.0 for negative values that round to zero)."""
     bits = v.to(tl.int32, bitcast=True)
     exp = (bits >> 23) & 0xFF  # biased fp32 exponent
     exp = tl.maximum(exp, 127 - 6)  # below E4M3's smallest normal (2^-6) the step stays 2^-9
     ulp = ((exp - 3) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits: the step is 2^(e-3)
     magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |y| < 2^22 to an integer, ties to even
     rounded = ((tl.math.div_rn(tl.abs(v), ulp) + magic) - magic) * ulp
-    return tl.where(bits < 0, -rounded, rounded)
+    sign = bits & -2147483648  # 0x80000000: the sign bit alone
+    return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
