@@ -150,7 +150,7 @@ def run_engine_phase(spec: dict) -> dict:
             first = 2
             for c in spec["concurrency"]:
                 n = spec["requests"][c]
-                samples, wall = await closed_loop(engine_sender(engine, work.starting_at(first)), c, n)
+                samples, wall = await closed_loop(engine_sender(engine, work.starting_at(first)), c, n, work.pause_s)
                 first += n
                 rows.append({**summarize("engine", c, samples, wall), "variant": spec["core"]})
                 print(json.dumps(_short(rows[-1])), flush=True)
@@ -169,22 +169,21 @@ def _client_proc(protocol: str, target: str, model: str, work: dict, concurrency
         work_ = Workload(**work)
         while time.perf_counter() < start_at:
             await asyncio.sleep(0.001)
-        if protocol == "http":
-            import aiohttp
+        async with contextlib.AsyncExitStack() as stack:
+            if protocol == "http":
+                import aiohttp
 
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                             timeout=aiohttp.ClientTimeout(total=None)) as session:
-                return await closed_loop(http_sender(session, target, model, work_), concurrency, requests)
-        import grpc
+                send = http_sender(await stack.enter_async_context(aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                    limit=0), timeout=aiohttp.ClientTimeout(total=None))), target, model, work_)
+            else:  # channels with subchannel pools of their own: one connection each, not one shared
+                import grpc
 
-        from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
+                from pagoda.cluster.api.gen.pagoda.v1 import pagoda_pb2_grpc as pb_grpc
 
-        async with contextlib.AsyncExitStack() as stack:  # a pool of channels, one connection each (channels to
-            # one target share a connection unless each keeps its own subchannel pool)
-            opened = [await stack.enter_async_context(grpc.aio.insecure_channel(
-                target, options=[("grpc.use_local_subchannel_pool", 1)])) for _ in range(channels)]
-            stubs = [pb_grpc.PagodaStub(channel) for channel in opened]
-            return await closed_loop(grpc_sender(stubs, model, work_), concurrency, requests)
+                opened = [await stack.enter_async_context(grpc.aio.insecure_channel(
+                    target, options=[("grpc.use_local_subchannel_pool", 1)])) for _ in range(channels)]
+                send = grpc_sender([pb_grpc.PagodaStub(channel) for channel in opened], model, work_)
+            return await closed_loop(send, concurrency, requests, work_.pause_s)
 
     samples, _ = asyncio.run(go())
     q.put([asdict(s) for s in samples])
@@ -306,6 +305,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--c1-requests", type=int, default=12, help="requests at concurrency 1")
+    p.add_argument("--pause-ms", type=float, default=0.0, help="each stream's pause between requests (think time)")
     p.add_argument("--requests-per-slot", type=int, default=2, help="requests per stream slot above concurrency 1")
     p.add_argument("--variant", action="append", default=[], help="LABEL:KEY=VALUE,... (see above); default: one, "
                                                                   "the code as it is")
@@ -334,7 +334,7 @@ def main(argv=None) -> None:
 
     rows: list[dict] = []
     if args.http or args.grpc:  # someone else's server: the served systems only
-        work = Workload(args.prompt_len, args.max_tokens, args.vocab_size)
+        work = Workload(args.prompt_len, args.max_tokens, args.vocab_size, pause_s=args.pause_ms / 1e3)
         first = 0
         for protocol, target in (("http", args.http), ("grpc", args.grpc)):
             if target:
@@ -345,7 +345,7 @@ def main(argv=None) -> None:
         engine = {}
     else:
         engine, vocab = model_and_engine(args)
-        work = Workload(args.prompt_len, args.max_tokens, vocab)
+        work = Workload(args.prompt_len, args.max_tokens, vocab, pause_s=args.pause_ms / 1e3)
         if {"offline", "engine"} & set(args.systems):
             rows += run_child_engine_phase(args, engine, work)
         variants = [Variant.parse(v) for v in args.variant] or [Variant("")]
@@ -358,7 +358,7 @@ def main(argv=None) -> None:
     result = {"benchmark": name, "environment": environment(), "rows": rows,
               "config": {"model": args.shape or args.engine_model, "engine": engine, "prompt_len": args.prompt_len,
                          "max_tokens": args.max_tokens, "variants": args.variant, "client_procs": args.client_procs,
-                         "grpc_channels": args.grpc_channels}}
+                         "grpc_channels": args.grpc_channels, "pause_ms": args.pause_ms}}
     table = (f"Served path vs engine ({result['config']['model']}, {args.prompt_len}-token prompts, "
              f"{args.max_tokens} output tokens)\n\n" + markdown_table(rows, COLUMNS))
     write_report(args.out, name, result, table, lambda png: plot(result, png))

@@ -52,6 +52,8 @@ class Workload:
     vocab_size: int
     seed: int = 0
     first: int = 0
+    pause_s: float = 0.0  # each stream's pause between a request's end and its next (think time; at c=1 every
+    # request then meets an idle server, as a lone user's do, where back to back the engine is still warm)
 
     def prompt(self, i: int) -> list[int]:
         """Request i's prompt: random ids (no shared prefix beyond chance)."""
@@ -143,13 +145,16 @@ def engine_sender(engine, work: Workload):
     return send
 
 
-async def closed_loop(send, concurrency: int, requests: int) -> tuple[list[Sample], float]:
-    """``concurrency`` workers, each sending its next request when its last one ended; (samples, wall s)."""
+async def closed_loop(send, concurrency: int, requests: int, pause_s: float = 0.0) -> tuple[list[Sample], float]:
+    """``concurrency`` workers, each sending its next request ``pause_s`` after its last one ended; (samples,
+    wall s: pauses included)."""
     counter = iter(range(requests))
     samples: list[Sample] = []
 
     async def worker():
-        for i in counter:
+        for n, i in enumerate(counter):
+            if n and pause_s:
+                await asyncio.sleep(pause_s)
             samples.append(await send(i))
 
     start = time.perf_counter()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import time
+
 import pytest
 
 from bench.serving import Variant, app_yaml, compare
-from bench.serving_load import Sample, Workload, process_shares, summarize
+from bench.serving_load import Sample, Workload, closed_loop, process_shares, summarize
 
 
 def test_a_variant_splits_environment_config_and_checkout():
@@ -53,3 +57,17 @@ def test_throughput_is_compared_with_the_offline_engine_at_the_top_concurrency()
             {"system": "http", "concurrency": 1, "output_tok_s": 50.0}]
     compare(rows)
     assert rows[1]["vs_offline"] == pytest.approx(0.9) and "vs_offline" not in rows[2]
+
+
+def test_a_stream_pauses_between_its_requests_not_before_its_first():
+    sent: list[tuple[int, float]] = []
+
+    async def send(i: int) -> Sample:
+        sent.append((i, time.perf_counter()))
+        return Sample(True, sent[-1][1], [sent[-1][1]], tokens=1)
+
+    samples, wall = asyncio.run(closed_loop(send, concurrency=1, requests=3, pause_s=0.05))
+    assert [i for i, _ in sent] == [0, 1, 2] and len(samples) == 3
+    gaps = [b - a for (_, a), (_, b) in itertools.pairwise(sent)]
+    assert min(gaps) >= 0.045 and wall >= 0.09  # two pauses (the loop's timers may fire a tick early), none before the first request
+    assert Workload(16, 4, 100, pause_s=0.05).starting_at(8).pause_s == 0.05  # every sender's range keeps it
