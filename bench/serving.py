@@ -173,8 +173,8 @@ def _client_proc(protocol: str, target: str, model: str, work: dict, concurrency
             if protocol == "http":
                 import aiohttp
 
-                send = http_sender(await stack.enter_async_context(aiohttp.ClientSession(connector=aiohttp.TCPConnector(
-                    limit=0), timeout=aiohttp.ClientTimeout(total=None))), target, model, work_)
+                session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout())
+                send = http_sender(await stack.enter_async_context(session), target, model, work_)
             else:  # channels with subchannel pools of their own: one connection each, not one shared
                 import grpc
 
